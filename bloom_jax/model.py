@@ -1,0 +1,275 @@
+"""BLOOM as a pure-functional Flax linen model.
+
+The architecture of BigScience's BLOOM (Megatron-DeepSpeed GPT with ALiBi and an embedding
+LayerNorm), numerically the same as Hugging Face's `BloomForCausalLM`. Every parameter and
+activation carries logical axis names; `partitioning/` maps them onto a device mesh. The model
+knows nothing of gin, checkpoints, data or meshes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Names of `jax.checkpoint_policies` (plus "none": no rematerialization) that a config may use.
+REMAT_POLICIES = {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BloomConfig:
+    """Shape and numerics of a BLOOM model; field names follow Hugging Face's `BloomConfig`."""
+
+    vocab_size: int = 250880
+    hidden_size: int = 64
+    n_layer: int = 2
+    n_head: int = 8
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    dtype: Any = jnp.float32  # compute dtype of matmuls and the residual stream
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True  # False unrolls the layer loop (same parameters, same numbers)
+    remat_policy: str = "none"  # a key of REMAT_POLICIES
+
+    def __post_init__(self):
+        # Accept dtype names ("bfloat16") as gin and JSON give them.
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if self.hidden_size % self.n_head:
+            raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by n_head={self.n_head}; "
+                    "choose a head count that divides the hidden size.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return 4 * self.hidden_size
+
+
+def alibi_slopes(n_head: int) -> np.ndarray:
+    """ALiBi's per-head slopes, for any head count (BLOOM's rule for non-powers of two).
+
+    With m = 2**floor(log2(n)): slopes 2**(-8i/m) for i = 1..m, then the odd-indexed slopes of
+    the 2m-head sequence, 2**(-4(2k-1)/m) for k = 1..n-m.
+    """
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = 2.0 ** (-8.0 * np.arange(1, closest + 1) / closest)
+    extra = 2.0 ** (-4.0 * np.arange(1, 2 * (n_head - closest), 2) / closest)
+    return np.concatenate([slopes, extra]).astype(np.float32)
+
+
+def _normal(std: float, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def _zeros(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
+    """LayerNorm whose statistics are computed in float32 whatever the compute dtype."""
+    return nn.LayerNorm(
+            epsilon=config.layer_norm_epsilon,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            use_fast_variance=False,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            bias_init=_zeros(("embed",)),
+            name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with BLOOM's fused, head-interleaved query_key_value."""
+
+    config: BloomConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: Array, alibi: Array, mask: Array) -> Array:
+        cfg = self.config
+        std = cfg.initializer_range
+        # [batch, length, heads, 3, head_dim]: per head q, k, v, as BLOOM's [3h, h] weight lays them out.
+        qkv = nn.DenseGeneral(
+                features=(cfg.n_head, 3, cfg.head_dim),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=_normal(std, ("embed", "heads", "qkv", "kv")),
+                bias_init=_zeros(("heads", "qkv", "kv")),
+                name="query_key_value",
+        )(x)
+        names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
+
+        # [batch, heads, q_length, k_length], softmax in float32.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(cfg.head_dim).astype(cfg.dtype)
+        scores = scores.astype(jnp.float32) + alibi
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, length, heads, head_dim]
+        out = nn.with_logical_constraint(out, names)
+
+        return nn.DenseGeneral(
+                features=cfg.hidden_size,
+                axis=(-2, -1),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                # Megatron's scaled init of output projections: std / sqrt(2 * n_layer).
+                kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("heads", "kv", "embed")),
+                bias_init=_zeros(("embed",)),
+                name="dense",
+        )(out)
+
+
+class MLP(nn.Module):
+    """hidden -> 4 hidden -> tanh-GELU -> hidden."""
+
+    config: BloomConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        std = cfg.initializer_range
+        h = nn.DenseGeneral(
+                features=cfg.mlp_dim,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=_normal(std, ("embed", "mlp")),
+                bias_init=_zeros(("mlp",)),
+                name="dense_h_to_4h",
+        )(x)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = jax.nn.gelu(h, approximate=True)
+        return nn.DenseGeneral(
+                features=cfg.hidden_size,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("mlp", "embed")),
+                bias_init=_zeros(("embed",)),
+                name="dense_4h_to_h",
+        )(h)
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block; the (carry, output) signature lets `nn.scan` stack it."""
+
+    config: BloomConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: Array, alibi: Array, mask: Array) -> tuple[Array, None]:
+        cfg = self.config
+        dropout = nn.Dropout(cfg.hidden_dropout)
+        h = _layer_norm(cfg, "input_layernorm")(x)
+        h = Attention(cfg, self.deterministic, name="self_attention")(h, alibi, mask)
+        x = x + dropout(h, deterministic=self.deterministic)
+        h = _layer_norm(cfg, "post_attention_layernorm")(x)
+        h = MLP(cfg, name="mlp")(h)
+        x = x + dropout(h, deterministic=self.deterministic)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None
+
+
+def attention_inputs(
+        n_head: int, segment_ids: Array, positions: Array) -> tuple[Array, Array]:
+    """ALiBi bias and attention mask from each token's document id and position.
+
+    segment_ids: [batch, length], 0 marks padding; tokens attend causally inside their own document.
+    positions:   [batch, length], the token's position inside its document.
+    Returns alibi [batch, heads, 1, length] (float32, slope * key position: softmax is shift
+    invariant per row, so this equals ALiBi's -slope * distance) and mask [batch, 1, length, length].
+    """
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = causal & same_doc & (segment_ids[:, None, :] != 0)
+    slopes = jnp.asarray(alibi_slopes(n_head))
+    alibi = slopes[None, :, None, None] * positions[:, None, None, :].astype(jnp.float32)
+    return alibi, mask[:, None]
+
+
+class BloomForCausalLM(nn.Module):
+    """BLOOM language model: token ids -> next-token logits.
+
+    Call with either an HF-style `attention_mask` ([batch, length], 1 = token, 0 = padding; ALiBi
+    positions skip the padding as in the reference) or packed `segment_ids` and `positions`
+    (tokens attend only inside their own document).
+    """
+
+    config: BloomConfig
+
+    @nn.compact
+    def __call__(
+            self,
+            input_ids: Array,
+            attention_mask: Array | None = None,
+            *,
+            segment_ids: Array | None = None,
+            positions: Array | None = None,
+            deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        if attention_mask is not None:
+            if segment_ids is not None or positions is not None:
+                raise ValueError("Pass either attention_mask or segment_ids/positions, not both.")
+            segment_ids = attention_mask.astype(jnp.int32)
+            positions = (jnp.cumsum(segment_ids, axis=-1) - 1) * segment_ids
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+
+        embed = nn.Embed(
+                num_embeddings=cfg.vocab_size,
+                features=cfg.hidden_size,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                embedding_init=_normal(cfg.initializer_range, ("vocab", "embed")),
+                name="word_embeddings",
+        )
+        x = embed(input_ids)  # [batch, length, embed]
+        x = _layer_norm(cfg, "word_embeddings_layernorm")(x)
+        x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        # Parameters are always stacked over a leading "layers" axis; scan_layers=False unrolls the
+        # loop at compile time, so one checkpoint layout serves both.
+        stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.n_layer,
+                unroll=1 if cfg.scan_layers else cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(cfg, deterministic, name="h")(x, alibi, mask)
+
+        x = _layer_norm(cfg, "ln_f")(x)
+        logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
+        return nn.with_logical_constraint(
+                logits, ("activation_batch", "activation_length", "activation_vocab"))
