@@ -235,7 +235,8 @@ def make_optimizer(
     The order is Megatron's (clip the raw gradient, then Adam) and the decay is AdamW's
     (p -= lr * (adam_update + weight_decay * p)), as apex FusedAdam did for BLOOM.
     Call `update(grads, opt_state, params, consumed_tokens=n)` with n the tokens consumed before
-    this step (float32 or int; carry it as float or compute samples * seq_len in float32).
+    this step; inside jit make n float32 (e.g. `consumed_samples.astype(jnp.float32) * seq_len`
+    from an int32 sample count in the train state: int32 tokens would overflow past 2.1B).
     """
     return optax.chain(
         _validate_master_weights(weight_decay),
