@@ -17,15 +17,21 @@ from collections.abc import Sequence
 import dataclasses
 import logging
 import os
+import signal
+import threading
 
 import gin
 import jax
 from jax._src import clusters  # jax's cluster detection, reused as is (jax is pinned).
+from jax.experimental import multihost_utils
 
 _ENV_COORDINATOR_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 _ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 _ENV_PROCESS_ID = "JAX_PROCESS_ID"
 _ENV_LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"
+
+# Set by SIGTERM in a single-process run (a multi-process run has jax's preemption service).
+_sigterm_received = threading.Event()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +144,7 @@ def initialize(
 ) -> ProcessGroup:
   """Joins this process to its run with `jax.distributed.initialize`; call before any jax use.
 
-  Fails with an error instead of hanging: the connection to the coordinator is given up after
+  Catches SIGTERM from then on: see `reached_preemption`. Fails with an error instead of hanging: the connection to the coordinator is given up after
   `initialization_timeout_s`, a process whose heartbeats stop for `heartbeat_timeout_s` is
   declared dead (and the others fail), and the exit barrier waits at most `shutdown_timeout_s`.
   `cpu_collectives` ("gloo" or "mpi") carries cross-process collectives between CPU devices.
@@ -150,6 +156,7 @@ def initialize(
   """
   group = resolve(coordinator_address, num_processes, process_id, local_device_ids)
   if not group.is_multi_process:
+    signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_received.set())
     return group
   jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   logging.info(
@@ -167,3 +174,16 @@ def initialize(
       shutdown_timeout_seconds=shutdown_timeout_s,
   )
   return group
+
+
+def reached_preemption(step: int) -> bool:
+  """Whether to checkpoint and exit at `step` because SIGTERM arrived (preemption, time limit).
+
+  Call it at every step on every process. With several processes, jax's preemption service
+  (which catches SIGTERM once `initialize` ran) makes every process answer True at the same
+  step; a single process answers True from its first call after the signal. Do not install
+  another SIGTERM handler after `initialize`: it would replace this one.
+  """
+  if jax.distributed.is_initialized():
+    return multihost_utils.reached_preemption_sync_point(step)
+  return _sigterm_received.is_set()
