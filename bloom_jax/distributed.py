@@ -50,7 +50,7 @@ class ProcessGroup:
 
 def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
-  if value is None or value == "":
+  if not value:
     return None
   try:
     return int(value)
@@ -104,19 +104,12 @@ def resolve(
       )
     return ProcessGroup(None, 1, 0, None)
 
-  missing = [
-      f"{what} ({env} or initialize.{arg})"
-      for what, env, arg, value in (
-          ("the coordinator address", _ENV_COORDINATOR_ADDRESS, "coordinator_address",
-           coordinator_address),
-          ("this process's id", _ENV_PROCESS_ID, "process_id", process_id),
-      )
-      if value is None
-  ]
-  if missing:
+  unset = [name for name, value in ((_ENV_COORDINATOR_ADDRESS, coordinator_address),
+                                    (_ENV_PROCESS_ID, process_id)) if value is None]
+  if unset:
     raise ValueError(
-        f"A run of {num_processes} processes needs {' and '.join(missing)}; set them, "
-        "or launch under srun so that SLURM provides them."
+        f"A run of {num_processes} processes needs {' and '.join(unset)} (or the matching "
+        "initialize.* gin binding); set them, or launch under srun so that SLURM provides them."
     )
   if not 0 <= process_id < num_processes:
     raise ValueError(
@@ -144,10 +137,12 @@ def initialize(
 ) -> ProcessGroup:
   """Joins this process to its run with `jax.distributed.initialize`; call before any jax use.
 
-  Catches SIGTERM from then on: see `reached_preemption`. Fails with an error instead of hanging: the connection to the coordinator is given up after
+  Fails with an error instead of hanging: the connection to the coordinator is given up after
   `initialization_timeout_s`, a process whose heartbeats stop for `heartbeat_timeout_s` is
-  declared dead (and the others fail), and the exit barrier waits at most `shutdown_timeout_s`.
-  `cpu_collectives` ("gloo" or "mpi") carries cross-process collectives between CPU devices.
+  declared dead (and the others fail), and the exit barrier, where a process that failed waits
+  for the others, ends after `shutdown_timeout_s`. `cpu_collectives` ("gloo" or "mpi") carries
+  cross-process collectives between CPU devices. SIGTERM is caught from then on, in one
+  process as in many: poll `reached_preemption`.
 
   Gin bindings (all optional): initialize.coordinator_address = "node001:7777",
   initialize.num_processes, initialize.process_id, initialize.local_device_ids = [0, 1],

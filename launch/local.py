@@ -65,7 +65,7 @@ class _Launcher:
   def __init__(self, command: list[str], num_processes: int, devices_per_process: int,
                port: int, grace_s: float):
     self._grace_s = grace_s
-    self._print_lock = threading.Lock()
+    self._print_lock = threading.RLock()  # Re-entrant: the signal handler prints too.
     self._procs = [
         subprocess.Popen(
             command,
@@ -143,7 +143,8 @@ class _Launcher:
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
       usage="%(prog)s --num_processes=N --devices_per_process=D [--port=P] -- COMMAND...",
   )
   parser.add_argument("--num_processes", type=int, required=True, help="processes to start")

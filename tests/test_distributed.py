@@ -88,8 +88,8 @@ def test_slurm_single_task_is_a_single_process(monkeypatch):
 @pytest.mark.parametrize("env,message", [
     ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not an integer"),
     ({"JAX_LOCAL_DEVICE_IDS": "0;1"}, "JAX_LOCAL_DEVICE_IDS='0;1' is not a comma-separated"),
-    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "needs the coordinator address"),
-    ({"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "h:1"}, "needs this process's id"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "needs JAX_COORDINATOR_ADDRESS"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "h:1"}, "needs JAX_PROCESS_ID"),
     ({"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "2"},
      r"Process id 2 is outside \[0, 2\)"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "the number of processes is unknown"),
@@ -132,6 +132,7 @@ def test_unreachable_coordinator_fails_within_the_timeout():
   assert "DEADLINE_EXCEEDED" in result.stderr
 
 
+@pytest.mark.slow
 def test_single_process_sigterm_is_a_preemption_not_a_kill():
   snippet = ("import os, signal; from bloom_jax import distributed; distributed.initialize(); "
              "print(distributed.reached_preemption(0)); os.kill(os.getpid(), signal.SIGTERM); "

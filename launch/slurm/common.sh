@@ -1,10 +1,11 @@
 # Shared body of the bloom_jax sbatch scripts: sourced, never run. One task per node; every
 # task runs `python -m bloom_jax.train`, which joins the others through jax.distributed
 # (bloom_jax/distributed.py reads SLURM's variables: process id SLURM_PROCID, process count
-# SLURM_NTASKS, coordinator = first node of the step on a port derived from the job id).
+# SLURM_NTASKS, coordinator = first node of the step on a port derived from the job id, or on
+# JAX_COORDINATOR_PORT if exported).
 #
-# Submit with MODEL_DIR exported, e.g.  sbatch --export=ALL,MODEL_DIR=/scratch/$USER/bloom176b launch/slurm/bloom176b.sbatch
-# from the repository root, with the Python environment of bloom_jax active.
+# Submit from the repository root, with the Python environment of bloom_jax active and MODEL_DIR
+# exported:  sbatch --export=ALL,MODEL_DIR=/scratch/$USER/bloom176b launch/slurm/bloom176b.sbatch
 
 set -euo pipefail
 

@@ -88,6 +88,7 @@ def test_every_node_runs_the_trainer_as_its_own_process(tmp_path, name, nodes, g
   assert not [r for r in read_records(record) if r["tool"] == "scontrol"]
 
 
+@pytest.mark.slow
 def test_xla_flags_are_known_to_the_installed_xla(tmp_path):
   """XLA aborts on an unknown flag, so a renamed or misspelled one fails here, not on the cluster."""
   script = SLURM_DIR / "bloom560m.sbatch"
