@@ -20,7 +20,7 @@ LOCAL = REPO / "launch" / "local.py"
 # 8 devices of both processes, and a jitted sum reduces it across processes.
 GLOBAL_SUM = textwrap.dedent("""
     from bloom_jax import distributed
-    distributed.initialize(heartbeat_timeout_s=3, shutdown_timeout_s=3)
+    distributed.initialize(heartbeat_timeout_s=5, shutdown_timeout_s=5)
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -115,7 +115,7 @@ def test_sigterm_makes_every_process_stop_at_the_same_step():
   child = textwrap.dedent("""
       import time
       from bloom_jax import distributed
-      distributed.initialize(heartbeat_timeout_s=3, shutdown_timeout_s=3)
+      distributed.initialize(heartbeat_timeout_s=5, shutdown_timeout_s=5)
       print("ready", flush=True)
       for step in range(600):
         if distributed.reached_preemption(step):
