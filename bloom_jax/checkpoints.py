@@ -141,11 +141,16 @@ def _manager(directory: str | Path, streaming: bool = False) -> ocp.CheckpointMa
 
 
 def _check_shapes(config: BloomConfig, params: Any) -> None:
-    expected = abstract_params(config)
-    found = jax.tree.map(lambda x: tuple(x.shape), params)
-    wanted = jax.tree.map(lambda x: tuple(x.shape), expected)
-    if found != wanted:
-        raise ValueError(f"Parameter shapes {found} do not match the config's {wanted}.")
+    """Raises if `params` is not the tree of `config`'s parameter shapes, naming each mismatch."""
+    flat = jax.tree_util.tree_flatten_with_path
+    expected = {path: tuple(x.shape) for path, x in flat(abstract_params(config))[0]}
+    found = {path: tuple(x.shape) for path, x in flat(params)[0]}
+    problems = [f"{jax.tree_util.keystr(path)}: expected {expected.get(path, 'nothing')}, "
+                f"found {found.get(path, 'nothing')}"
+                for path in sorted(expected.keys() | found.keys(), key=str)
+                if expected.get(path) != found.get(path)]
+    if problems:
+        raise ValueError("Parameters do not match the config: " + "; ".join(problems))
 
 
 def save_params(directory: str | Path, config: BloomConfig, params: Any, step: int = 0) -> None:

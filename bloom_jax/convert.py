@@ -133,6 +133,9 @@ def _hf_config(directory: Path) -> dict:
     for old, new in CONFIG_ALIASES.items():
         if old in fields:
             fields.setdefault(new, fields.pop(old))
+    if not fields.get("tie_word_embeddings", True):
+        raise ValueError(f"{path} sets tie_word_embeddings=false; BLOOM (and bloom_jax) ties the "
+                         "LM head to the word embeddings.")
     if fields.get("apply_residual_connection_post_layernorm"):
         raise ValueError(f"{path} sets apply_residual_connection_post_layernorm=true; BLOOM (and "
                          "bloom_jax) adds the residual before the LayerNorm.")
@@ -273,6 +276,9 @@ def load_hf_checkpoint(directory: str | Path) -> tuple[BloomConfig, Any]:
 
 def from_hf(hf_dir: str | Path, out_dir: str | Path) -> BloomConfig:
     """Converts a Hugging Face BLOOM directory to a bloom_jax checkpoint (step 0), streamed."""
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; from_hf writes a new checkpoint "
+                              "directory: choose another --out_dir or remove this one.")
     config, streamed = _streamed_params(_HFReader(hf_dir))
     checkpoints.save_params(out_dir, config, streamed, step=0)
     return config

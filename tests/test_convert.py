@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import safetensors.torch
 import torch
@@ -84,9 +85,10 @@ def save_bin(model, directory, shards):
     (directory / convert.PYTORCH_INDEX).write_text(json.dumps({"weight_map": weight_map}))
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "safetensors_sharded", "no_prefix",
-                                    "bin", "bin_sharded"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,dtype", [
+        ("safetensors", torch.float32), ("safetensors", torch.bfloat16),
+        ("safetensors_sharded", torch.bfloat16), ("no_prefix", torch.float32),
+        ("bin", torch.bfloat16), ("bin_sharded", torch.float32)])
 def test_round_trip_is_bit_exact(tmp_path, layout, dtype):
     model = random_hf_model(dtype=dtype)
     hf_dir, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
@@ -129,14 +131,18 @@ def test_checkpoint_params_equal_hf_and_restore_onto_shardings(tmp_path):
     assert all(x.sharding == device for x in jax.tree.leaves(params))
 
 
-def test_to_hf_reads_latest_trainer_step(tmp_path):
+def test_to_hf_reads_the_latest_step_of_a_trainer_checkpoint(tmp_path):
     model = random_hf_model(seed=1)
     model.save_pretrained(tmp_path / "hf")
     config, params = convert.load_hf_checkpoint(tmp_path / "hf")
-    zeros = jax.tree.map(np.zeros_like, params)
-    checkpoints.save_params(tmp_path / "ckpt", config, zeros, step=3)
-    checkpoints.save_params(tmp_path / "ckpt", config, params, step=7)
-    convert.to_hf(tmp_path / "ckpt", tmp_path / "back")
+    ckpt = tmp_path / "ckpt"
+    checkpoints.save_params(ckpt, config, jax.tree.map(np.zeros_like, params), step=3)
+    with ocp.CheckpointManager(ckpt) as manager:  # a later step with the trainer's other items
+        manager.save(7, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave({"mu": params}),
+                train_state=ocp.args.JsonSave({"step": 7})))
+    convert.to_hf(ckpt, tmp_path / "back")
 
     written = safetensors.torch.load_file(tmp_path / "back" / "model.safetensors")
     for name, tensor in state_dict(model).items():
@@ -214,3 +220,22 @@ def test_error_checkpoint_config_differs(hf_dir, tmp_path):
     config = convert.from_hf(hf_dir, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="n_layer: checkpoint 2 vs asked 3"):
         checkpoints.load_params(tmp_path / "ckpt", dataclasses.replace(config, n_layer=3))
+
+
+def test_error_untied_lm_head(hf_dir):
+    edit_config(hf_dir, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="tie_word_embeddings=false"):
+        convert.load_hf_checkpoint(hf_dir)
+
+
+def test_error_output_directory_not_empty(hf_dir, tmp_path):
+    convert.from_hf(hf_dir, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        convert.from_hf(hf_dir, tmp_path / "ckpt")
+
+
+def test_error_params_do_not_match_config(hf_dir, tmp_path):
+    config, params = convert.load_hf_checkpoint(hf_dir)
+    params["ln_f"]["scale"] = params["ln_f"]["scale"][:3]
+    with pytest.raises(ValueError, match=r"\['ln_f'\]\['scale'\]: expected \(24,\), found \(3,\)"):
+        checkpoints.save_params(tmp_path / "ckpt", config, params)
