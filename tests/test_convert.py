@@ -1,9 +1,12 @@
 """Hugging Face parity and round trips of bloom_jax.convert, on tiny random BLOOMs."""
 
+import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -239,3 +242,41 @@ def test_error_params_do_not_match_config(hf_dir, tmp_path):
     params["ln_f"]["scale"] = params["ln_f"]["scale"][:3]
     with pytest.raises(ValueError, match=r"\['ln_f'\]\['scale'\]: expected \(24,\), found \(3,\)"):
         checkpoints.save_params(tmp_path / "ckpt", config, params)
+
+
+def peak_anonymous_mb(*args):
+    """Peak anonymous (non file-backed) resident memory of a `bloom_jax.convert` run, in MB.
+
+    File-backed pages of memory-mapped weights are excluded: the kernel reclaims them at will.
+    MALLOC_ARENA_MAX keeps glibc's per-thread arenas from hoarding freed slabs.
+    """
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    process = subprocess.Popen([sys.executable, "-m", "bloom_jax.convert", *map(str, args)],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while process.poll() is None:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak = max([peak] + [int(line.split()[1]) for line in status.splitlines()
+                                 if line.startswith("RssAnon:")])
+        time.sleep(0.005)
+    assert process.returncode == 0, process.stderr.read()
+    return peak / 1024
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_conversion_memory_does_not_grow_with_depth(tmp_path):
+    """Eight more layers (96 MB of weights) must cost far less memory than their data."""
+    peaks = {}
+    for n_layer in (2, 10):
+        hf_dir, ckpt, back = (tmp_path / f"{name}{n_layer}" for name in ("hf", "ckpt", "back"))
+        random_hf_model(hidden=512, n_head=8, n_layer=n_layer).save_pretrained(hf_dir)
+        peaks["from_hf", n_layer] = peak_anonymous_mb(
+                "from_hf", "--hf_dir", hf_dir, "--out_dir", ckpt)
+        peaks["to_hf", n_layer] = peak_anonymous_mb(
+                "to_hf", "--ckpt_dir", ckpt, "--out_dir", back, "--max_shard_bytes", 2**22)
+    added_mb = 8 * 12 * 512**2 * 4 / 2**20
+    for direction in ("from_hf", "to_hf"):
+        assert peaks[direction, 10] - peaks[direction, 2] < 0.25 * added_mb, peaks
