@@ -101,8 +101,12 @@ class _StreamedArrayHandler(type_handlers.NumpyHandler):
                 dataclasses.replace(arg or ocp.SaveArgs(), shard_axes=(0,)) if len(v.slabs) > 1
                 else arg for v, arg in zip(values, args or [None] * len(values))
         ]
-        self._one_at_a_time = asyncio.Lock()
         return await super().serialize(values, infos, args)
+
+    async def _background_serialize(self, values, infos, args=None):
+        # NumpyHandler starts every array's write at once; the lock lets one write at a time.
+        self._one_at_a_time = asyncio.Lock()
+        await super()._background_serialize(values, infos, args)
 
     async def _open_and_write(self, value: StreamedArray, tspec: dict, ts_context: ts.Context):
         async with self._one_at_a_time:

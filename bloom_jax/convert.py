@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,8 @@ class _HFReader:
     def _file(self, name: str) -> str:
         full = self.prefix + name
         if full not in self.files:
-            raise KeyError(f"Tensor {full} is missing from the checkpoint in {self.directory}.")
+            raise ValueError(f"Tensor {full} is missing from the checkpoint in {self.directory}; "
+                             "it is not a complete BLOOM checkpoint.")
         return self.files[full]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -401,6 +403,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what to do
+        sys.exit(f"error: {e}")
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "from_hf":
         config = from_hf(args.hf_dir, args.out_dir)
         print(f"Wrote {args.out_dir} (step 0) from {args.hf_dir}: {config}")

@@ -67,7 +67,7 @@ def test_logits_match_hugging_face(tmp_path, hidden, n_head, n_layer, scan_layer
     config = dataclasses.replace(config, scan_layers=scan_layers)
     ids, mask = padded_batch(config.vocab_size)
 
-    ours = BloomForCausalLM(config).apply({"params": params}, ids, attention_mask=mask)
+    ours = jax.jit(BloomForCausalLM(config).apply)({"params": params}, ids, attention_mask=mask)
     diff = np.abs(np.asarray(ours) - hf_logits(model, ids, mask))[mask == 1]
     assert diff.max() <= 1e-4, diff.max()
 
@@ -200,6 +200,24 @@ def test_error_missing_shard(hf_dir):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=f"Shard {shard.name} .* is missing"):
         convert.load_hf_checkpoint(hf_dir)
+
+
+def test_error_missing_tensor(tmp_path):
+    tensors = state_dict(random_hf_model())
+    del tensors["transformer.h.1.mlp.dense_4h_to_h.bias"]
+    random_hf_model().config.save_pretrained(tmp_path)
+    safetensors.torch.save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"transformer.h.1.mlp.dense_4h_to_h.bias is missing"):
+        convert.load_hf_checkpoint(tmp_path)
+
+
+def test_command_line_error_is_one_clear_line(tmp_path):
+    result = subprocess.run(
+            [sys.executable, "-m", "bloom_jax.convert", "from_hf", "--hf_dir", str(tmp_path),
+             "--out_dir", str(tmp_path / "ckpt")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not a Hugging")
+    assert "Traceback" not in result.stderr
 
 
 def test_error_shape_does_not_match_config(hf_dir, tmp_path):
