@@ -237,7 +237,7 @@ class _HFReader:
 def _streamed_params(reader: _HFReader) -> tuple[BloomConfig, dict]:
     """The config and a tree of `StreamedArray`s reading the checkpoint tensor by tensor.
 
-    Checks every tensor's shape and dtype first, from file metadata only.
+    Checks every tensor's shape first, from file metadata only; dtypes as each tensor is read.
     """
     config = reader.config()
     abstract = checkpoints.abstract_params(config)
