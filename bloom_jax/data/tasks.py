@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import pathlib
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -35,16 +36,9 @@ def resolve_data_dir(data_dir: str | pathlib.Path | None) -> pathlib.Path:
   if not path.is_dir():
     raise FileNotFoundError(f"Corpus folder {path} does not exist; pass --data_dir with a "
                             "ROOTS-style folder (<data_dir>/<language>/*.jsonl).")
-  if not path.stat().st_mode & 0o444 or not list(_readable(path)):
+  if not os.access(path, os.R_OK | os.X_OK):
     raise PermissionError(f"Cannot read corpus folder {path}: check its permissions.")
   return path
-
-
-def _readable(path: pathlib.Path) -> Iterable[pathlib.Path]:
-  try:
-    return path.iterdir()
-  except PermissionError as error:
-    raise PermissionError(f"Cannot read corpus folder {path}: check its permissions.") from error
 
 
 def language_files(data_dir: pathlib.Path, language: languages.Language,

@@ -65,7 +65,7 @@ class TokenizerJsonVocabulary(seqio.Vocabulary):
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-    encode = lambda b: np.asarray(self._encode(b.decode("utf-8")), np.int32)
+    encode = lambda b: np.asarray(self._encode(np.asarray(b).item().decode("utf-8")), np.int32)
     ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
     ids.set_shape([None])
     return ids
