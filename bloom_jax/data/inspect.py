@@ -18,23 +18,27 @@ import numpy as np
 
 from bloom_jax.data import pipeline
 
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Gin files configuring the data.")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
-                                "corpus shipped with the package, or make_stream.data_dir).")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "Packed examples to sample.")
-_SEQUENCE_LENGTH = flags.DEFINE_integer("sequence_length", 512, "Tokens per packed example.")
-_SEED = flags.DEFINE_integer("seed", 42, "Seed of the stream.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_SAMPLE_CHARS = 160
+FLAGS = flags.FLAGS
+_SAMPLE_CHARS = 160  # characters of each task's first document shown
 
 
-def summarize(stream: pipeline.PackedStream, num_examples: int) -> dict[str, dict]:
-  """Per task: rate, observed share of scored tokens in `num_examples` rows, documents, tokens."""
-  batch, task_of_row = stream.next_with_tasks()  # the stream's batch is num_examples rows
-  scored = batch["loss_weights"].sum(axis=1)  # [num_examples]
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a command, so modules import freely)."""
+  flags.DEFINE_multi_string("gin_file", [], "Gin files configuring the data.")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
+  flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
+                                        "corpus shipped with the package, or make_stream.data_dir).")
+  flags.DEFINE_integer("num_examples", 1000, "Packed examples to sample.")
+  flags.DEFINE_integer("sequence_length", 512, "Tokens per packed example.")
+  flags.DEFINE_integer("seed", 42, "Seed of the stream.")
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+def summarize(stream: pipeline.PackedStream) -> dict[str, dict]:
+  """Per task: rate, observed share of scored tokens in the stream's next batch, documents, tokens."""
+  batch, task_of_row = stream.next_with_tasks()
+  scored = batch["loss_weights"].sum(axis=1)  # [batch]
   per_task = np.bincount(task_of_row, weights=scored, minlength=len(stream.tasks))
-  del num_examples
   return {task.name: {"rate": stream.rates[task.name],
                       "observed": float(per_task[i] / scored.sum()),
                       "documents": task.num_documents, "tokens": task.num_tokens}
@@ -49,13 +53,13 @@ def _sample(stream: pipeline.PackedStream, task: pipeline.TokenizedTask) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  gin.parse_config_files_and_bindings(_GIN_FILE.value, _GIN_BINDINGS.value)
-  overrides = {"data_dir": _DATA_DIR.value} if _DATA_DIR.value else {}
-  stream = pipeline.make_stream(sequence_length=_SEQUENCE_LENGTH.value,
-                                batch_size=_NUM_EXAMPLES.value, seed=_SEED.value,
+  gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+  overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
+  stream = pipeline.make_stream(sequence_length=FLAGS.sequence_length,
+                                batch_size=FLAGS.num_examples, seed=FLAGS.seed,
                                 process_index=0, process_count=1, **overrides)
-  summary = summarize(stream, _NUM_EXAMPLES.value)
-  if _JSON.value:
+  summary = summarize(stream)  # the stream's batch is num_examples rows
+  if FLAGS.json:
     print(json.dumps(summary))
     return
   print(f"{'task':<24}{'documents':>10}{'tokens':>12}{'rate':>9}{'observed':>10}  sample")
@@ -66,4 +70,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -23,15 +23,20 @@ import sentencepiece as spm
 from bloom_jax.data import languages
 from bloom_jax.data import tasks as tasks_lib
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
-                                "corpus shipped with the package).")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 2000, "Number of pieces, including 256 bytes.")
-_OUT = flags.DEFINE_string("out", None, "Output SentencePiece model file, ending in .model.")
-_ALPHA = flags.DEFINE_float("alpha", None, "Weight languages by bytes ** alpha (default: the "
-                            "mixture's rates, BLOOM's shares unless gin says otherwise).")
-_MAX_CHARS = flags.DEFINE_integer("max_chars", 50_000_000, "Characters of training text.")
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Gin files (mixture knobs).")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a command, so modules import freely)."""
+  flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
+                                        "corpus shipped with the package).")
+  flags.DEFINE_integer("vocab_size", 2000, "Number of pieces, including 256 bytes.")
+  flags.DEFINE_string("out", None, "Output SentencePiece model file, ending in .model.")
+  flags.DEFINE_float("alpha", None, "Weight languages by bytes ** alpha (default: the "
+                                    "mixture's rates, BLOOM's shares unless gin says otherwise).")
+  flags.DEFINE_integer("max_chars", 50_000_000, "Characters of training text.")
+  flags.DEFINE_multi_string("gin_file", [], "Gin files (mixture knobs).")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
 
 _TRAIN_SPLIT = "train"
 
@@ -91,12 +96,13 @@ def main(argv: Sequence[str]) -> None:
   if argv[1:] != ["train"]:
     raise app.UsageError("Usage: python -m bloom_jax.data.tokenizer train --data_dir DIR "
                          "--vocab_size N --out FILE.model")
-  if not _OUT.value:
+  if not FLAGS.out:
     raise app.UsageError("--out is required (e.g. --out /tmp/roots.model).")
-  gin.parse_config_files_and_bindings(_GIN_FILE.value, _GIN_BINDINGS.value)
-  path = train(_DATA_DIR.value, _VOCAB_SIZE.value, _OUT.value, _ALPHA.value, _MAX_CHARS.value)
-  print(f"Wrote {path} ({_VOCAB_SIZE.value} pieces).")
+  gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+  path = train(FLAGS.data_dir, FLAGS.vocab_size, FLAGS.out, FLAGS.alpha, FLAGS.max_chars)
+  print(f"Wrote {path} ({FLAGS.vocab_size} pieces).")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
