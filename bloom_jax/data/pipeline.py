@@ -53,7 +53,7 @@ class TokenizedTask:
 
   @classmethod
   def from_task(cls, task: seqio.Task, split: str) -> "TokenizedTask":
-    pieces = list(tasks_lib.tokenized_documents(task, split))
+    pieces = list(tasks_lib.encoded_documents(task, split))
     lengths = np.array([len(p) for p in pieces], np.int64)
     tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros([0], np.int32)
     return cls(task.name, tokens, np.concatenate([[0], np.cumsum(lengths)]))

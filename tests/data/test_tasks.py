@@ -9,6 +9,7 @@ import seqio
 
 from bloom_jax.data import languages
 from bloom_jax.data import tasks
+from tests.data.helpers import seqio_documents
 from tests.data.helpers import write_jsonl
 
 
@@ -49,14 +50,21 @@ def test_unreadable_folder_is_an_error_naming_it(tiny_corpus, vocabulary, monkey
 def test_documents_are_tokenized_with_eos_and_split(tiny_corpus, vocabulary):
   found = tasks.roots_tasks(data_dir=tiny_corpus, vocabulary=vocabulary,
                             validation_fraction=0.25)
-  fr_valid = list(tasks.tokenized_documents(found["roots_fr"], "validation"))
-  assert [vocabulary.decode(d[:-1].tolist()) for d in fr_valid] == ["Une phrase de validation."]
+  fr_valid = seqio_documents(found["roots_fr"], "validation")
+  assert [vocabulary.decode(d[:-1]) for d in fr_valid] == ["Une phrase de validation."]
   assert all(d[-1] == vocabulary.eos_id for d in fr_valid)
-  en_train = list(tasks.tokenized_documents(found["roots_en"], "train"))
-  en_valid = list(tasks.tokenized_documents(found["roots_en"], "validation"))
+  en_train = seqio_documents(found["roots_en"], "train")
+  en_valid = seqio_documents(found["roots_en"], "validation")
   assert len(en_train) + len(en_valid) == 40 and 0 < len(en_valid) < 20
-  train_texts = {vocabulary.decode(d[:-1].tolist()) for d in en_train}
-  assert not train_texts & {vocabulary.decode(d[:-1].tolist()) for d in en_valid}
+  train_texts = {vocabulary.decode(d[:-1]) for d in en_train}
+  assert not train_texts & {vocabulary.decode(d[:-1]) for d in en_valid}
+
+
+@pytest.mark.parametrize("split", tasks.SPLITS)
+def test_bulk_encoding_equals_the_seqio_preprocessors(tiny_corpus, vocabulary, split):
+  for task in tasks.roots_tasks(data_dir=tiny_corpus, vocabulary=vocabulary).values():
+    bulk = [d.tolist() for d in tasks.encoded_documents(task, split)]
+    assert bulk == seqio_documents(task, split) and bulk
 
 
 def test_skipped_input_is_logged_per_task(tmp_path, vocabulary, caplog):
@@ -64,7 +72,7 @@ def test_skipped_input_is_logged_per_task(tmp_path, vocabulary, caplog):
   path.write_text(path.read_text() + "{not json\n")
   found = tasks.roots_tasks(data_dir=tmp_path, vocabulary=vocabulary)
   with caplog.at_level(logging.WARNING):
-    assert len(list(tasks.tokenized_documents(found["roots_sw"], "train"))) == 1
+    assert len(list(tasks.encoded_documents(found["roots_sw"], "train"))) == 1
   assert "roots_sw/train: read 1 documents from 1 files; skipped: 1 malformed JSON lines" in (
       caplog.text)
 

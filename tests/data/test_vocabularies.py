@@ -7,6 +7,7 @@ import tokenizers
 
 from bloom_jax.data import tasks
 from bloom_jax.data import vocabularies
+from tests.data.helpers import seqio_documents
 from tests.data.helpers import write_jsonl
 
 
@@ -19,7 +20,8 @@ def test_padded_vocab_size():
 
 def test_default_vocabulary_round_trips_any_text_with_byte_fallback(vocabulary):
   assert (vocabulary.vocab_size, vocabulary.eos_id, vocabulary.pad_id) == (1024, 1, 0)
-  for text in ["Rivers shape the land.", "河流用耐心塑造大地。", "Ωμέγα 🙂 ḱ", "def f(x):\n    return x"]:
+  texts = ["Rivers shape the land.", "河流用耐心塑造大地。", "Ωμέγα 🙂 ḱ", "def f(x):\n    return x"]
+  for text in texts:
     ids = vocabulary.encode(text)
     assert vocabulary.unk_id not in ids
     assert vocabulary.decode(ids) == text
@@ -69,7 +71,7 @@ def test_tokenizer_json_vocabulary_in_a_task(tmp_path, tokenizer_json):
   vocabulary = vocabularies.load_vocabulary(tokenizer_json)
   write_jsonl(tmp_path / "en.jsonl", ["Hello world.", "Forests and rivers."])
   found = tasks.roots_tasks(data_dir=tmp_path, vocabulary=vocabulary, validation_fraction=0.0)
-  docs = list(tasks.tokenized_documents(found["roots_en"], "train"))
-  assert [vocabulary.decode(d[:-1].tolist()) for d in docs] == ["Hello world.",
-                                                                "Forests and rivers."]
+  docs = seqio_documents(found["roots_en"], "train")
+  assert [vocabulary.decode(d[:-1]) for d in docs] == ["Hello world.", "Forests and rivers."]
   assert all(d[-1] == 2 for d in docs)
+  assert [d.tolist() for d in tasks.encoded_documents(found["roots_en"], "train")] == docs
