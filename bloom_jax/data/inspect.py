@@ -26,8 +26,8 @@ def define_flags() -> None:
   """Defines the command-line flags (only when run as a command, so modules import freely)."""
   flags.DEFINE_multi_string("gin_file", [], "Gin files configuring the data.")
   flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
-  flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
-                                        "corpus shipped with the package, or make_stream.data_dir).")
+  flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: "
+                                        "make_stream.data_dir, else the shipped corpus).")
   flags.DEFINE_integer("num_examples", 1000, "Packed examples to sample.")
   flags.DEFINE_integer("sequence_length", 512, "Tokens per packed example.")
   flags.DEFINE_integer("seed", 42, "Seed of the stream.")
@@ -35,7 +35,7 @@ def define_flags() -> None:
 
 
 def summarize(stream: pipeline.PackedStream) -> dict[str, dict]:
-  """Per task: rate, observed share of scored tokens in the stream's next batch, documents, tokens."""
+  """Per task: rate, share of scored tokens in the stream's next batch, documents, tokens."""
   batch, task_of_row = stream.next_with_tasks()
   scored = batch["loss_weights"].sum(axis=1)  # [batch]
   per_task = np.bincount(task_of_row, weights=scored, minlength=len(stream.tasks))

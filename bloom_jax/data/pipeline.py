@@ -1,6 +1,6 @@
 """The packed, deterministic, resumable stream of training batches, and validation batches.
 
-Each task's documents are tokenized once (through its seqio Task) and kept as one token array.
+Each task's documents are tokenized once (see `tokenized.py`) and kept as one token array.
 Every task then reads as an endless token stream: epoch after epoch of its documents, each epoch
 in a fresh order drawn from the seed. Packed row k of a task is the window of `length + 1` tokens
 starting at token k * length of that stream (BLOOM's Megatron packing: no padding, a document may
@@ -18,9 +18,7 @@ contiguous block of rows, so the union over processes is the batch one process w
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
 import pathlib
 from typing import Iterator, Mapping, Sequence
 
@@ -29,40 +27,17 @@ import numpy as np
 import seqio
 
 from bloom_jax.data import tasks as tasks_lib
+from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
 
 Batch = dict[str, np.ndarray]  # each [per_process_batch, length]
 _STATE_VERSION = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenizedTask:
-  """One task's documents, tokenized and closed by EOS, concatenated in file order."""
-
-  name: str
-  tokens: np.ndarray  # [total_tokens] int32
-  starts: np.ndarray  # [documents + 1] int64, document d is tokens[starts[d]:starts[d + 1]]
-
-  @property
-  def num_documents(self) -> int:
-    return len(self.starts) - 1
-
-  @property
-  def num_tokens(self) -> int:
-    return len(self.tokens)
-
-  @classmethod
-  def from_task(cls, task: seqio.Task, split: str) -> "TokenizedTask":
-    pieces = list(tasks_lib.encoded_documents(task, split))
-    lengths = np.array([len(p) for p in pieces], np.int64)
-    tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros([0], np.int32)
-    return cls(task.name, tokens, np.concatenate([[0], np.cumsum(lengths)]))
-
-
 class _EndlessTokens:
   """A task's tokens as an endless stream of epochs, each a seeded permutation of its documents."""
 
-  def __init__(self, task: TokenizedTask, seed: int, task_index: int):
+  def __init__(self, task: tokenized.TokenizedTask, seed: int, task_index: int):
     if task.num_tokens == 0:
       raise ValueError(f"Task {task.name} has no tokens; give it documents or leave it out.")
     self._task = task
@@ -131,7 +106,7 @@ def _process_rows(global_batch_size: int, process_index: int | None,
 class PackedStream:
   """Endless iterator of packed batches with a small, exact, JSON-serialisable state."""
 
-  def __init__(self, tasks: Sequence[TokenizedTask], rates: Mapping[str, float],
+  def __init__(self, tasks: Sequence[tokenized.TokenizedTask], rates: Mapping[str, float],
                vocabulary: seqio.Vocabulary, *, sequence_length: int, batch_size: int,
                seed: int, process_index: int | None = None, process_count: int | None = None):
     self.tasks = [t for t in tasks if t.name in rates]
@@ -189,23 +164,6 @@ class PackedStream:
     self._rows_drawn = np.array([state["rows_drawn"][n] for n in names], np.int64)
 
 
-def load_tasks(split: str, data_dir: str | pathlib.Path | None, vocabulary: seqio.Vocabulary
-               ) -> tuple[dict[str, seqio.Task], list[TokenizedTask]]:
-  """The ROOTS tasks present in `data_dir` and their non-empty tokenized `split`.
-
-  See `tasks.roots_tasks` for the gin knobs that choose languages.
-  """
-  found = tasks_lib.roots_tasks(data_dir=data_dir, vocabulary=vocabulary)
-  tokenized = [TokenizedTask.from_task(task, split) for task in found.values()]
-  for task in tokenized:
-    logging.info("%s/%s: %d documents, %d tokens.", task.name, split, task.num_documents,
-                 task.num_tokens)
-  empty = [t.name for t in tokenized if t.num_tokens == 0]
-  if empty:
-    logging.warning("Tasks with no %s documents are left out: %s", split, ", ".join(empty))
-  return found, [t for t in tokenized if t.num_tokens]
-
-
 def _vocabulary(vocabulary: seqio.Vocabulary | str | None) -> seqio.Vocabulary:
   if isinstance(vocabulary, seqio.Vocabulary):
     return vocabulary
@@ -226,10 +184,10 @@ def make_stream(split: str = "train", *, data_dir: str | pathlib.Path | None = N
   Gin: `make_stream.data_dir = "/data/roots"`, `make_stream.seed = 42`.
   """
   vocabulary = _vocabulary(vocabulary)
-  seqio_tasks, tokenized = load_tasks(split, data_dir, vocabulary)
-  rates = tasks_lib.mixture_rates({t.name: t.num_tokens for t in tokenized})
+  seqio_tasks, loaded = tokenized.load_tasks(split, data_dir, vocabulary)
+  rates = tasks_lib.mixture_rates({t.name: t.num_tokens for t in loaded})
   tasks_lib.roots_mixture(seqio_tasks, rates)
-  return PackedStream(tokenized, rates, vocabulary,
+  return PackedStream(loaded, rates, vocabulary,
                       sequence_length=sequence_length, batch_size=batch_size, seed=seed,
                       process_index=process_index, process_count=process_count)
 
@@ -240,7 +198,7 @@ class ValidationBatches:
   The last row and the last batch are padded (segment 0, loss weight 0) so shapes stay fixed.
   """
 
-  def __init__(self, task: TokenizedTask, eos_id: int, *, sequence_length: int,
+  def __init__(self, task: tokenized.TokenizedTask, eos_id: int, *, sequence_length: int,
                batch_size: int, process_index: int | None = None,
                process_count: int | None = None):
     self.task = task
@@ -276,4 +234,4 @@ def validation_streams(*, data_dir: str | pathlib.Path | None = None,
   return {task.name: ValidationBatches(task, vocabulary.eos_id, sequence_length=sequence_length,
                                        batch_size=batch_size, process_index=process_index,
                                        process_count=process_count)
-          for task in load_tasks("validation", data_dir, vocabulary)[1]}
+          for task in tokenized.load_tasks("validation", data_dir, vocabulary)[1]}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bloom_jax.data import pipeline
+from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
 from tests.data.helpers import write_jsonl
 
@@ -15,7 +15,7 @@ def vocabulary():
 @pytest.fixture(scope="session")
 def train_tasks(vocabulary):
   """The default corpus's train split, tokenized once per session."""
-  return pipeline.load_tasks("train", None, vocabulary)[1]
+  return tokenized.load_tasks("train", None, vocabulary)[1]
 
 
 @pytest.fixture

@@ -50,7 +50,8 @@ def tokenizer_json(tmp_path_factory):
   trainer = tokenizers.trainers.BpeTrainer(
       vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tokenizer.train_from_iterator(["Hello world, rivers and forests."] * 20 + ["héllo 世界"], trainer)
+  texts = ["Hello world, rivers and forests."] * 20 + ["héllo 世界"]
+  tokenizer.train_from_iterator(texts, trainer)
   path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
   tokenizer.save(str(path))
   return path
