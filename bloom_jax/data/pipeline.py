@@ -57,12 +57,13 @@ class _EndlessTokens:
       order, ends = self._epoch(epoch)
       first = np.searchsorted(ends, offset, side="right")
       last = np.searchsorted(ends, min(offset + count, self._task.num_tokens) - 1, side="right")
-      docs = order[first:last + 1]
-      lengths = self._lengths[docs]
-      run_starts = np.cumsum(lengths) - lengths
-      index = np.arange(lengths.sum()) + np.repeat(self._task.starts[docs] - run_starts, lengths)
-      skip = offset - (ends[first] - lengths[0])
-      piece = self._task.tokens[index[skip:skip + count]]
+      docs = order[first:last + 1]  # the documents this read touches, in stream order
+      run_ends = np.cumsum(self._lengths[docs])
+      wanted = offset - (ends[first] - run_ends[0]) + np.arange(
+          min(count, self._task.num_tokens - offset))  # positions in the run of docs
+      doc = np.searchsorted(run_ends, wanted, side="right")
+      run_starts = run_ends - self._lengths[docs]
+      piece = self._task.tokens[self._task.starts[docs][doc] + wanted - run_starts[doc]]
       pieces.append(piece)
       position += len(piece)
       count -= len(piece)
@@ -117,6 +118,7 @@ class PackedStream:
     self.seed = seed
     self._probabilities = np.array(list(self.rates.values()))
     self._streams = [_EndlessTokens(t, seed, i) for i, t in enumerate(self.tasks)]
+    self._process = (process_index, process_count)
     self._rows = _process_rows(batch_size, process_index, process_count)
     self._step = 0
     self._rows_drawn = np.zeros(len(self.tasks), np.int64)
@@ -141,6 +143,14 @@ class PackedStream:
     self._rows_drawn += picked.sum(axis=0)
     valid = np.full(len(rows), length)
     return pack(rows, valid, self.vocabulary.eos_id), choices[self._rows]
+
+  def set_batch_size(self, batch_size: int) -> None:
+    """Changes the global batch size from the next batch on (batch-size ramp-up).
+
+    The state does not depend on it: a run may resume with another batch size.
+    """
+    self._rows = _process_rows(batch_size, *self._process)
+    self.batch_size = batch_size
 
   def get_state(self) -> dict:
     """The stream's position: JSON-serialisable, independent of the process count."""
