@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 from bloom_jax.data.languages import Language
 
+DEFAULT_CORPUS_DIR = pathlib.Path(__file__).parent / "default_corpus"  # shipped with the package
 VALIDATION_DIR = "validation"
 _TEXT_SUFFIXES = (".jsonl", ".parquet")
 
@@ -106,10 +107,16 @@ def _parquet_texts(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]
                      f"{parquet.schema_arrow.names}); store each document's text in 'text'.")
   for batch in parquet.iter_batches(columns=["text"]):
     for text in batch.column(0).to_pylist():
-      if text is None:
-        skipped["records without a text string"] += 1
-      else:
+      if isinstance(text, bytes):  # a binary column: decode like a jsonl line
+        try:
+          text = text.decode("utf-8")
+        except UnicodeDecodeError:
+          skipped["records of invalid UTF-8"] += 1
+          continue
+      if isinstance(text, str):
         yield text
+      else:
+        skipped["records without a text string"] += 1
 
 
 def _source_file_text(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]:

@@ -32,7 +32,7 @@ _DEFAULT_CORPUS_SOURCES = {"code/python": _PACKAGE_DIR}
 
 def resolve_data_dir(data_dir: str | pathlib.Path | None) -> pathlib.Path:
   """`data_dir` as a checked path; None means the default corpus shipped with the package."""
-  path = pathlib.Path(data_dir) if data_dir else vocabularies.DEFAULT_CORPUS_DIR
+  path = pathlib.Path(data_dir) if data_dir else documents.DEFAULT_CORPUS_DIR
   if not path.is_dir():
     raise FileNotFoundError(f"Corpus folder {path} does not exist; pass --data_dir with a "
                             "ROOTS-style folder (<data_dir>/<language>/*.jsonl).")
@@ -46,7 +46,7 @@ def language_files(data_dir: pathlib.Path, language: languages.Language,
   """The files of one language and split, including the package sources in the default corpus."""
   files = documents.language_files(data_dir, language, split)
   extra = _DEFAULT_CORPUS_SOURCES.get(language.directory)
-  if extra and data_dir.resolve() == vocabularies.DEFAULT_CORPUS_DIR.resolve():
+  if extra and data_dir.resolve() == documents.DEFAULT_CORPUS_DIR.resolve():
     files += sorted(f for f in extra.rglob("*.py") if f.stat().st_size)  # not empty __init__
   return files
 

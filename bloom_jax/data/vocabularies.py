@@ -14,8 +14,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-DEFAULT_CORPUS_DIR = pathlib.Path(__file__).parent / "default_corpus"
-DEFAULT_SENTENCEPIECE_MODEL = DEFAULT_CORPUS_DIR / "sentencepiece.model"
+from bloom_jax.data import documents
+
+DEFAULT_SENTENCEPIECE_MODEL = documents.DEFAULT_CORPUS_DIR / "sentencepiece.model"
 
 
 class TokenizerJsonVocabulary(seqio.Vocabulary):

@@ -37,6 +37,14 @@ def test_parquet_text_column(tmp_path):
   assert skipped == {"records without a text string": 1}
 
 
+def test_parquet_binary_text_column(tmp_path):
+  path = tmp_path / "fr.parquet"
+  pq.write_table(pa.table({"text": pa.array([b"un", b"\xff\xfe", b"deux"], pa.binary())}), path)
+  skipped = documents.Skipped()
+  assert list(documents.read_documents([path], skipped)) == ["un", "deux"]
+  assert skipped == {"records of invalid UTF-8": 1}
+
+
 def test_parquet_without_text_column_names_the_file(tmp_path):
   path = tmp_path / "fr.parquet"
   pq.write_table(pa.table({"content": ["un"]}), path)
