@@ -9,4 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-tf.config.set_visible_devices([], "GPU")
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow already set up its devices in this process; leave them be
+  pass
