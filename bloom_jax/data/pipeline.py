@@ -110,8 +110,12 @@ class PackedStream:
   def __init__(self, tasks: Sequence[tokenized.TokenizedTask], rates: Mapping[str, float],
                vocabulary: seqio.Vocabulary, *, sequence_length: int, batch_size: int,
                seed: int, process_index: int | None = None, process_count: int | None = None):
-    self.tasks = [t for t in tasks if t.name in rates]
-    self.rates = {t.name: rates[t.name] for t in self.tasks}
+    unknown = set(rates) - {t.name for t in tasks}
+    if unknown:
+      raise ValueError(f"Rates given for tasks that have no data: {sorted(unknown)}.")
+    self.tasks = [t for t in tasks if rates.get(t.name, 0) > 0]
+    total = sum(rates[t.name] for t in self.tasks)
+    self.rates = {t.name: rates[t.name] / total for t in self.tasks}
     self.vocabulary = vocabulary
     self.sequence_length = sequence_length
     self.batch_size = batch_size

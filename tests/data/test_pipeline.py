@@ -161,6 +161,25 @@ def test_process_shards_are_disjoint_and_cover_the_global_batch(train_tasks, voc
   assert all(shard.get_state() == whole.get_state() for shard in shards)
 
 
+def test_state_restores_on_another_number_of_processes(train_tasks, vocabulary):
+  single = stream_of(train_tasks, vocabulary, seed=9)
+  next(single)
+  state = single.get_state()
+  want = next(single)
+  halves = [pipeline.PackedStream(train_tasks, single.rates, vocabulary, sequence_length=LENGTH,
+                                  batch_size=8, seed=9, process_index=i, process_count=2)
+            for i in range(2)]
+  for half in halves:
+    half.set_state(state)
+  got = [next(half) for half in halves]
+  np.testing.assert_array_equal(np.concatenate([g["targets"] for g in got]), want["targets"])
+
+
+def test_rates_for_tasks_without_data_are_an_error(train_tasks, vocabulary):
+  with pytest.raises(ValueError, match="roots_yo"):
+    stream_of(train_tasks, vocabulary, rates={"roots_en": 0.5, "roots_yo": 0.5})
+
+
 def test_batch_not_divisible_by_processes_is_an_error(train_tasks, vocabulary):
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
     pipeline.PackedStream(train_tasks, {"roots_en": 1.0}, vocabulary, sequence_length=LENGTH,
