@@ -87,6 +87,6 @@ def init_params(
         variables = model.init(rng, *(jnp.zeros(x.shape, x.dtype) for x in inputs))
         return nn.unbox(variables["params"])
 
-    # Traced outside `use_mesh_and_rules`: flax's DenseGeneral would constrain its kernel while
-    # still flat. out_shardings alone makes XLA create each shard on its own device.
+    # out_shardings alone makes XLA create each shard on its own device (threefry is
+    # partitionable), so no activation rules are needed for the discarded forward pass.
     return jax.jit(init, out_shardings=param_shardings(abstract, mesh, rules))(rng)
