@@ -1,8 +1,8 @@
 """Runs a tiny BLOOM on 8 simulated CPU devices, once per test mesh, and saves what it got.
 
-Run as a script in a fresh process with XLA_FLAGS=--xla_force_host_platform_device_count=8
-(the device count is fixed when jax starts, so the rest of the suite keeps one device):
-    python tests/partitioning/eight_devices.py OUT_DIR
+Run as a script in a fresh process (the device count is fixed when jax starts, so the rest of
+the suite keeps its one device):
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/partitioning/eight_devices.py OUT_DIR
 It writes OUT_DIR/results.npz (loss, parameters and gradients per mesh, keyed "mesh/path") and
 OUT_DIR/shardings.json (each parameter's mesh shape and PartitionSpec, read back from the arrays).
 The shared pieces (model, batch, loss) are imported by the tests that check those files.
@@ -68,8 +68,8 @@ def flat(tree) -> dict[str, jax.Array]:
 def run_mesh(shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], dict]:
     mesh = create_mesh(*shape)
     rules = axis_rules()
-    params = init_params(MODEL, jax.random.key(SEED), jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32),
-                         mesh=mesh, rules=rules)
+    ids = jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
+    params = init_params(MODEL, jax.random.key(SEED), ids, mesh=mesh, rules=rules)
     shardings = {path: {"mesh": dict(p.sharding.mesh.shape), "spec": list(p.sharding.spec)}
                  for path, p in flat(params).items()}
     with use_mesh_and_rules(mesh, rules):
@@ -77,7 +77,7 @@ def run_mesh(shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], dict]:
                        out_shardings=(None, jax.tree.map(lambda p: p.sharding, params)))
         batch = put_batch(make_batch(), mesh, rules)
         lowered = step.lower(params, batch)
-        loss, grads = step(params, batch)
+        loss, grads = lowered.compile()(params, batch)
     shardings["constraints_in_step"] = lowered.as_text().count("sharding_constraint")
     arrays = {"loss": np.asarray(loss)}
     arrays.update({f"params/{k}": np.asarray(v) for k, v in flat(params).items()})
