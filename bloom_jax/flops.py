@@ -1,0 +1,95 @@
+"""Parameter count, FLOPs per token and MFU: the one formula the planner, benchmark and trainer share.
+
+FLOPs follow Megatron-LM as BigScience logged them for BLOOM (reference facts §5):
+    F = 24 K B s l h^2 (1 + s / (6 h) + V / (16 l h))   per iteration,
+with K = 3 for model FLOPs (forward + backward) and K = 4 for "hardware" FLOPs when activations
+are recomputed (BLOOM's logged ~150 TFLOP/s per A100 used K = 4). LayerNorm, GELU, softmax and the
+ALiBi adds are not counted. The config is duck-typed so this module stays light.
+"""
+
+import functools
+import time
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class ModelShape(Protocol):
+    """The fields of `BloomConfig` this module reads."""
+
+    vocab_size: int
+    hidden_size: int
+    n_layer: int
+    n_head: int
+
+
+# Dense (not sparsity) peak FLOP/s per device, from NVIDIA's data sheets. "float32" is the plain
+# CUDA-core rate; XLA's default float32 matmul precision on these GPUs uses TF32 tensor cores.
+PEAK_FLOPS = {
+    "A100": {"bfloat16": 312e12, "tfloat32": 156e12, "float32": 19.5e12},
+    "H100-SXM": {"bfloat16": 989e12, "tfloat32": 494.5e12, "float32": 66.9e12},
+    "H100-PCIe": {"bfloat16": 756e12, "tfloat32": 378e12, "float32": 51.2e12},
+    "H200": {"bfloat16": 989e12, "tfloat32": 494.5e12, "float32": 66.9e12},
+}
+# jax `device_kind` substrings (first match wins), e.g. "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3".
+_DEVICE_KINDS = (("H200", "H200"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100-SXM"), ("A100", "A100"))
+
+
+def param_count(config: ModelShape) -> int:
+    """Exact parameter count: V h + 2h (embedding + its LN) + L (12 h^2 + 13 h) + 2h (ln_f)."""
+    h, layers = config.hidden_size, config.n_layer
+    return config.vocab_size * h + 2 * h + layers * (12 * h * h + 13 * h) + 2 * h
+
+
+def flops_per_token(config: ModelShape, seq_len: int, recompute: bool = False) -> float:
+    """Training FLOPs per token by the Megatron formula; `recompute` counts the extra forward."""
+    h, layers, vocab = config.hidden_size, config.n_layer, config.vocab_size
+    passes = 4 if recompute else 3  # K: forward + 2x backward (+ recomputed forward)
+    return 24 * passes * layers * h * h * (1 + seq_len / (6 * h) + vocab / (16 * layers * h))
+
+
+def flops_per_step(config: ModelShape, batch_size: int, seq_len: int,
+                   recompute: bool = False) -> float:
+    """Training FLOPs of one optimizer step over `batch_size` sequences of `seq_len` tokens."""
+    return flops_per_token(config, seq_len, recompute) * batch_size * seq_len
+
+
+def tflops_per_device(step_flops: float, step_time_s: float, num_devices: int) -> float:
+    """Achieved TFLOP/s per device, as BigScience logged it."""
+    return step_flops / (step_time_s * num_devices * 1e12)
+
+
+def mfu(step_flops: float, step_time_s: float, num_devices: int, peak_flops: float) -> float:
+    """Fraction of the devices' peak FLOP/s reached (model FLOPs utilization when K = 3)."""
+    return step_flops / (step_time_s * num_devices * peak_flops)
+
+
+def peak_flops(device: jax.Device | None = None, dtype: str = "bfloat16") -> float:
+    """Peak dense FLOP/s of a device for a compute dtype; measured once for CPUs."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return measure_matmul_flops()
+    for substring, name in _DEVICE_KINDS:
+        if substring in device.device_kind:
+            if dtype not in PEAK_FLOPS[name]:
+                raise ValueError(f"no peak for dtype {dtype!r}; use one of {sorted(PEAK_FLOPS[name])}.")
+            return PEAK_FLOPS[name][dtype]
+    raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; add it to "
+                     f"bloom_jax.flops.PEAK_FLOPS (known: {sorted(PEAK_FLOPS)}) or pass the peak.")
+
+
+@functools.cache
+def measure_matmul_flops(seconds: float = 1.0, size: int = 1024) -> float:
+    """FLOP/s of a jitted float32 [size, size] matmul on the default device, timed for ~`seconds`.
+
+    Stands in for a CPU's peak, which no table can give; cached, so it runs once per process.
+    """
+    x = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()  # compile outside the timing
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        matmul(x).block_until_ready()
+        runs += 1
+    return 2 * size**3 * runs / elapsed

@@ -1,0 +1,151 @@
+"""Training metrics: TensorBoard event files through clu, readable console lines, progress with ETA.
+
+Only the primary process (process 0) writes; the others hold a logger that does nothing, so the
+loop calls it unconditionally. Console lines know the trainer's keys and print them with units:
+
+    step 12695/95000 | loss 2.3456 | lr 6.000e-05 | grad_norm 0.412 | batch 2048 | tokens 20.2B |
+    105.22 s/step | 39.9k tokens/s | 149.0 TFLOP/s/device | MFU 47.8% | skipped 0
+
+Any other key (e.g. `eval/loss/fr`) follows, in name order.
+"""
+
+from collections.abc import Callable, Mapping
+import os
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+
+# Known keys in display order, each with its console format.
+CONSOLE_FIELDS: dict[str, Callable[[float], str]] = {
+    "loss": lambda v: f"loss {v:.4f}",
+    "learning_rate": lambda v: f"lr {v:.3e}",
+    "grad_norm": lambda v: f"grad_norm {v:.3f}",
+    "batch_size": lambda v: f"batch {v:.0f}",
+    "tokens_seen": lambda v: f"tokens {_human(v)}",
+    "step_time_s": lambda v: f"{v:.2f} s/step",
+    "tokens_per_s": lambda v: f"{_human(v)} tokens/s",
+    "tflops_per_device": lambda v: f"{v:.1f} TFLOP/s/device",
+    "mfu": lambda v: f"MFU {100 * v:.1f}%",
+    "skipped_steps": lambda v: f"skipped {v:.0f}",
+}
+
+
+def _human(value: float) -> str:
+    """1234 -> '1.2k', 20_200_000_000 -> '20.2B'."""
+    for threshold, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as its two largest units: '2d 03h', '3h 04m', '4m 05s', '12s'."""
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def format_line(step: int, scalars: Mapping[str, float], total_steps: int | None = None) -> str:
+    """One console line: the step, then known keys in CONSOLE_FIELDS order, then the rest."""
+    head = f"step {step}/{total_steps}" if total_steps else f"step {step}"
+    known = [fmt(float(scalars[key])) for key, fmt in CONSOLE_FIELDS.items() if key in scalars]
+    others = [f"{key} {float(value):.4g}" for key, value in sorted(scalars.items())
+              if key not in CONSOLE_FIELDS]
+    return " | ".join([head, *known, *others])
+
+
+class Progress(periodic_actions.PeriodicAction):
+    """Logs `progress step/total (pct) | rate | ETA` every `every_secs`, with smoothed steps/s.
+
+    The rate is an exponential moving average over report intervals, so one slow step (a
+    checkpoint save, an eval) does not swing the ETA of a months-long run.
+    """
+
+    def __init__(self, total_steps: int, *, every_secs: float = 60.0, smoothing: float = 0.7,
+                 writer: metric_writers.MetricWriter | None = None):
+        super().__init__(every_secs=every_secs, on_steps=[total_steps])
+        self._total_steps = total_steps
+        self._smoothing = smoothing
+        self._writer = writer
+        self._steps_per_s: float | None = None
+        self.last_line: str | None = None
+
+    def _apply(self, step: int, t: float):
+        rate = (step - self._previous_step) / (t - self._previous_time)
+        if self._steps_per_s is not None:
+            rate = self._smoothing * self._steps_per_s + (1 - self._smoothing) * rate
+        self._steps_per_s = rate
+        speed = f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step"
+        eta = format_duration((self._total_steps - step) / rate)
+        self.last_line = (f"progress {step}/{self._total_steps} "
+                          f"({100 * step / self._total_steps:.1f}%) | {speed} | ETA {eta}")
+        logging.info(self.last_line)
+        if self._writer is not None:
+            self._writer.write_scalars(step, {"steps_per_sec": rate})
+
+
+class MetricsLogger:
+    """Scalars to TensorBoard event files in `logdir` and to the console, from process 0 only.
+
+    Use as a context manager (or call `close`) so that buffered events reach the disk.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, total_steps: int | None = None,
+                 is_primary: bool | None = None, progress_every_secs: float = 60.0,
+                 asynchronous: bool = True):
+        self.is_primary = jax.process_index() == 0 if is_primary is None else is_primary
+        self._total_steps = total_steps
+        self._writer = None
+        self._progress = None
+        if self.is_primary:
+            writer = metric_writers.SummaryWriter(os.fspath(logdir))
+            self._writer = metric_writers.AsyncWriter(writer) if asynchronous else writer
+            if total_steps:
+                self._progress = Progress(total_steps, every_secs=progress_every_secs,
+                                                writer=self._writer)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> str | None:
+        """Writes the scalars (Python, numpy or replicated jax values) and logs their line."""
+        if not self.is_primary:
+            return None
+        scalars = {key: float(value) for key, value in jax.device_get(dict(scalars)).items()}
+        self._writer.write_scalars(step, scalars)
+        line = format_line(step, scalars, self._total_steps)
+        logging.info(line)
+        return line
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Records the run's hyperparameters (TensorBoard's HPARAMS tab)."""
+        if self.is_primary:
+            self._writer.write_hparams(dict(hparams))
+
+    def progress(self, step: int, t: float | None = None) -> str | None:
+        """Call after every step; returns the progress line when one was due (else None)."""
+        if self._progress is None or not self._progress(step, t):
+            return None
+        return self._progress.last_line
+
+    def flush(self) -> None:
+        if self.is_primary:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self.is_primary:
+            self._writer.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

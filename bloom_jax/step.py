@@ -1,0 +1,150 @@
+"""The train state, the loss, and the train and eval steps: pure functions, jitted by the caller.
+
+A train step consumes one global batch split into micro-batches ([micro_batches, micro_batch,
+length] per feature), accumulates float32 gradients over them, and applies one optimizer update,
+unless the step's loss or gradient is not finite (or spikes, when a spike rule is set): then the
+update is skipped and counted, as BLOOM's operators did by hand with `--skip-train-iteration-range`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes, as one pytree (checkpointed whole)."""
+
+    step: jax.Array  # [] int32: steps taken, skipped ones included
+    params: Any  # float32 master weights
+    opt_state: Any
+    consumed_samples: jax.Array  # [] int32: sequences consumed; drives the lr and the batch ramp
+    skipped_steps: jax.Array  # [] int32: updates not applied (non-finite or spiking)
+    loss_ema: jax.Array  # [] float32: moving average of applied losses, for the spike rule
+    rng: jax.Array  # [2] uint32: base key for dropout, folded with the step
+
+
+def create_train_state(params: Any, optimizer: optax.GradientTransformation,
+                       seed: int) -> TrainState:
+    """A fresh state at step 0 (jit it with out_shardings to create it sharded)."""
+    zero = jnp.zeros([], jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                      consumed_samples=zero, skipped_steps=zero,
+                      loss_ema=jnp.zeros([], jnp.float32), rng=jax.random.PRNGKey(seed))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SkipPolicy:
+    """When an update is skipped: always on a non-finite loss or gradient norm; also when the loss
+    exceeds `spike_factor` times its moving average (None: no spike rule). The loop stops the run
+    after `max_consecutive` skips in a row."""
+
+    spike_factor: float | None = None
+    ema_decay: float = 0.99
+    max_consecutive: int = 10
+
+
+def cross_entropy(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy in float32 and the summed loss weights."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"])  # [batch, length]
+    weights = batch["loss_weights"].astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def loss_sums(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None,
+              ) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, sum of weights) of a packed batch; dropout on when rng is given."""
+    logits = model.apply(
+        {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
+        positions=batch["positions"], deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng})
+    return cross_entropy(logits, batch)
+
+
+def eval_step(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, sum of weights) without dropout: evaluation and the trainer share it."""
+    return loss_sums(model, params, batch)
+
+
+def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, model: nn.Module,
+               optimizer: optax.GradientTransformation, skip_policy: SkipPolicy = SkipPolicy(),
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over a global batch of [micro_batches, micro_batch, length] arrays.
+
+    Only the first `batch_size` sequences count: when the mesh's data-parallel size does not
+    divide the batch (384 GPUs = 3 x 128 against BLOOM's 2048), the last micro-batch is filled
+    up with rows whose loss weight is zeroed here, and the step stays BLOOM's batch.
+    """
+    micro_batches, micro_batch, length = batch["input_ids"].shape
+    rows = jnp.arange(micro_batches * micro_batch).reshape(micro_batches, micro_batch)
+    batch = {**batch, "loss_weights": batch["loss_weights"] * (rows < batch_size)[..., None]}
+    use_dropout = model.config.hidden_dropout > 0 or model.config.attention_dropout > 0
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def accumulate(carry, micro):
+        grads, loss_sum, weight_sum, index = carry
+        rng = jax.random.fold_in(step_rng, index) if use_dropout else None
+        (micro_loss, micro_weight), micro_grads = jax.value_and_grad(
+            lambda p: loss_sums(model, p, micro, rng), has_aux=True)(state.params)
+        grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
+        return (grads, loss_sum + micro_loss, weight_sum + micro_weight, index + 1), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), state.params)
+    init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
+    (grads, loss_sum, weight_sum, _), _ = jax.lax.scan(accumulate, init, batch)
+    weight_sum = jnp.maximum(weight_sum, 1.0)
+    loss = loss_sum / weight_sum
+    grads = jax.tree_util.tree_map(lambda g: g / weight_sum, grads)
+    grad_norm = optax.global_norm(grads)
+
+    consumed_tokens = state.consumed_samples.astype(jnp.float32) * length
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                          consumed_tokens=consumed_tokens)
+    params = optax.apply_updates(state.params, updates)
+
+    apply = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_policy.spike_factor is not None:
+        spiking = (state.loss_ema > 0) & (loss > skip_policy.spike_factor * state.loss_ema)
+        apply = apply & ~spiking
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new, old)
+    ema = jnp.where(state.loss_ema > 0,
+                    skip_policy.ema_decay * state.loss_ema + (1 - skip_policy.ema_decay) * loss,
+                    loss)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        consumed_samples=state.consumed_samples + batch_size,
+        skipped_steps=state.skipped_steps + (~apply).astype(jnp.int32),
+        loss_ema=jnp.where(apply, ema, state.loss_ema),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": optax.tree.get(opt_state, "learning_rate"),
+        "skipped": (~apply).astype(jnp.int32),
+        "tokens": weight_sum,
+    }
+    return new_state, metrics
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                    skip_policy: SkipPolicy = SkipPolicy()) -> Callable:
+    """train_step with the model, optimizer and skip policy bound:
+    (state, batch, batch_size) -> (state, metrics)."""
+    def step(state: TrainState, batch: Batch, batch_size: jax.Array):
+        return train_step(state, batch, batch_size, model=model, optimizer=optimizer,
+                          skip_policy=skip_policy)
+    return step

@@ -1,0 +1,85 @@
+"""Metrics: event files TensorBoard reads back, console lines, progress with ETA, primary-only writes."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from bloom_jax import metrics
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under `logdir`, as TensorBoard's own reader sees them."""
+    reader = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    reader.Reload()
+    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+                  for event in reader.Tensors(tag)]
+            for tag in reader.Tags()["tensors"]}
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_scalars_reach_tensorboard_event_files(tmp_path, asynchronous):
+    with metrics.MetricsLogger(tmp_path, total_steps=10, is_primary=True,
+                               asynchronous=asynchronous) as logger:
+        logger.write_scalars(1, {"loss": jnp.float32(5.25), "learning_rate": 1e-4})
+        logger.write_scalars(2, {"loss": np.float32(4.5), "learning_rate": 2e-4, "eval/loss/fr": 3.0})
+    scalars = read_scalars(tmp_path)
+    assert scalars["loss"] == [(1, 5.25), (2, 4.5)]
+    assert scalars["learning_rate"] == [(1, pytest.approx(1e-4)), (2, pytest.approx(2e-4))]
+    assert scalars["eval/loss/fr"] == [(2, 3.0)]
+
+
+def test_only_the_primary_process_writes(tmp_path):
+    with metrics.MetricsLogger(tmp_path / "run", total_steps=10, is_primary=False) as logger:
+        assert logger.write_scalars(1, {"loss": 1.0}) is None
+        logger.write_hparams({"peak_lr": 6e-5})
+        assert logger.progress(1, t=0.0) is None
+    assert not (tmp_path / "run").exists()
+
+
+def test_console_line_has_every_training_figure_with_units():
+    line = metrics.format_line(12695, {
+        "skipped_steps": 0, "mfu": 0.4776, "tflops_per_device": 149.02, "tokens_per_s": 39_859.0,
+        "step_time_s": 105.22, "tokens_seen": 20.2e9, "batch_size": 2048, "grad_norm": 0.4123,
+        "learning_rate": 6e-5, "loss": 2.34567, "eval/loss/en": 2.1,
+    }, total_steps=95000)
+    assert line == ("step 12695/95000 | loss 2.3457 | lr 6.000e-05 | grad_norm 0.412 | batch 2048 | "
+                    "tokens 20.2B | 105.22 s/step | 39.9k tokens/s | 149.0 TFLOP/s/device | "
+                    "MFU 47.8% | skipped 0 | eval/loss/en 2.1")
+    assert metrics.format_line(3, {"loss": 1.0}) == "step 3 | loss 1.0000"
+
+
+def test_write_scalars_returns_the_console_line(tmp_path):
+    with metrics.MetricsLogger(tmp_path, total_steps=100, is_primary=True) as logger:
+        assert logger.write_scalars(7, {"loss": 3.0, "batch_size": 8}) == \
+            "step 7/100 | loss 3.0000 | batch 8"
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (12, "12s"), (245, "4m 05s"), (3 * 3600 + 4 * 60 + 9, "3h 04m"), (2 * 86400 + 3 * 3600, "2d 03h"),
+])
+def test_format_duration(seconds, text):
+    assert metrics.format_duration(seconds) == text
+
+
+def test_progress_line_with_smoothed_rate_and_eta(tmp_path):
+    with metrics.MetricsLogger(tmp_path, total_steps=100, is_primary=True, progress_every_secs=1.0,
+                               asynchronous=False) as logger:
+        assert logger.progress(0, t=0.0) is None  # the first call only starts the clock
+        assert logger.progress(5, t=0.5) is None  # under every_secs
+        # 10 steps in 5 s: 2 steps/s, 90 steps left.
+        assert logger.progress(10, t=5.0) == "progress 10/100 (10.0%) | 2.00 steps/s | ETA 45s"
+        # Next interval runs at 0.1 steps/s; smoothed 0.7 * 2 + 0.3 * 0.1 = 1.43 steps/s.
+        assert logger.progress(11, t=15.0) == "progress 11/100 (11.0%) | 1.43 steps/s | ETA 1m 02s"
+        # The last step always reports, however soon.
+        assert logger.progress(100, t=15.1).startswith("progress 100/100 (100.0%)")
+    assert [step for step, _ in read_scalars(tmp_path)["steps_per_sec"]] == [10, 11, 100]
+
+
+def test_slow_steps_are_shown_as_seconds_per_step(tmp_path):
+    with metrics.MetricsLogger(tmp_path, total_steps=95000, is_primary=True,
+                               progress_every_secs=60.0) as logger:
+        logger.progress(0, t=0.0)
+        # BLOOM's ~105 s/iteration: 94,999 steps left -> ~115 days.
+        assert logger.progress(1, t=105.0) == "progress 1/95000 (0.0%) | 105.0 s/step | ETA 115d 10h"

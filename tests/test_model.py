@@ -1,0 +1,143 @@
+"""Model tests that need no reference implementation: ALiBi, masks, scan/remat, bf16, init.
+
+Logit parity against Hugging Face's BLOOM lives in test_convert.py (it goes through the converter).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bloom_jax.model import BloomConfig, BloomForCausalLM, alibi_slopes
+
+TINY = BloomConfig(vocab_size=128, hidden_size=48, n_layer=3, n_head=6)
+
+
+def init_params(config, length=12, seed=0):
+    ids = jnp.zeros((1, length), jnp.int32)
+    variables = BloomForCausalLM(config).init(jax.random.PRNGKey(seed), ids)
+    return nn.unbox(variables)["params"]
+
+
+def random_ids(shape, vocab, seed=1):
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
+
+
+def loss_and_grads(config, params, ids):
+    def loss(p):
+        logits = BloomForCausalLM(config).apply({"params": p}, ids)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+            logits, ids[..., None], -1)[..., 0])
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("n_head", [1, 2, 5, 6, 8, 12, 16, 20, 32, 112])
+def test_alibi_slopes_match_reference(n_head):
+    torch = pytest.importorskip("torch")
+    from transformers.models.bloom import modeling_bloom
+    mask = torch.ones(1, 4, dtype=torch.long)
+    # HF's alibi for a row of ones is slope_h * position; position 1 isolates the slopes.
+    reference = modeling_bloom.build_alibi_tensor(mask, n_head, torch.float32)[:, 0, 1].numpy()
+    np.testing.assert_allclose(alibi_slopes(n_head), reference, rtol=1e-6)
+
+
+def test_parameters_carry_logical_axis_names():
+    variables = jax.eval_shape(BloomForCausalLM(TINY).init, jax.random.PRNGKey(0),
+                               jnp.zeros((1, 8), jnp.int32))
+    leaves = jax.tree_util.tree_leaves(
+        variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim and None not in leaf.names
+    layer_leaves = jax.tree_util.tree_leaves(
+        variables["params"]["h"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert all(leaf.names[0] == "layers" for leaf in layer_leaves)
+
+
+def test_initialization_follows_bloom():
+    config = dataclasses.replace(TINY, hidden_size=96, n_head=6, initializer_range=0.05)
+    params = init_params(config)
+    assert np.all(params["ln_f"]["scale"] == 1) and np.all(params["ln_f"]["bias"] == 0)
+    assert np.all(params["h"]["self_attention"]["query_key_value"]["bias"] == 0)
+    assert np.std(params["word_embeddings"]["embedding"]) == pytest.approx(0.05, rel=0.05)
+    assert np.std(params["h"]["mlp"]["dense_h_to_4h"]["kernel"]) == pytest.approx(0.05, rel=0.05)
+    scaled = 0.05 / np.sqrt(2 * config.n_layer)  # Megatron's output-projection init
+    assert np.std(params["h"]["mlp"]["dense_4h_to_h"]["kernel"]) == pytest.approx(scaled, rel=0.05)
+    assert np.std(params["h"]["self_attention"]["dense"]["kernel"]) == pytest.approx(scaled, rel=0.1)
+
+
+def test_packed_documents_do_not_see_each_other():
+    params = init_params(TINY)
+    model = BloomForCausalLM(TINY)
+    doc_a, doc_b = random_ids((1, 5), TINY.vocab_size, 1), random_ids((1, 4), TINY.vocab_size, 2)
+    packed = jnp.concatenate([doc_a, doc_b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    segment_ids = jnp.array([[1] * 5 + [2] * 4 + [0] * 3])
+    positions = jnp.array([list(range(5)) + list(range(4)) + [0] * 3])
+    logits = model.apply({"params": params}, packed, segment_ids=segment_ids, positions=positions)
+    alone_a = model.apply({"params": params}, doc_a)
+    alone_b = model.apply({"params": params}, doc_b)
+    np.testing.assert_allclose(logits[:, :5], alone_a, atol=1e-5)
+    np.testing.assert_allclose(logits[:, 5:9], alone_b, atol=1e-5)
+
+
+def test_left_padding_matches_unpadded():
+    params = init_params(TINY)
+    model = BloomForCausalLM(TINY)
+    ids = random_ids((1, 7), TINY.vocab_size)
+    padded = jnp.concatenate([jnp.full((1, 3), 3), ids], axis=1)
+    mask = jnp.array([[0] * 3 + [1] * 7])
+    logits = model.apply({"params": params}, padded, mask)
+    np.testing.assert_allclose(logits[:, 3:], model.apply({"params": params}, ids), atol=1e-5)
+
+
+def test_mask_and_segments_are_exclusive():
+    ids = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="either attention_mask or segment_ids"):
+        BloomForCausalLM(TINY).apply({"params": init_params(TINY, 4)}, ids, jnp.ones_like(ids),
+                                     segment_ids=jnp.ones_like(ids))
+
+
+@pytest.mark.parametrize("variant", [{"scan_layers": False}, {"remat_policy": "full"},
+                                     {"remat_policy": "dots", "scan_layers": False}])
+def test_scan_and_remat_change_no_numbers(variant):
+    params = init_params(TINY)
+    ids = random_ids((2, 12), TINY.vocab_size)
+    loss, grads = loss_and_grads(TINY, params, ids)
+    other_loss, other_grads = loss_and_grads(dataclasses.replace(TINY, **variant), params, ids)
+    np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           other_grads, grads)
+
+
+def test_bfloat16_compute_tracks_float32():
+    params = init_params(TINY)
+    ids = random_ids((2, 12), TINY.vocab_size)
+    ref = BloomForCausalLM(TINY).apply({"params": params}, ids)
+    bf16 = BloomForCausalLM(dataclasses.replace(TINY, dtype="bfloat16")).apply({"params": params}, ids)
+    assert bf16.dtype == jnp.bfloat16
+    # bfloat16 keeps 8 bits of mantissa (relative step 2**-8 = 0.4%); after a few layers of
+    # rounding the logits stay within 2% of their float32 scale.
+    err = np.max(np.abs(np.asarray(bf16, np.float32) - np.asarray(ref)))
+    assert err <= 0.02 * np.max(np.abs(np.asarray(ref))), err
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    config = dataclasses.replace(TINY, hidden_dropout=0.5, attention_dropout=0.5)
+    params = init_params(config)
+    ids = random_ids((1, 12), config.vocab_size)
+    model = BloomForCausalLM(config)
+    eval_logits = model.apply({"params": params}, ids)
+    train_logits = model.apply({"params": params}, ids, deterministic=False,
+                               rngs={"dropout": jax.random.PRNGKey(3)})
+    np.testing.assert_allclose(model.apply({"params": params}, ids), eval_logits)
+    assert not np.allclose(train_logits, eval_logits)
+
+
+def test_config_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="not divisible by n_head"):
+        BloomConfig(hidden_size=50, n_head=6)
+    with pytest.raises(ValueError, match="remat_policy"):
+        BloomConfig(remat_policy="sometimes")
