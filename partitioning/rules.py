@@ -56,11 +56,11 @@ def _checked_rule(rule: Sequence) -> tuple[str, MeshAxes]:
 
 
 @gin.configurable
-def axis_rules(overrides: Sequence[Sequence] = ()) -> Rules:
+def logical_axis_rules(overrides: Sequence[Sequence] = ()) -> Rules:
     """DEFAULT_RULES with the rules of the names in `overrides` replaced by those overrides.
 
     gin, e.g. to replicate the model dimension and shard sequences over fsdp:
-        axis_rules.overrides = [("embed", None), ("activation_length", "fsdp")]
+        logical_axis_rules.overrides = [("embed", None), ("activation_length", "fsdp")]
     """
     overrides = tuple(_checked_rule(rule) for rule in overrides)
     replaced = {name for name, _ in overrides}
@@ -68,7 +68,7 @@ def axis_rules(overrides: Sequence[Sequence] = ()) -> Rules:
 
 
 @contextlib.contextmanager
-def use_mesh_and_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
+def activation_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
     """Scope in which the model's `nn.with_logical_constraint` calls shard over `mesh`.
 
     Tracing (the first call of a jitted function) must happen inside it: jit does not key its

@@ -6,7 +6,7 @@ each leaf carries its logical axis names, which the rules turn into mesh axes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +27,7 @@ def abstract_params(model: nn.Module, *inputs: jax.ShapeDtypeStruct) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
 
 
-def param_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+def logical_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
     """A NamedSharding for every leaf of a boxed tree (unboxed leaves are replicated)."""
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
 
@@ -36,35 +36,37 @@ def optimizer_shardings(
         optimizer: optax.GradientTransformation, abstract: Any, mesh: jax.sharding.Mesh,
         rules: Rules,
 ) -> Any:
-    """Shardings of `optimizer.init(params)`: every copy of the parameter tree in the state (Adam's
-    mu and nu) is sharded like the parameters, everything else (step counts) replicated.
+    """Shardings of `optimizer.init(params)`: Adam's mu and nu like the parameters, the rest
+    (step counts, scalars) replicated.
 
-    optax.tree_map_params finds those copies, with the optimizer seeing the real, unboxed
-    parameter tree (so path-based masks such as a weight-decay mask work).
+    The optimizer is initialized on the boxed abstract parameters, so every copy of the tree in its
+    state keeps the logical names (flax's and MaxText's idiom); a mask function it applies sees
+    `nn.Partitioned` boxes around the leaves, so it must select leaves by their dict keys.
     """
-    state = jax.eval_shape(optimizer.init, nn.unbox(abstract))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(
-            optimizer,
-            lambda _, sharding: sharding,
-            state,
-            param_shardings(abstract, mesh, rules),
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-    )
+    return logical_shardings(jax.eval_shape(optimizer.init, abstract), mesh, rules)
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
-    """The sharding of every [batch, length] array of a training batch."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
+def batch_sharding(
+        mesh: jax.sharding.Mesh, rules: Rules, micro_batch_axis: bool = False,
+) -> NamedSharding:
+    """The sharding of every [batch, length] array of a batch, or of [micro_batches, batch,
+    length] arrays (micro-batches stacked for gradient accumulation) with `micro_batch_axis`."""
+    spec = nn.logical_to_mesh_axes(BATCH_AXES, rules)
+    return NamedSharding(mesh, PartitionSpec(None, *spec) if micro_batch_axis else spec)
 
 
 def put_batch(
-        batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, rules: Rules,
+        batch: Mapping[str, np.ndarray], sharding: NamedSharding,
 ) -> dict[str, jax.Array]:
     """Global arrays from this process's rows of the batch (each process passes its own)."""
-    sharding = batch_sharding(mesh, rules)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def init_sharded(init_fn: Callable[[], Any], shardings: Any) -> Any:
+    """`init_fn()` (boxed or plain leaves) computed already sharded: each device creates only its
+    shards. Returns plain arrays; `shardings` is `logical_shardings(jax.eval_shape(init_fn), ...)`.
+    """
+    return jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
 
 
 def init_params(
@@ -74,19 +76,14 @@ def init_params(
         mesh: jax.sharding.Mesh,
         rules: Rules,
 ) -> Any:
-    """The model's "params", created already sharded: each device computes only its shards.
+    """The model's "params", created already sharded.
 
     inputs: shapes of the arguments of `model.init` after the rng, e.g. the [batch, length]
-    input ids. Returns plain (unboxed) arrays; raises MeshError before compiling if the mesh
-    does not divide the parameters.
+    input ids. Raises MeshError before compiling if the mesh does not divide the parameters.
     """
     abstract = abstract_params(model, *inputs)
     check_mesh(mesh.shape, abstract, rules)
-
-    def init(rng: jax.Array) -> Any:
-        variables = model.init(rng, *(jnp.zeros(x.shape, x.dtype) for x in inputs))
-        return nn.unbox(variables["params"])
-
+    init = lambda: model.init(rng, *(jnp.zeros(x.shape, x.dtype) for x in inputs))["params"]  # noqa: E731
     # out_shardings alone makes XLA create each shard on its own device (threefry is
     # partitionable), so no activation rules are needed for the discarded forward pass.
-    return jax.jit(init, out_shardings=param_shardings(abstract, mesh, rules))(rng)
+    return init_sharded(init, logical_shardings(abstract, mesh, rules))

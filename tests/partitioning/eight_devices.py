@@ -19,8 +19,8 @@ import optax
 
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
-from partitioning.rules import axis_rules, use_mesh_and_rules
-from partitioning.shardings import init_params, put_batch
+from partitioning.rules import logical_axis_rules, activation_sharding
+from partitioning.shardings import batch_sharding, init_params, put_batch
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2))  # (data, fsdp, tensor)
 MODEL = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8))
@@ -67,15 +67,15 @@ def flat(tree) -> dict[str, jax.Array]:
 
 def run_mesh(shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], dict]:
     mesh = create_mesh(*shape)
-    rules = axis_rules()
+    rules = logical_axis_rules()
     ids = jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
     params = init_params(MODEL, jax.random.key(SEED), ids, mesh=mesh, rules=rules)
     shardings = {path: {"mesh": dict(p.sharding.mesh.shape), "spec": list(p.sharding.spec)}
                  for path, p in flat(params).items()}
-    with use_mesh_and_rules(mesh, rules):
+    with activation_sharding(mesh, rules):
         step = jax.jit(jax.value_and_grad(loss_fn),
                        out_shardings=(None, jax.tree.map(lambda p: p.sharding, params)))
-        batch = put_batch(make_batch(), mesh, rules)
+        batch = put_batch(make_batch(), batch_sharding(mesh, rules))
         lowered = step.lower(params, batch)
         loss, grads = lowered.compile()(params, batch)
     shardings["constraints_in_step"] = lowered.as_text().count("sharding_constraint")

@@ -3,29 +3,29 @@
 import gin
 import pytest
 
-from partitioning.rules import DEFAULT_RULES, axis_rules
+from partitioning.rules import DEFAULT_RULES, logical_axis_rules
 
 
 def test_defaults_shard_parameters_over_fsdp_and_tensor_and_the_batch_over_both_data_axes():
-    rules = dict(axis_rules())
+    rules = dict(logical_axis_rules())
     assert rules["embed"] == "fsdp"
     assert rules["heads"] == rules["mlp"] == rules["vocab"] == "tensor"
     assert rules["activation_batch"] == ("data", "fsdp")
     assert rules["kv"] is rules["qkv"] is rules["layers"] is None
-    assert axis_rules() == DEFAULT_RULES
+    assert logical_axis_rules() == DEFAULT_RULES
 
 
 def test_overrides_replace_the_rules_of_their_names_only():
-    rules = axis_rules([["embed", None], ["activation_batch", ["data"]]])
+    rules = logical_axis_rules([["embed", None], ["activation_batch", ["data"]]])
     assert rules[:2] == (("embed", None), ("activation_batch", ("data",)))
     assert [r for r in rules if r[0] in ("embed", "activation_batch")] == list(rules[:2])
     assert len(rules) == len(DEFAULT_RULES)
 
 
 def test_overrides_come_from_gin():
-    gin.parse_config('axis_rules.overrides = [("mlp", "fsdp")]')
+    gin.parse_config('logical_axis_rules.overrides = [("mlp", "fsdp")]')
     try:
-        assert dict(axis_rules())["mlp"] == "fsdp"
+        assert dict(logical_axis_rules())["mlp"] == "fsdp"
     finally:
         gin.clear_config()
 
@@ -36,4 +36,4 @@ def test_overrides_come_from_gin():
 ])
 def test_bad_rules_are_explained(rule, message):
     with pytest.raises(ValueError, match=message):
-        axis_rules([rule])
+        logical_axis_rules([rule])

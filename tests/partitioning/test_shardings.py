@@ -14,18 +14,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from bloom_jax.optim import make_optimizer
 from partitioning.mesh import MESH_AXES, create_mesh
-from partitioning.rules import axis_rules
+from partitioning.rules import logical_axis_rules
 from partitioning.shardings import (
-        abstract_params, batch_sharding, optimizer_shardings, param_shardings)
+        abstract_params, batch_sharding, optimizer_shardings, logical_shardings)
 from tests.partitioning import eight_devices as run8
 
 ROOT = pathlib.Path(__file__).parents[2]
-RULES = axis_rules()
+RULES = logical_axis_rules()
 MESH_IDS = [run8.mesh_name(shape) for shape in run8.MESHES]
 # Fast compilation of tiny programs: the runs are about sharding, not code quality.
 XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
@@ -38,7 +38,7 @@ def abstract():
 
 
 def test_parameter_shardings_follow_the_rules(abstract):
-    specs = {path: s.spec for path, s in run8.flat(param_shardings(abstract, create_mesh(), RULES)).items()}
+    specs = {path: s.spec for path, s in run8.flat(logical_shardings(abstract, create_mesh(), RULES)).items()}
     assert specs["word_embeddings/embedding"] == P("tensor", "fsdp")  # [vocab, embed]
     assert specs["h/self_attention/query_key_value/kernel"] == P(None, "fsdp", "tensor", None, None)
     assert specs["h/self_attention/dense/kernel"] == P(None, "tensor", None, "fsdp")
@@ -46,19 +46,23 @@ def test_parameter_shardings_follow_the_rules(abstract):
     assert specs["ln_f/scale"] == P("fsdp")
 
 
-def test_adam_moments_are_sharded_like_parameters_and_the_step_count_replicated(abstract):
-    decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-            lambda path, _: path[-1].key == "kernel", params)
-    optimizer = optax.adamw(1e-3, weight_decay=0.1, mask=decay_mask)
+def test_adam_moments_are_sharded_like_parameters_and_the_rest_replicated(abstract):
     mesh = create_mesh()
-    adam, _, _ = optimizer_shardings(optimizer, abstract, mesh, RULES)
-    expected = param_shardings(abstract, mesh, RULES)
+    optimizer = make_optimizer()  # BLOOM's: clipping, Adam, masked weight decay, token schedule
+    shardings = optimizer_shardings(optimizer, abstract, mesh, RULES)
+    state = jax.eval_shape(optimizer.init, nn.unbox(abstract))
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    adam = shardings[2]
+    expected = logical_shardings(abstract, mesh, RULES)
     assert adam.mu == expected and adam.nu == expected
-    assert adam.count.spec == P()
+    others = [s for s in jax.tree.leaves((shardings[:2], shardings[3:], adam.count))]
+    assert others and all(s.spec == P() for s in others)
 
 
 def test_batches_are_split_over_data_and_fsdp():
     assert batch_sharding(create_mesh(), RULES).spec == P(("data", "fsdp"), None)
+    stacked = batch_sharding(create_mesh(), RULES, micro_batch_axis=True)
+    assert stacked.spec == P(None, ("data", "fsdp"), None)
 
 
 @pytest.fixture(scope="module")

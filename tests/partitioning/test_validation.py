@@ -6,11 +6,11 @@ import pytest
 
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import MESH_AXES, MeshError, factorizations
-from partitioning.rules import axis_rules
+from partitioning.rules import logical_axis_rules
 from partitioning.shardings import abstract_params, init_params
 from partitioning.validation import check_mesh, divisible_meshes, mesh_problems, sharded_axes
 
-RULES = axis_rules()
+RULES = logical_axis_rules()
 TINY = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8))
 BLOOM_176B = BloomForCausalLM(BloomConfig(
         vocab_size=250880, hidden_size=14336, n_layer=70, n_head=112, dtype="bfloat16",
