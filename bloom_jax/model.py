@@ -109,8 +109,12 @@ class Attention(nn.Module):
         cfg = self.config
         std = cfg.initializer_range
         # [batch, length, heads, 3, head_dim]: per head q, k, v, as BLOOM's [3h, h] weight lays them out.
-        qkv = nn.DenseGeneral(
-                features=(cfg.n_head, 3, cfg.head_dim),
+        # nn.Einsum, not nn.DenseGeneral: DenseGeneral constrains a multi-axis kernel to its
+        # logical sharding while the kernel is still flattened, which fails under a mesh
+        # (google/flax#3676).
+        qkv = nn.Einsum(
+                shape=(cfg.hidden_size, cfg.n_head, 3, cfg.head_dim),
+                einsum_str="ble,ehqd->blhqd",
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
                 kernel_init=_normal(std, ("embed", "heads", "qkv", "kv")),
@@ -129,9 +133,9 @@ class Attention(nn.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, length, heads, head_dim]
         out = nn.with_logical_constraint(out, names)
 
-        return nn.DenseGeneral(
-                features=cfg.hidden_size,
-                axis=(-2, -1),
+        return nn.Einsum(
+                shape=(cfg.n_head, cfg.head_dim, cfg.hidden_size),
+                einsum_str="blhd,hde->ble",
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
                 # Megatron's scaled init of output projections: std / sqrt(2 * n_layer).

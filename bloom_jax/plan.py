@@ -1,0 +1,227 @@
+"""`python -m bloom_jax.plan`: will a configuration fit, and how fast will it run?
+
+Compiles the real train step ahead of time on abstract arrays (`jax.ShapeDtypeStruct`; nothing is
+allocated) on a mesh of N devices, which may be simulated CPU devices, and prints the parameter
+count, the mesh and each parameter's sharding, per-device bytes (parameters, gradients, optimizer
+state, XLA's temporaries) with `per_device_peak_bytes`, model FLOPs, and the step time and tokens/s
+the configuration would reach at a given MFU on A100s and H100s.
+
+    python -m bloom_jax.plan --gin_file=gin_configs/bloom176b.gin --num_devices=384 \\
+        --gin.create_mesh.fsdp=128
+
+Exits 0 when the peak fits `--memory_gib`, 3 (naming the largest consumer) when it does not, and
+2 when the mesh does not divide the model or the devices (with meshes that would).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from bloom_jax import flops, model, optim
+from bloom_jax import step as step_lib
+from partitioning.mesh import MeshError, create_mesh, format_shape
+from partitioning.rules import Rules, activation_sharding, logical_axis_rules
+from partitioning.shardings import batch_sharding, logical_shardings
+from partitioning.validation import check_mesh
+
+# gin's handle on the model config, as every command registers it.
+BloomConfig = gin.external_configurable(model.BloomConfig, module="bloom_jax")
+BloomForCausalLM = model.BloomForCausalLM
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "gin config file(s), e.g. gin_configs/bloom176b.gin.")
+flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings; or --gin.NAME=VALUE.")
+flags.DEFINE_integer("num_devices", None, "Simulate this many CPU devices (default: the real ones).")
+flags.DEFINE_integer("micro_batch_size", None, "Sequences per data-parallel shard per micro-step "
+                     "(default: gin's train.micro_batch_size, else 1).")
+flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
+flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at.")
+
+GIB = 2**30
+EXIT_DOES_NOT_FIT = 3
+EXIT_BAD_MESH = 2
+GPUS = ("A100", "H100-SXM")  # keys of flops.PEAK_FLOPS the time table shows
+BATCH_KEYS = {"input_ids": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
+              "positions": jnp.int32, "loss_weights": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one compiled train step needs per device."""
+
+    mesh: dict[str, int]
+    micro_batch: int  # global sequences per micro-step
+    micro_batches: int  # micro-steps per optimizer step
+    shardings: list[tuple[str, tuple[int, ...], Any]]  # (parameter, shape, PartitionSpec)
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    temp_bytes: int  # XLA's temporaries: activations, gathered weights, gradient buffers
+    peak_bytes: int  # arguments + outputs - donated + temporaries
+    compile_s: float
+
+
+def _shard_bytes(tree: Any, shardings: Any, dtype: Any = None) -> int:
+    """Bytes of one device's shards of `tree` (optionally as if stored in `dtype`)."""
+    sizes = jax.tree.map(
+            lambda x, s: math.prod(s.shard_shape(x.shape)) * jnp.dtype(dtype or x.dtype).itemsize,
+            tree, shardings)
+    return sum(jax.tree.leaves(sizes))
+
+
+def abstract_train_state(lm: nn.Module, optimizer: Any, seq_len: int) -> Any:
+    """The train state as boxed shapes: parameters and Adam moments keep their logical names."""
+    def init():
+        params = lm.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+        return step_lib.create_train_state(params, optimizer, seed=0)
+    return jax.eval_shape(init)
+
+
+def plan_step(
+        config: BloomConfig, mesh: jax.sharding.Mesh, rules: Rules, batch_size: int,
+        seq_len: int, micro_batch_size: int,
+) -> Plan:
+    """Compiles the train step for `mesh` on abstract arrays and measures it per device."""
+    lm = BloomForCausalLM(config)
+    optimizer = optim.make_optimizer()
+    boxed = abstract_train_state(lm, optimizer, seq_len)
+    micro_batch = micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_batches = -(-batch_size // micro_batch)  # the step masks the surplus rows
+    check_mesh(mesh.shape, boxed.params, rules, batch_shape=(micro_batch, seq_len))
+
+    shardings = logical_shardings(boxed, mesh, rules)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         nn.unbox(boxed), shardings)
+    data = batch_sharding(mesh, rules, micro_batch_axis=True)
+    batch = {k: jax.ShapeDtypeStruct((micro_batches, micro_batch, seq_len), dtype, sharding=data)
+             for k, dtype in BATCH_KEYS.items()}
+    step = jax.jit(step_lib.make_train_step(lm, optimizer), donate_argnums=0,
+                   out_shardings=(shardings, None))
+    start = time.perf_counter()
+    with activation_sharding(mesh, rules):
+        compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    compile_s = time.perf_counter() - start
+
+    memory = compiled.memory_analysis()
+    params, param_shardings = nn.unbox(boxed.params), shardings.params
+    return Plan(
+            mesh=dict(mesh.shape),
+            micro_batch=micro_batch,
+            micro_batches=micro_batches,
+            shardings=[(jax.tree_util.keystr(path, simple=True, separator="/"), x.shape, s.spec)
+                       for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
+                                               jax.tree.leaves(param_shardings))],
+            param_bytes=_shard_bytes(params, param_shardings),
+            grad_bytes=_shard_bytes(params, param_shardings, jnp.float32),  # float32 accumulators
+            optimizer_bytes=_shard_bytes(state.opt_state, shardings.opt_state),
+            temp_bytes=memory.temp_size_in_bytes,
+            peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                        - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
+            compile_s=compile_s,
+    )
+
+
+def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
+                mfu: float) -> str:
+    """The report: counts, mesh, shardings, memory, FLOPs and predicted speed."""
+    num_devices = math.prod(plan.mesh.values())
+    recompute = config.remat_policy != "none"
+    model_flops = flops.flops_per_step(config, batch_size, seq_len)
+    lines = [
+            f"parameters: {flops.param_count(config)}",
+            f"mesh: {format_shape(plan.mesh)} ({num_devices} devices)",
+            f"batch: {batch_size} sequences x {seq_len} tokens = {plan.micro_batches} micro-steps "
+            f"of {plan.micro_batch} sequences (remat: {config.remat_policy})",
+            "sharding (parameter: shape -> mesh axes):",
+            *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
+            "per-device memory:",
+            f"  parameters:      {plan.param_bytes / GIB:9.2f} GiB",
+            f"  gradients:       {plan.grad_bytes / GIB:9.2f} GiB (float32 accumulators, in XLA temp)",
+            f"  optimizer state: {plan.optimizer_bytes / GIB:9.2f} GiB",
+            f"  XLA temporaries: {plan.temp_bytes / GIB:9.2f} GiB (activations, gathered weights, "
+            "gradients)",
+            f"per_device_peak_bytes: {plan.peak_bytes}",
+            f"model FLOPs per step: {model_flops:.4g} (per token: "
+            f"{flops.flops_per_token(config, seq_len):.4g}; with recomputation: "
+            f"{flops.flops_per_token(config, seq_len, recompute):.4g})",
+            f"predicted at {mfu:.0%} MFU (bfloat16 dense peak):",
+    ]
+    for gpu in GPUS:
+        step_s = model_flops / (num_devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * mfu)
+        lines.append(f"  {gpu:9s} {step_s:9.2f} s/step  {batch_size * seq_len / step_s:12,.0f} "
+                     f"tokens/s")
+    lines.append(f"compiled in {plan.compile_s:.1f} s")
+    return "\n".join(lines)
+
+
+def largest_consumer(plan: Plan) -> str:
+    parts = {"parameters": plan.param_bytes, "optimizer state": plan.optimizer_bytes,
+             "XLA temporaries (activations, gathered weights, gradients)": plan.temp_bytes}
+    name = max(parts, key=parts.get)
+    return f"{name}: {parts[name] / GIB:.1f} GiB"
+
+
+def _micro_batch_size() -> int:
+    if FLAGS.micro_batch_size is not None:
+        return FLAGS.micro_batch_size
+    try:
+        return gin.query_parameter("train.micro_batch_size") or 1
+    except ValueError:  # the train loop is not registered with gin in this process
+        return 1
+
+
+def _simulate_devices(num_devices: int) -> None:
+    """N CPU devices, compiling fast: the program is measured, never run."""
+    os.environ["XLA_FLAGS"] = " ".join([
+            os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+            "--xla_llvm_disable_expensive_passes=true"])
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", num_devices)
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (t5x's shorthand)."""
+    return [re.sub(r"^--gin\.([^=]+)=(.*)$", r"--gin_bindings=\1 = \2", arg, flags=re.DOTALL)
+            for arg in argv]
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.num_devices:
+        _simulate_devices(FLAGS.num_devices)
+    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, skip_unknown=True)
+    config = BloomConfig()
+    batch_size = gin.query_parameter("%BATCH_SIZE")
+    seq_len = gin.query_parameter("%SEQUENCE_LENGTH")
+    try:
+        mesh = create_mesh()
+        plan = plan_step(config, mesh, logical_axis_rules(), batch_size, seq_len,
+                         _micro_batch_size())
+    except MeshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_MESH)
+    print(format_plan(plan, config, batch_size, seq_len, FLAGS.mfu))
+    memory = int(FLAGS.memory_gib * GIB)
+    if plan.peak_bytes > memory:
+        print(f"does not fit: {plan.peak_bytes / GIB:.1f} GiB per device > {FLAGS.memory_gib} GiB; "
+              f"largest consumer: {largest_consumer(plan)}", file=sys.stderr)
+        sys.exit(EXIT_DOES_NOT_FIT)
+    print(f"fits: {plan.peak_bytes / GIB:.1f} GiB of {FLAGS.memory_gib} GiB per device")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=lambda argv: FLAGS(rewrite_gin_args(argv)))

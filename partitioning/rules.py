@@ -1,0 +1,78 @@
+"""The logical-to-mesh axis rules: one readable table that places every named array axis.
+
+The model names its axes ("embed", "heads", "activation_batch", ...); a rule (name, mesh axes)
+shards that axis over the given mesh axis, tuple of axes, or None (replicated). Flax applies the
+rules in order and never uses a mesh axis twice within one array (t5x semantics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+
+from partitioning.mesh import MESH_AXES
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+DEFAULT_RULES: Rules = (
+        # Parameters (and their gradients and optimizer state): the model dimension is sharded
+        # ZeRO-3 style over fsdp; vocabulary, heads and MLP Megatron-style over tensor.
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("qkv", None),
+        ("kv", None),
+        ("layers", None),
+        # Activations: the batch is split over every data-parallel device; heads, MLP and logits
+        # follow their weights over tensor.
+        ("activation_batch", ("data", "fsdp")),
+        ("activation_heads", "tensor"),
+        ("activation_mlp", "tensor"),
+        ("activation_vocab", "tensor"),
+        ("activation_embed", None),
+        ("activation_length", None),
+        ("activation_kv", None),
+)
+
+
+def _checked_rule(rule: Sequence) -> tuple[str, MeshAxes]:
+    """A rule as a (name, mesh axes) tuple; gin gives lists, flax wants tuples."""
+    if len(rule) != 2 or not isinstance(rule[0], str):
+        raise ValueError(f"An axis rule is a (logical_name, mesh_axes) pair; got {rule!r}.")
+    name, axes = rule
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    unknown = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(
+                f"Axis rule {rule!r} names mesh axes {unknown}; the mesh axes are {MESH_AXES} "
+                "(or None to replicate).")
+    return name, axes
+
+
+@gin.configurable
+def logical_axis_rules(overrides: Sequence[Sequence] = ()) -> Rules:
+    """DEFAULT_RULES with the rules of the names in `overrides` replaced by those overrides.
+
+    gin, e.g. to replicate the model dimension and shard sequences over fsdp:
+        logical_axis_rules.overrides = [("embed", None), ("activation_length", "fsdp")]
+    """
+    overrides = tuple(_checked_rule(rule) for rule in overrides)
+    replaced = {name for name, _ in overrides}
+    return overrides + tuple(rule for rule in DEFAULT_RULES if rule[0] not in replaced)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
+    """Scope in which the model's `nn.with_logical_constraint` calls shard over `mesh`.
+
+    Tracing (the first call of a jitted function) must happen inside it: jit does not key its
+    cache on the rules, so jit one function per (mesh, rules).
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

@@ -1,0 +1,123 @@
+"""Shardings from the rules, and a tiny BLOOM trained one step on 8 simulated devices.
+
+The 8-device runs happen in one subprocess (tests/partitioning/eight_devices.py); this process
+keeps its single device and computes the reference loss and gradients.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from bloom_jax.optim import make_optimizer
+from partitioning.mesh import MESH_AXES, create_mesh
+from partitioning.rules import logical_axis_rules
+from partitioning.shardings import (
+        abstract_params, batch_sharding, optimizer_shardings, logical_shardings)
+from tests.partitioning import eight_devices as run8
+
+ROOT = pathlib.Path(__file__).parents[2]
+RULES = logical_axis_rules()
+MESH_IDS = [run8.mesh_name(shape) for shape in run8.MESHES]
+# Fast compilation of tiny programs: the runs are about sharding, not code quality.
+XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+
+
+@pytest.fixture(scope="module")
+def abstract():
+    return abstract_params(run8.MODEL, jax.ShapeDtypeStruct((run8.BATCH, run8.LENGTH), jnp.int32))
+
+
+def test_parameter_shardings_follow_the_rules(abstract):
+    specs = {path: s.spec for path, s in run8.flat(logical_shardings(abstract, create_mesh(), RULES)).items()}
+    assert specs["word_embeddings/embedding"] == P("tensor", "fsdp")  # [vocab, embed]
+    assert specs["h/self_attention/query_key_value/kernel"] == P(None, "fsdp", "tensor", None, None)
+    assert specs["h/self_attention/dense/kernel"] == P(None, "tensor", None, "fsdp")
+    assert specs["h/mlp/dense_4h_to_h/kernel"] == P(None, "tensor", "fsdp")
+    assert specs["ln_f/scale"] == P("fsdp")
+
+
+def test_adam_moments_are_sharded_like_parameters_and_the_rest_replicated(abstract):
+    mesh = create_mesh()
+    optimizer = make_optimizer()  # BLOOM's: clipping, Adam, masked weight decay, token schedule
+    shardings = optimizer_shardings(optimizer, abstract, mesh, RULES)
+    state = jax.eval_shape(optimizer.init, nn.unbox(abstract))
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    adam = shardings[2]
+    expected = logical_shardings(abstract, mesh, RULES)
+    assert adam.mu == expected and adam.nu == expected
+    others = [s for s in jax.tree.leaves((shardings[:2], shardings[3:], adam.count))]
+    assert others and all(s.spec == P() for s in others)
+
+
+def test_batches_are_split_over_data_and_fsdp():
+    assert batch_sharding(create_mesh(), RULES).spec == P(("data", "fsdp"), None)
+    stacked = batch_sharding(create_mesh(), RULES, micro_batch_axis=True)
+    assert stacked.spec == P(None, ("data", "fsdp"), None)
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+    """Runs eight_devices.py once; returns its arrays and read-back shardings."""
+    out = tmp_path_factory.mktemp("eight_devices")
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+            [sys.executable, str(ROOT / "tests/partitioning/eight_devices.py"), str(out)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return np.load(out / "results.npz"), json.loads((out / "shardings.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """Parameters, loss and gradients of the same step on this process's one device."""
+    variables = run8.MODEL.init(
+            jax.random.key(run8.SEED), jnp.zeros((run8.BATCH, run8.LENGTH), jnp.int32))
+    params = nn.unbox(variables["params"])
+    loss, grads = jax.jit(jax.value_and_grad(run8.loss_fn))(params, run8.make_batch())
+    return run8.flat(params), loss, run8.flat(grads)
+
+
+def normalized(spec) -> tuple:
+    """A PartitionSpec (or its JSON list) as a tuple of tuples, trailing Nones dropped."""
+    axes = [tuple(a) if isinstance(a, (list, tuple)) else a for a in spec]
+    while axes and axes[-1] is None:
+        axes.pop()
+    return tuple(axes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESH_IDS)
+def test_every_parameter_is_sharded_as_the_rules_say(eight_device_run, abstract, mesh):
+    _, shardings = eight_device_run
+    boxes = dict(jax.tree_util.tree_leaves_with_path(
+            abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+    expected_mesh = dict(zip(MESH_AXES, map(int, mesh.split("x"))))
+    assert len(boxes) == len(run8.flat(nn.unbox(abstract)))
+    for path, box in boxes.items():
+        read_back = shardings[mesh][jax.tree_util.keystr(path, simple=True, separator="/")]
+        assert read_back["mesh"] == expected_mesh
+        assert normalized(read_back["spec"]) == normalized(nn.logical_to_mesh_axes(box.names, RULES))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESH_IDS)
+def test_sharded_step_equals_single_device_step(eight_device_run, single_device, mesh):
+    arrays, shardings = eight_device_run
+    params, loss, grads = single_device
+    for path, value in params.items():  # sharded init draws the same numbers
+        np.testing.assert_allclose(arrays[f"{mesh}/params/{path}"], value, rtol=1e-6, err_msg=path)
+    np.testing.assert_allclose(arrays[f"{mesh}/loss"], loss, rtol=1e-6)
+    for path, grad in grads.items():
+        np.testing.assert_allclose(arrays[f"{mesh}/grads/{path}"], grad, rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+    assert shardings[mesh]["constraints_in_step"] > 0  # the model's activation constraints
