@@ -20,7 +20,8 @@ from bloom_jax import model
 
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 
-gin.external_configurable(model.BloomConfig, module="bloom_jax")
+# gin's handle on the model config: calling it gives the BloomConfig the parsed files bind.
+BloomConfig = gin.external_configurable(model.BloomConfig, module="bloom_jax")
 
 
 def define_flags() -> None:

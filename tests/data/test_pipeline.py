@@ -213,7 +213,7 @@ def test_validation_batches_cover_each_token_once(vocabulary):
 
 def test_validation_shards_cover_the_global_batches(train_tasks, vocabulary):
   make = lambda index, count: pipeline.ValidationBatches(
-      train_tasks[0], vocabulary.eos_id, sequence_length=LENGTH, batch_size=4,
+      train_tasks[0], vocabulary, sequence_length=LENGTH, batch_size=4,
       process_index=index, process_count=count)
   whole, halves = make(0, 1), [make(i, 2) for i in range(2)]
   assert len(whole) > 1
