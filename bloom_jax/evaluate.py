@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import pathlib
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -60,11 +61,12 @@ def check_batch_size(mesh: jax.sharding.Mesh, rules: rules_lib.Rules, batch_size
 
 
 def summarize(loss_sum: float, tokens: float, num_bytes: int) -> dict[str, float]:
-    """The figures of `tokens` scored targets whose losses sum to `loss_sum` nats."""
+    """The figures of `tokens` scored targets (summed loss weights) whose losses sum to
+    `loss_sum` nats, over text of `num_bytes` UTF-8 bytes."""
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": loss_sum / math.log(2) / num_bytes,
-            "tokens": tokens, "bytes": num_bytes}
+            "tokens": round(tokens), "bytes": num_bytes}
 
 
 def evaluate(model: BloomForCausalLM, params: Any,
@@ -119,6 +121,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     configs.define_flags()
+    flags.adopt_module_key_flags(configs)  # --help lists --gin_file and --gin_bindings too
     flags.DEFINE_string("ckpt_dir", None, "A checkpoint directory (its root holds config.json), "
                         "e.g. from `bloom_jax.convert from_hf`, or a training run's MODEL_DIR; "
                         "the latest step's parameters are evaluated.", required=True)
@@ -139,16 +142,13 @@ def checkpoint_dir(path: str) -> pathlib.Path:
     return path
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    metrics.quiet_library_logs()
-    data_dir = [f"DATA_DIR = {FLAGS.data_dir!r}"] if FLAGS.data_dir else []
-    configs.parse(FLAGS.gin_file, [*FLAGS.gin_bindings, *data_dir])
+def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results:
+    """Evaluates the latest parameters in `ckpt_dir` as the parsed gin config says (model,
+    mesh, rules, SEQUENCE_LENGTH, DATA_DIR, vocabulary, languages)."""
     model_config = configs.BloomConfig()
     mesh = mesh_lib.create_mesh()
     rules = rules_lib.logical_axis_rules()
-    batch_size = FLAGS.batch_size or mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = batch_size or mesh.shape["data"] * mesh.shape["fsdp"]
     sequence_length = gin.query_parameter("%SEQUENCE_LENGTH")
     check_batch_size(mesh, rules, batch_size, sequence_length)
     vocabulary = vocabularies.load_vocabulary()
@@ -156,11 +156,23 @@ def main(argv: Sequence[str]) -> None:
 
     model = BloomForCausalLM(model_config)
     boxed = shardings_lib.abstract_params(model, jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    _, params = checkpoints.load_params(checkpoint_dir(FLAGS.ckpt_dir), model_config,
+    _, params = checkpoints.load_params(checkpoint_dir(ckpt_dir), model_config,
                                         shardings_lib.logical_shardings(boxed, mesh, rules))
     streams = pipeline.validation_streams(vocabulary=vocabulary, batch_size=batch_size,
                                           sequence_length=sequence_length)
-    results = evaluate(model, params, streams, mesh=mesh, rules=rules)
+    return evaluate(model, params, streams, mesh=mesh, rules=rules)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    metrics.quiet_library_logs()
+    data_dir = [f"DATA_DIR = {FLAGS.data_dir!r}"] if FLAGS.data_dir else []
+    try:
+        configs.parse(FLAGS.gin_file, [*FLAGS.gin_bindings, *data_dir])
+        results = evaluate_checkpoint(FLAGS.ckpt_dir, FLAGS.batch_size)
+    except (OSError, ValueError) as e:  # bad input: the message says what to do
+        sys.exit(f"error: {e}")
     if jax.process_index() == 0:
         print(json.dumps(results) if FLAGS.json else format_table(results))
 
