@@ -28,7 +28,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from bloom_jax import checkpoints, configs, metrics
 from bloom_jax import step as step_lib
@@ -55,9 +55,14 @@ def _jitted_eval_step(model: BloomForCausalLM, mesh: jax.sharding.Mesh,
 
 def check_batch_size(mesh: jax.sharding.Mesh, rules: rules_lib.Rules, batch_size: int,
                      sequence_length: int) -> None:
-    """Raises partitioning's MeshError, with meshes that would fit, if the mesh does not divide
-    [batch_size, sequence_length] eval batches."""
-    validation.check_mesh(mesh.shape, {}, rules, (batch_size, sequence_length))
+    """Raises partitioning's MeshError if the mesh does not divide [batch, length] eval batches."""
+    axes = validation.sharded_axes({}, rules, (batch_size, sequence_length))
+    problems = validation.mesh_problems(mesh.shape, axes)
+    if problems:
+        raise mesh_lib.MeshError(
+            f"Eval batches of {batch_size} sequences of {sequence_length} tokens do not fit the "
+            f"mesh: {'; '.join(problems)}. Choose an eval batch size the mesh divides "
+            "(--batch_size, or train.eval_batch_size in gin).")
 
 
 def summarize(loss_sum: float, tokens: float, num_bytes: int) -> dict[str, float]:
@@ -160,6 +165,8 @@ def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results
                                         shardings_lib.logical_shardings(boxed, mesh, rules))
     streams = pipeline.validation_streams(vocabulary=vocabulary, batch_size=batch_size,
                                           sequence_length=sequence_length)
+    logging.info("Evaluating %s on mesh %s, %d sequences of %d tokens per batch.", ckpt_dir,
+                 dict(mesh.shape), batch_size, sequence_length)
     return evaluate(model, params, streams, mesh=mesh, rules=rules)
 
 

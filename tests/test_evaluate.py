@@ -135,6 +135,13 @@ def test_no_validation_documents_is_a_clear_error(params, mesh):
         run_evaluate(params, {}, mesh)
 
 
+def test_eval_batch_size_the_mesh_does_not_divide_is_a_clear_error():
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), mesh_lib.MESH_AXES)
+    evaluate.check_batch_size(mesh, RULES, 8, 32)
+    with pytest.raises(mesh_lib.MeshError, match=r"6 sequences.*data=2 x fsdp=2.*--batch_size"):
+        evaluate.check_batch_size(mesh, RULES, 6, 32)
+
+
 def test_table_has_a_line_per_task_and_the_blend():
     figures = evaluate.summarize(loss_sum=20.0, tokens=10, num_bytes=40)
     table = evaluate.format_table({"roots_en": figures, evaluate.ALL: figures})
@@ -197,13 +204,17 @@ def test_trainer_logs_eval_figures_of_its_parameters(trained_run, mesh):
 
 
 @pytest.mark.slow
-def test_command_evaluates_the_run_checkpoint(trained_run):
+def test_command_evaluates_the_run_checkpoint_on_a_sharded_mesh(trained_run):
+    """The command on 8 simulated devices, mesh (data 2, fsdp 2, tensor 2), gives the figures the
+    one-device trainer logged for the same parameters."""
     model_dir, _ = trained_run
     command = [sys.executable, "-m", "bloom_jax.evaluate", f"--ckpt_dir={model_dir}",
-               "--gin_file=gin_configs/tiny.gin", "--json",
+               "--gin_file=gin_configs/tiny.gin", "--json", "--gin.create_mesh.fsdp=2",
+               "--gin.create_mesh.tensor=2",
                *(f"--gin_bindings={binding}" for binding in TRAIN_SETTINGS)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)
 
