@@ -68,9 +68,9 @@ def check_batch_size(mesh: jax.sharding.Mesh, rules: rules_lib.Rules, batch_size
 def summarize(loss_sum: float, tokens: float, num_bytes: int) -> dict[str, float]:
     """The figures of `tokens` scored targets (summed loss weights) whose losses sum to
     `loss_sum` nats, over text of `num_bytes` UTF-8 bytes."""
-    loss = loss_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": loss_sum / math.log(2) / num_bytes,
+    loss = float(loss_sum / tokens)
+    return {"loss": loss, "perplexity": float(np.exp(loss)),  # inf, not an error, if diverged
+            "bits_per_byte": float(loss_sum / math.log(2) / num_bytes),
             "tokens": round(tokens), "bytes": num_bytes}
 
 
@@ -118,8 +118,8 @@ def format_table(results: Results) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The command. No gin configurables below: run as `python -m`, this module is `__main__`, and the
-# trainer imports it again as `bloom_jax.evaluate`.
+# The command. This module registers no gin configurables: run as `python -m`, it is `__main__`,
+# and the trainer imports it again as `bloom_jax.evaluate`.
 
 FLAGS = flags.FLAGS
 

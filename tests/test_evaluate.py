@@ -1,4 +1,4 @@
-"""Evaluation: equals the training loss, per-task figures, bits per byte, the trainer hook, the CLI."""
+"""Evaluation: the training loss, per-task figures, bits per byte, the trainer hook, the CLI."""
 
 import json
 import math
