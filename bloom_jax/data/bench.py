@@ -10,8 +10,8 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-import gin
 
+from bloom_jax import configs
 from bloom_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -19,8 +19,6 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a command, so modules import freely)."""
-    flags.DEFINE_multi_string("gin_file", [], "Gin files configuring the data.")
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
     flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
                                           "corpus shipped with the package).")
     flags.DEFINE_integer("sequence_length", 2048, "Tokens per packed row.")
@@ -31,7 +29,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+    configs.parse(FLAGS.gin_file, FLAGS.gin_bindings)
     overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
     start = time.perf_counter()
     stream = pipeline.make_stream(sequence_length=FLAGS.sequence_length,
@@ -53,4 +51,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    configs.run(main)

@@ -13,9 +13,9 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-import gin
 import numpy as np
 
+from bloom_jax import configs
 from bloom_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -24,8 +24,6 @@ _SAMPLE_CHARS = 160  # characters of each task's first document shown
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a command, so modules import freely)."""
-    flags.DEFINE_multi_string("gin_file", [], "Gin files configuring the data.")
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
     flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: "
                                           "make_stream.data_dir, else the shipped corpus).")
     flags.DEFINE_integer("num_examples", 1000, "Packed examples to sample.")
@@ -53,7 +51,7 @@ def _sample(stream: pipeline.PackedStream, task: pipeline.TokenizedTask) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+    configs.parse(FLAGS.gin_file, FLAGS.gin_bindings)
     overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
     stream = pipeline.make_stream(sequence_length=FLAGS.sequence_length,
                                   batch_size=FLAGS.num_examples, seed=FLAGS.seed,
@@ -71,4 +69,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    configs.run(main)

@@ -17,9 +17,9 @@ from typing import Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import gin
 import sentencepiece as spm
 
+from bloom_jax import configs
 from bloom_jax.data import languages
 from bloom_jax.data import tasks as tasks_lib
 
@@ -35,8 +35,6 @@ def define_flags() -> None:
     flags.DEFINE_float("alpha", None, "Weight languages by bytes ** alpha (default: the "
                                       "mixture's rates, BLOOM's shares unless gin says otherwise).")
     flags.DEFINE_integer("max_chars", 50_000_000, "Characters of training text.")
-    flags.DEFINE_multi_string("gin_file", [], "Gin files (mixture knobs).")
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
 
 _TRAIN_SPLIT = "train"
 
@@ -98,11 +96,11 @@ def main(argv: Sequence[str]) -> None:
                              "--vocab_size N --out FILE.model")
     if not FLAGS.out:
         raise app.UsageError("--out is required (e.g. --out /tmp/roots.model).")
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+    configs.parse(FLAGS.gin_file, FLAGS.gin_bindings)
     path = train(FLAGS.data_dir, FLAGS.vocab_size, FLAGS.out, FLAGS.alpha, FLAGS.max_chars)
     print(f"Wrote {path} ({FLAGS.vocab_size} pieces).")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    configs.run(main)

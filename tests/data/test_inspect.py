@@ -21,7 +21,7 @@ def test_summary_counts_and_shares(train_tasks, vocabulary):
     for task in train_tasks:
         row = summary[task.name]
         assert (row["documents"], row["tokens"]) == (task.num_documents, task.num_tokens)
-        assert row["rate"] == rates[task.name]
+        assert row["rate"] == pytest.approx(rates[task.name], rel=1e-12)
         assert abs(row["observed"] - row["rate"]) <= 4.5 * np.sqrt(row["rate"] / 2000) + 1e-9
     assert sum(row["observed"] for row in summary.values()) == pytest.approx(1.0)
 
