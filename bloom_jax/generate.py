@@ -185,3 +185,85 @@ def _generate(config: BloomConfig, params: Any, prompt_ids: Array, attention_mas
 
     state = jax.lax.while_loop(unfinished, step_once, (1, token, done, new_tokens, cache))
     return jnp.concatenate([prompt_ids, state[3]], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists as one left-padded batch: (ids, attention_mask), both [batch, longest]."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def _load(args: argparse.Namespace) -> tuple[BloomConfig, Any, Any]:
+    """(config, params, vocabulary) from --hf_dir or --ckpt_dir and --tokenizer."""
+    # Imported here: they bring in orbax, safetensors and TensorFlow, which generate_ids needs not.
+    from bloom_jax import checkpoints, convert
+    from bloom_jax.data import vocabularies
+
+    if args.hf_dir:
+        config, params = convert.load_hf_checkpoint(args.hf_dir)
+        tokenizer = args.tokenizer or pathlib.Path(args.hf_dir) / "tokenizer.json"
+    else:
+        config, params = checkpoints.load_params(args.ckpt_dir)
+        tokenizer = args.tokenizer
+    vocabulary = vocabularies.load_vocabulary(tokenizer)
+    vocabularies.check_fits_model(vocabulary, config.vocab_size)
+    return config, params, vocabulary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+            prog="python -m bloom_jax.generate",
+            description="Continue one or more prompts with a BLOOM model: greedy by default, "
+                        "sampled when --temperature, --top_k or --top_p is given. Each prompt's "
+                        "text is printed followed by its continuation.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt_dir", help="bloom_jax checkpoint directory (its latest step)")
+    source.add_argument("--hf_dir", help="Hugging Face BLOOM directory (config.json, weights, "
+                                         "tokenizer.json), as save_pretrained writes it")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="text to continue; repeat the flag to generate for a batch")
+    parser.add_argument("--tokenizer", help="tokenizer.json or SentencePiece .model (default: "
+                                            "HF_DIR/tokenizer.json; with --ckpt_dir, the default "
+                                            "corpus's SentencePiece model)")
+    parser.add_argument("--max_new_tokens", type=int, default=32,
+                        help="tokens to generate per prompt (default: %(default)s)")
+    parser.add_argument("--temperature", type=float,
+                        help="sampling temperature; 0 is greedy (default when sampling: 1.0)")
+    parser.add_argument("--top_k", type=int, help="sample among the K most likely tokens only")
+    parser.add_argument("--top_p", type=float,
+                        help="sample among the most likely tokens holding probability P only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except (OSError, ValueError) as e:  # bad input: the message says what to do
+        sys.exit(f"error: {e}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    config, params, vocabulary = _load(args)
+    prompts = [vocabulary.encode(text) for text in args.prompt]
+    if not all(prompts):
+        raise ValueError("a --prompt encodes to no tokens; give it some text.")
+    ids, mask = left_pad(prompts, vocabulary.pad_id)
+    out = generate_ids(config, params, ids, args.max_new_tokens, attention_mask=mask,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, eos_token_id=vocabulary.eos_id,
+                       pad_token_id=vocabulary.pad_id)
+    for text, new_ids in zip(args.prompt, np.asarray(out)[:, ids.shape[1]:]):
+        print(text + vocabulary.decode(new_ids.tolist()))  # decode stops at EOS
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bloom_jax.generate import PAD_ID, Sampling, generate_ids
+from bloom_jax import generate
+from bloom_jax.generate import PAD_ID, Sampling, generate_ids, left_pad
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 
 # Two shapes: a head count that is not a power of two (ALiBi's extra slopes) and one that is.
@@ -22,13 +23,7 @@ NEW_TOKENS = 8
 def left_padded(lengths, vocab_size, seed):
     """Random prompts of the given lengths, left-padded to the longest: (ids, attention_mask)."""
     rng = np.random.default_rng(seed)
-    width = max(lengths)
-    ids = np.full((len(lengths), width), PAD_ID, np.int32)
-    mask = np.zeros((len(lengths), width), np.int32)
-    for row, length in enumerate(lengths):
-        ids[row, width - length:] = rng.integers(4, vocab_size, length)
-        mask[row, width - length:] = 1
-    return ids, mask
+    return left_pad([rng.integers(4, vocab_size, length) for length in lengths], PAD_ID)
 
 
 @functools.lru_cache
@@ -182,3 +177,38 @@ def test_bad_inputs_are_explained():
         generate_ids(config, params, ids[0], 2)
     with pytest.raises(ValueError, match="top_p"):
         generate_ids(config, params, ids, 2, top_p=0.0)
+
+
+def word_tokenizer(path, vocab_size):
+    """A whitespace word-level tokenizer.json with BLOOM's special ids (unk 0, eos 2, pad 3)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(4, vocab_size)]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+            {word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def test_cli_continues_prompts_as_hugging_face_does(tmp_path, capsys):
+    model, config, _ = hf_model_and_params("6_heads")
+    model.save_pretrained(tmp_path)
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", config.vocab_size)
+    prompts = ["w10 w200 w31 w7", "w99"]
+    generate.main(["--hf_dir", str(tmp_path), "--prompt", prompts[0], "--prompt", prompts[1],
+                   "--max_new_tokens", str(NEW_TOKENS)])
+    ids, mask = left_pad([tokenizer.encode(p).ids for p in prompts], PAD_ID)
+    expected = [list(row) for row in hf_generate(model, ids, mask, eos_token_id=2)[:, ids.shape[1]:]]
+    expected = [row[:row.index(2) + 1] if 2 in row else row for row in expected]  # up to EOS
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [p + tokenizer.decode(row, skip_special_tokens=False)
+                     for p, row in zip(prompts, expected)]
+
+
+def test_cli_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(["--help"])
+    assert exit_.value.code == 0 and "--top_p" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(["--prompt", "hello"])  # neither --ckpt_dir nor --hf_dir
+    assert exit_.value.code == 2 and "--hf_dir" in capsys.readouterr().err
