@@ -1,15 +1,21 @@
-"""Generation tests: greedy parity with Hugging Face's `generate`, cache vs full forward, sampling."""
+"""Generation tests: greedy parity with Hugging Face's `generate`, cache vs full forward, sampling,
+and the CLI."""
 
 import functools
+import tempfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
+import torch
+import transformers
+from transformers.generation import logits_process
 
-from bloom_jax import generate
-from bloom_jax.generate import PAD_ID, Sampling, generate_ids, left_pad
+from bloom_jax import convert, generate
+from bloom_jax.generate import EOS_ID, PAD_ID, Sampling, generate_ids, left_pad
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 
 # Two shapes: a head count that is not a power of two (ALiBi's extra slopes) and one that is.
@@ -29,60 +35,25 @@ def left_padded(lengths, vocab_size, seed):
 @functools.lru_cache
 def hf_model_and_params(shape: str):
     """A random-weight `transformers.BloomForCausalLM` (biases and LayerNorms perturbed too),
-    and our config and parameters holding the same weights.
+    and our config and parameters read from its `save_pretrained` directory.
 
     Weights far larger than BLOOM's init make every layer matter: with small ones, the tied
     embeddings dominate and greedy decoding only repeats the last token.
     """
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.BloomForCausalLM(transformers.BloomConfig(**HF_SHAPES[shape])).eval()
     with torch.no_grad():
         for name, weight in model.named_parameters():
             std = 0.1 if "layernorm" in name or "ln_f" in name else 0.5
             weight.add_(std * torch.randn_like(weight))
-    config = BloomConfig(**HF_SHAPES[shape])
-    return model, config, params_from_hf(model.state_dict(), config)
-
-
-def params_from_hf(state_dict, config: BloomConfig):
-    """Our parameter tree (model.py's layout) from a transformers BLOOM state dict."""
-    sd = {k.removeprefix("transformer."): v.detach().numpy() for k, v in state_dict.items()}
-    hidden, heads, head_dim = config.hidden_size, config.n_head, config.head_dim
-
-    def norm(name):
-        return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-    def dense(name, kernel_shape, bias_shape):  # torch's [out, in] weight -> our kernel
-        return {"kernel": sd[f"{name}.weight"].T.reshape(kernel_shape),
-                "bias": sd[f"{name}.bias"].reshape(bias_shape)}
-
-    def layer(i):
-        p = f"h.{i}."
-        return {
-                "input_layernorm": norm(p + "input_layernorm"),
-                "self_attention": {
-                        "query_key_value": dense(p + "self_attention.query_key_value",
-                                                 (hidden, heads, 3, head_dim), (heads, 3, head_dim)),
-                        "dense": dense(p + "self_attention.dense", (heads, head_dim, hidden), hidden),
-                },
-                "post_attention_layernorm": norm(p + "post_attention_layernorm"),
-                "mlp": {"dense_h_to_4h": dense(p + "mlp.dense_h_to_4h", (hidden, -1), -1),
-                        "dense_4h_to_h": dense(p + "mlp.dense_4h_to_h", (-1, hidden), hidden)},
-        }
-
-    return {
-            "word_embeddings": {"embedding": sd["word_embeddings.weight"]},
-            "word_embeddings_layernorm": norm("word_embeddings_layernorm"),
-            "h": jax.tree.map(lambda *xs: np.stack(xs), *[layer(i) for i in range(config.n_layer)]),
-            "ln_f": norm("ln_f"),
-    }
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        config, params = convert.load_hf_checkpoint(directory)
+    return model, config, params
 
 
 def hf_generate(model, ids, mask, eos_token_id):
     """HF's greedy ids, padded to the full length as ours are (HF stops when all rows have)."""
-    import torch
     with torch.no_grad():
         out = model.generate(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask),
                              max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -111,7 +82,7 @@ def test_cached_steps_match_the_full_forward():
     config = BloomConfig(vocab_size=128, hidden_size=48, n_layer=2, n_head=6, initializer_range=0.2)
     model = BloomForCausalLM(config)
     ids, mask = left_padded((7, 2, 5), config.vocab_size, seed=0)
-    params = nn.unbox(model.init(jax.random.key(0), ids))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids))["params"]
     out = generate_ids(config, params, ids, NEW_TOKENS, attention_mask=mask, eos_token_id=None)
     full_mask = np.pad(mask, ((0, 0), (0, NEW_TOKENS)), constant_values=1)
     logits = model.apply({"params": params}, out, full_mask)
@@ -124,7 +95,7 @@ def test_cached_steps_match_the_full_forward():
 def tiny_model():
     config = BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
     ids, mask = left_padded((5, 3), config.vocab_size, seed=1)
-    params = nn.unbox(BloomForCausalLM(config).init(jax.random.key(0), ids))["params"]
+    params = nn.unbox(jax.jit(BloomForCausalLM(config).init)(jax.random.key(0), ids))["params"]
     return config, params, ids, mask
 
 
@@ -148,13 +119,11 @@ def test_top_k_of_one_is_greedy():
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0),
                                                      (1.0, 0, 0.6), (1.3, 10, 0.8)])
 def test_filters_match_hugging_face_warpers(temperature, top_k, top_p):
-    torch = pytest.importorskip("torch")
-    from transformers.generation import logits_process as hf
     logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 3
-    warpers = [hf.TemperatureLogitsWarper(temperature)]
-    warpers += [hf.TopKLogitsWarper(top_k)] if top_k else []
-    warpers += [hf.TopPLogitsWarper(top_p)] if top_p < 1 else []
-    expected = hf.LogitsProcessorList(warpers)(None, torch.from_numpy(logits)).numpy()
+    warpers = [logits_process.TemperatureLogitsWarper(temperature)]
+    warpers += [logits_process.TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [logits_process.TopPLogitsWarper(top_p)] if top_p < 1 else []
+    expected = logits_process.LogitsProcessorList(warpers)(None, torch.from_numpy(logits)).numpy()
     ours = np.asarray(Sampling(temperature, top_k, top_p).filter(jnp.asarray(logits)))
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
     np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
@@ -181,7 +150,6 @@ def test_bad_inputs_are_explained():
 
 def word_tokenizer(path, vocab_size):
     """A whitespace word-level tokenizer.json with BLOOM's special ids (unk 0, eos 2, pad 3)."""
-    tokenizers = pytest.importorskip("tokenizers")
     words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(4, vocab_size)]
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
             {word: i for i, word in enumerate(words)}, unk_token="<unk>"))
@@ -190,16 +158,23 @@ def word_tokenizer(path, vocab_size):
     return tokenizer
 
 
-def test_cli_continues_prompts_as_hugging_face_does(tmp_path, capsys):
+@pytest.mark.parametrize("source", ["hf_dir", "ckpt_dir"])
+def test_cli_continues_prompts_as_hugging_face_does(source, tmp_path, capsys):
     model, config, _ = hf_model_and_params("6_heads")
-    model.save_pretrained(tmp_path)
-    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", config.vocab_size)
+    hf_dir, ckpt_dir = tmp_path / "hf", tmp_path / "ckpt"
+    model.save_pretrained(hf_dir)
+    tokenizer = word_tokenizer(hf_dir / "tokenizer.json", config.vocab_size)
+    if source == "hf_dir":
+        flags = ["--hf_dir", str(hf_dir)]
+    else:
+        convert.from_hf(hf_dir, ckpt_dir)
+        flags = ["--ckpt_dir", str(ckpt_dir), "--tokenizer", str(hf_dir / "tokenizer.json")]
     prompts = ["w10 w200 w31 w7", "w99"]
-    generate.main(["--hf_dir", str(tmp_path), "--prompt", prompts[0], "--prompt", prompts[1],
-                   "--max_new_tokens", str(NEW_TOKENS)])
+    generate.main(flags + ["--prompt", prompts[0], "--prompt", prompts[1],
+                           "--max_new_tokens", str(NEW_TOKENS)])
     ids, mask = left_pad([tokenizer.encode(p).ids for p in prompts], PAD_ID)
-    expected = [list(row) for row in hf_generate(model, ids, mask, eos_token_id=2)[:, ids.shape[1]:]]
-    expected = [row[:row.index(2) + 1] if 2 in row else row for row in expected]  # up to EOS
+    new_ids = hf_generate(model, ids, mask, eos_token_id=EOS_ID)[:, ids.shape[1]:].tolist()
+    expected = [row[:row.index(EOS_ID) + 1] if EOS_ID in row else row for row in new_ids]
     lines = capsys.readouterr().out.splitlines()
     assert lines == [p + tokenizer.decode(row, skip_special_tokens=False)
                      for p, row in zip(prompts, expected)]
