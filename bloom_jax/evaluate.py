@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from bloom_jax import checkpoints, configs, metrics
+from bloom_jax import checkpoints, configs
 from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline, vocabularies
 from bloom_jax.model import BloomForCausalLM
@@ -125,8 +125,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    configs.define_flags()
-    flags.adopt_module_key_flags(configs)  # --help lists --gin_file and --gin_bindings too
+    """The command's own flags (configs.run adds --gin_file and --gin_bindings)."""
     flags.DEFINE_string("ckpt_dir", None, "A checkpoint directory (its root holds config.json), "
                         "e.g. from `bloom_jax.convert from_hf`, or a training run's MODEL_DIR; "
                         "the latest step's parameters are evaluated.", required=True)
@@ -173,10 +172,10 @@ def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    metrics.quiet_library_logs()
-    data_dir = [f"DATA_DIR = {FLAGS.data_dir!r}"] if FLAGS.data_dir else []
+    if FLAGS.data_dir:
+        FLAGS.gin_bindings = [*FLAGS.gin_bindings, f"DATA_DIR = {FLAGS.data_dir!r}"]
     try:
-        configs.parse(FLAGS.gin_file, [*FLAGS.gin_bindings, *data_dir])
+        configs.parse_flags()
         results = evaluate_checkpoint(FLAGS.ckpt_dir, FLAGS.batch_size)
     except (OSError, ValueError) as e:  # bad input: the message says what to do
         sys.exit(f"error: {e}")
@@ -186,4 +185,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=lambda argv: FLAGS(configs.rewrite_gin_args(argv)))
+    configs.run(main)
