@@ -32,7 +32,7 @@ from absl import app, flags
 
 from bloom_jax import flops, model, optim
 from bloom_jax import step as step_lib
-from partitioning.mesh import MeshError, create_mesh, format_shape
+from partitioning.mesh import MeshError, create_mesh, factorizations, format_shape
 from partitioning.rules import Rules, activation_sharding, logical_axis_rules
 from partitioning.shardings import batch_sharding, logical_shardings
 from partitioning.validation import check_mesh
@@ -49,11 +49,21 @@ flags.DEFINE_integer("micro_batch_size", None, "Sequences per data-parallel shar
                      "(default: gin's train.micro_batch_size, else 1).")
 flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
 flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at.")
+flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies that "
+                  "divide and fit, and rank them by predicted step time.")
+flags.DEFINE_string("gpu", "A100", f"GPU the search ranks for: one of {sorted(flops.PEAK_FLOPS)}.")
+flags.DEFINE_integer("devices_per_host", 8, "GPUs per host: `tensor` stays inside one (search).")
 
 GIB = 2**30
 EXIT_DOES_NOT_FIT = 3
 EXIT_BAD_MESH = 2
 GPUS = ("A100", "H100-SXM")  # keys of flops.PEAK_FLOPS the time table shows
+# Bandwidth per GPU and direction, bytes/s: NVLink inside a host (tensor), InfiniBand across
+# hosts (data, fsdp); A100: NVLink3 and 4 x 100 Gb/s HDR per 8 GPUs as on Jean Zay.
+LINKS = {"A100": (300e9, 6.25e9), "H100-SXM": (450e9, 50e9), "H100-PCIe": (64e9, 25e9),
+         "H200": (450e9, 50e9)}
+SEARCH_MICRO_BATCH_SIZES = (1, 2)
+SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims")
 BATCH_KEYS = {"input_ids": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
               "positions": jnp.int32, "loss_weights": jnp.float32}
 
@@ -167,6 +177,60 @@ def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
     return "\n".join(lines)
 
 
+def predicted_step_s(plan: Plan, config: BloomConfig, seq_len: int, gpu: str, mfu: float) -> float:
+    """Compute at `mfu` of the bfloat16 peak (hardware FLOPs: recomputation and padded rows
+    count) plus the collectives of FSDP and tensor parallelism at LINKS bandwidth.
+
+    Per micro-step, FSDP all-gathers each layer's bfloat16 weights (forward, backward and, with
+    recomputation, again) and reduce-scatters float32 gradients; tensor parallelism all-reduces
+    2 activations per layer forward and 2 backward.
+    """
+    mesh, devices = plan.mesh, math.prod(plan.mesh.values())
+    rows = plan.micro_batches * plan.micro_batch
+    recompute = config.remat_policy != "none"
+    compute_s = (flops.flops_per_step(config, rows, seq_len, recompute)
+                 / (devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * mfu))
+    nvlink, network = LINKS[gpu]
+    params = flops.param_count(config) / mesh["tensor"]
+    ring = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731  (fraction a ring moves)
+    gathers = 3 if recompute else 2
+    fsdp_bytes = params * (2 * gathers + 4) * ring(mesh["fsdp"]) * plan.micro_batches
+    activation = plan.micro_batch / (mesh["data"] * mesh["fsdp"]) * seq_len * config.hidden_size
+    tensor_bytes = (4 * activation * 2 * 2 * config.n_layer * ring(mesh["tensor"])
+                    * plan.micro_batches)
+    fsdp_link = nvlink if mesh["fsdp"] * mesh["tensor"] <= FLAGS.devices_per_host else network
+    grads_allreduce = 2 * 4 * params / mesh["fsdp"] * ring(mesh["data"])
+    return compute_s + fsdp_bytes / fsdp_link + tensor_bytes / nvlink + grads_allreduce / network
+
+
+def search(config: BloomConfig, num_devices: int, rules: Rules, batch_size: int, seq_len: int,
+           memory: int, mfu: float) -> list[tuple[float, Plan, BloomConfig, int]]:
+    """Every (mesh, micro-batch size, remat) whose mesh divides and whose step fits `memory`,
+    fastest first; meshes whose float32 state alone cannot fit are not compiled."""
+    devices = jax.devices()[:num_devices]
+    state_bytes = 16 * flops.param_count(config)  # parameters, gradients, Adam's mu and nu
+    results = []
+    for shape in factorizations(num_devices):
+        if shape["tensor"] > FLAGS.devices_per_host or (
+                state_bytes / (shape["fsdp"] * shape["tensor"]) > memory):
+            continue
+        mesh = create_mesh(**shape, devices=devices)
+        for micro_batch_size in SEARCH_MICRO_BATCH_SIZES:
+            for remat in SEARCH_REMAT_POLICIES:
+                candidate = dataclasses.replace(config, remat_policy=remat)
+                try:
+                    result = plan_step(candidate, mesh, rules, batch_size, seq_len,
+                                       micro_batch_size)
+                except MeshError:
+                    break  # the same for every remat policy
+                print(f"  tried {format_shape(shape)}, micro_batch_size={micro_batch_size}, "
+                      f"remat={remat}: {result.peak_bytes / GIB:.1f} GiB", flush=True)
+                if result.peak_bytes <= memory:
+                    step_s = predicted_step_s(result, candidate, seq_len, FLAGS.gpu, mfu)
+                    results.append((step_s, result, candidate, micro_batch_size))
+    return sorted(results, key=lambda r: r[0])
+
+
 def largest_consumer(plan: Plan) -> str:
     parts = {"parameters": plan.param_bytes, "optimizer state": plan.optimizer_bytes,
              "XLA temporaries (activations, gathered weights, gradients)": plan.temp_bytes}
@@ -207,6 +271,17 @@ def main(argv: Sequence[str]) -> None:
     config = BloomConfig()
     batch_size = gin.query_parameter("%BATCH_SIZE")
     seq_len = gin.query_parameter("%SEQUENCE_LENGTH")
+    memory = int(FLAGS.memory_gib * GIB)
+    if FLAGS.search:
+        ranked = search(config, jax.device_count(), logical_axis_rules(), batch_size, seq_len,
+                        memory, FLAGS.mfu)
+        print(f"{len(ranked)} configurations fit {FLAGS.memory_gib} GiB; fastest first "
+              f"(predicted on {FLAGS.gpu} at {FLAGS.mfu:.0%} MFU):")
+        for step_s, result, candidate, micro_batch_size in ranked:
+            print(f"  {step_s:8.1f} s/step  {format_shape(result.mesh)}  micro_batch_size="
+                  f"{micro_batch_size}  remat={candidate.remat_policy}  "
+                  f"peak={result.peak_bytes / GIB:.1f} GiB")
+        sys.exit(0 if ranked else EXIT_DOES_NOT_FIT)
     try:
         mesh = create_mesh()
         plan = plan_step(config, mesh, logical_axis_rules(), batch_size, seq_len,
@@ -215,7 +290,6 @@ def main(argv: Sequence[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_MESH)
     print(format_plan(plan, config, batch_size, seq_len, FLAGS.mfu))
-    memory = int(FLAGS.memory_gib * GIB)
     if plan.peak_bytes > memory:
         print(f"does not fit: {plan.peak_bytes / GIB:.1f} GiB per device > {FLAGS.memory_gib} GiB; "
               f"largest consumer: {largest_consumer(plan)}", file=sys.stderr)
