@@ -44,7 +44,8 @@ BloomForCausalLM = model.BloomForCausalLM
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin config file(s), e.g. gin_configs/bloom176b.gin.")
 flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings; or --gin.NAME=VALUE.")
-flags.DEFINE_integer("num_devices", None, "Simulate this many CPU devices (default: the real ones).")
+flags.DEFINE_integer("num_devices", None,
+                     "Simulate this many CPU devices (default: the real ones).")
 flags.DEFINE_integer("micro_batch_size", None, "Sequences per data-parallel shard per micro-step "
                      "(default: gin's train.micro_batch_size, else 1).")
 flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
@@ -159,7 +160,8 @@ def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
             *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
             "per-device memory:",
             f"  parameters:      {plan.param_bytes / GIB:9.2f} GiB",
-            f"  gradients:       {plan.grad_bytes / GIB:9.2f} GiB (float32 accumulators, in XLA temp)",
+            f"  gradients:       {plan.grad_bytes / GIB:9.2f} GiB (float32 accumulators, "
+            "in XLA temp)",
             f"  optimizer state: {plan.optimizer_bytes / GIB:9.2f} GiB",
             f"  XLA temporaries: {plan.temp_bytes / GIB:9.2f} GiB (activations, gathered weights, "
             "gradients)",

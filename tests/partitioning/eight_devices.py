@@ -2,7 +2,8 @@
 
 Run as a script in a fresh process (the device count is fixed when jax starts, so the rest of
 the suite keeps its one device):
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/partitioning/eight_devices.py OUT_DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/partitioning/eight_devices.py OUT_DIR
 It writes OUT_DIR/results.npz (loss, parameters and gradients per mesh, keyed "mesh/path", and
 the same computed unsharded on one device, keyed "single/path") and OUT_DIR/shardings.json (each
 parameter's mesh shape and PartitionSpec, read back from the arrays).

@@ -38,7 +38,8 @@ def abstract():
 
 
 def test_parameter_shardings_follow_the_rules(abstract):
-    specs = {path: s.spec for path, s in run8.flat(logical_shardings(abstract, create_mesh(), RULES)).items()}
+    shardings = logical_shardings(abstract, create_mesh(), RULES)
+    specs = {path: s.spec for path, s in run8.flat(shardings).items()}
     assert specs["word_embeddings/embedding"] == P("tensor", "fsdp")  # [vocab, embed]
     assert specs["h/self_attention/query_key_value/kernel"] == P(None, "fsdp", "tensor", None, None)
     assert specs["h/self_attention/dense/kernel"] == P(None, "tensor", None, "fsdp")
@@ -96,7 +97,8 @@ def test_every_parameter_is_sharded_as_the_rules_say(eight_device_run, abstract,
     for path, box in boxes.items():
         read_back = shardings[mesh][jax.tree_util.keystr(path, simple=True, separator="/")]
         assert read_back["mesh"] == expected_mesh
-        assert normalized(read_back["spec"]) == normalized(nn.logical_to_mesh_axes(box.names, RULES))
+        expected = nn.logical_to_mesh_axes(box.names, RULES)
+        assert normalized(read_back["spec"]) == normalized(expected)
 
 
 @pytest.mark.slow
