@@ -124,6 +124,15 @@ def resolve(
   )
 
 
+def _request_stop(signum, frame):
+  """Single-process SIGTERM / first Ctrl-C: checkpoint and stop at the next step boundary."""
+  del frame
+  logging.warning("Received %s: the run saves a checkpoint and stops after this step "
+                  "(Ctrl-C again to abort without saving).", signal.Signals(signum).name)
+  _sigterm_received.set()
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @gin.configurable
 def initialize(
     coordinator_address: str | None = None,
@@ -151,7 +160,8 @@ def initialize(
   """
   group = resolve(coordinator_address, num_processes, process_id, local_device_ids)
   if not group.is_multi_process:
-    signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_received.set())
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     return group
   jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   logging.info(

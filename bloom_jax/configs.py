@@ -1,0 +1,73 @@
+"""gin wiring shared by every command: the --gin_file / --gin.NAME=VALUE flags and their parsing.
+
+Every config accepts the same macros (MODEL_DIR, DATA_DIR, TRAIN_STEPS, BATCH_SIZE,
+SEQUENCE_LENGTH, SEED; see gin_configs/base.gin). `--gin.NAME=VALUE` is t5x's shorthand for
+`--gin_bindings='NAME = VALUE'`; a VALUE that is not a gin literal (a bare path) is taken as a
+string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+from collections.abc import Sequence
+
+import gin
+from absl import flags
+
+from bloom_jax import model
+
+GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
+
+gin.external_configurable(model.BloomConfig, module="bloom_jax")
+
+
+def define_flags() -> None:
+    """Defines --gin_file and --gin_bindings (call once per command, at import)."""
+    flags.DEFINE_multi_string("gin_file", [], "gin config file(s), e.g. gin_configs/tiny.gin; "
+                              "looked up as given, then in the project's gin_configs/ folder.")
+    flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. 'TRAIN_STEPS = 10'; "
+                              "or use the shorthand --gin.TRAIN_STEPS=10.")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """Turns each `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (before absl parses argv)."""
+    rewritten = []
+    for arg in argv:
+        match = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, flags=re.DOTALL)
+        if match:
+            name, value = match.groups()
+            arg = f"--gin_bindings={name} = {_as_gin_value(value)}"
+        rewritten.append(arg)
+    return rewritten
+
+
+def _as_gin_value(value: str) -> str:
+    """`value` if it is a gin literal or reference, else `value` quoted as a string."""
+    if value.startswith(("@", "%")):
+        return value
+    try:
+        ast.literal_eval(value)
+        return value
+    except (ValueError, SyntaxError):
+        return repr(value)
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+    """Parses config files then bindings; unknown or misspelled names raise gin's error here,
+    before any work is done."""
+    # Every configurable must be registered before parsing, whichever command parses.
+    import bloom_jax.trainer  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+    if not gin_files:
+        raise ValueError("No --gin_file given; pass one of the configs in "
+                         f"{GIN_CONFIGS_DIR}, e.g. --gin_file=gin_configs/tiny.gin.")
+    gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
+    gin.add_config_file_search_path(str(GIN_CONFIGS_DIR.parent))
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
+
+
+def parse_flags() -> None:
+    """Parses the gin flags of the running command (after absl has parsed argv)."""
+    parse(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings)

@@ -1,0 +1,422 @@
+"""Hugging Face BLOOM checkpoints <-> bloom_jax orbax checkpoints, streamed tensor by tensor.
+
+    python -m bloom_jax.convert from_hf --hf_dir DIR --out_dir CKPT
+    python -m bloom_jax.convert to_hf --ckpt_dir CKPT --out_dir DIR
+
+`from_hf` reads safetensors or PyTorch `.bin` files (single or sharded with an index; keys with
+or without the `transformer.` prefix) and writes an orbax checkpoint (`bloom_jax.checkpoints`) at
+step 0, one Hugging Face tensor at a time. `to_hf` reads the latest step of a checkpoint (a
+converted one or a trainer's) layer slice by layer slice and writes sharded safetensors plus a
+`config.json` that `transformers.BloomForCausalLM.from_pretrained` loads. Dtypes are kept, so
+HF -> bloom_jax -> HF reproduces every tensor bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+import tensorstore as ts
+
+from bloom_jax import checkpoints
+from bloom_jax.model import BloomConfig
+
+PREFIX = "transformer."
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+# Old names of Hugging Face BLOOM config keys (some 176B config copies use them).
+CONFIG_ALIASES = {"n_embed": "hidden_size", "num_attention_heads": "n_head",
+                  "num_hidden_layers": "n_layer"}
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One Hugging Face tensor and the parameter it maps to (one layer slice for blocks).
+
+    Hugging Face `Linear` weights are [out, in]; ours are [in, ...out] kernels: `transpose` says
+    the weight is transposed before reshaping to our slice shape (and the reverse on the way back).
+    """
+
+    path: tuple[str, ...]  # our parameter path
+    hf_name: str  # with "{i}" for the layer index inside blocks
+    hf_shape: tuple[int, ...]
+    transpose: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        return self.path[0] == "h"
+
+    def to_ours(self, weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return (weight.T if self.transpose else weight).reshape(shape)
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        shape = self.hf_shape[::-1] if self.transpose else self.hf_shape
+        value = value.reshape(shape)
+        return np.ascontiguousarray(value.T if self.transpose else value)
+
+
+def _tensors(config: BloomConfig) -> list[_Tensor]:
+    """Every Hugging Face tensor of `config`'s model (blocks once, with "{i}"), in HF order."""
+    h, v = config.hidden_size, config.vocab_size
+
+    def norm(path, name):
+        return [_Tensor((*path, "scale"), f"{name}.weight", (h,)),
+                _Tensor((*path, "bias"), f"{name}.bias", (h,))]
+
+    def linear(path, name, out, inp):
+        return [_Tensor((*path, "kernel"), f"{name}.weight", (out, inp), transpose=True),
+                _Tensor((*path, "bias"), f"{name}.bias", (out,))]
+
+    block = [
+            *norm(("h", "input_layernorm"), "h.{i}.input_layernorm"),
+            *linear(("h", "self_attention", "query_key_value"),
+                    "h.{i}.self_attention.query_key_value", 3 * h, h),
+            *linear(("h", "self_attention", "dense"), "h.{i}.self_attention.dense", h, h),
+            *norm(("h", "post_attention_layernorm"), "h.{i}.post_attention_layernorm"),
+            *linear(("h", "mlp", "dense_h_to_4h"), "h.{i}.mlp.dense_h_to_4h", 4 * h, h),
+            *linear(("h", "mlp", "dense_4h_to_h"), "h.{i}.mlp.dense_4h_to_h", h, 4 * h),
+    ]
+    return [
+            _Tensor(("word_embeddings", "embedding"), "word_embeddings.weight", (v, h)),
+            *norm(("word_embeddings_layernorm",), "word_embeddings_layernorm"),
+            *block,
+            *norm(("ln_f",), "ln_f"),
+    ]
+
+
+def _layer_names(tensor: _Tensor, config: BloomConfig) -> list[str]:
+    if not tensor.stacked:
+        return [tensor.hf_name]
+    return [tensor.hf_name.format(i=i) for i in range(config.n_layer)]
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _tree_from_paths(leaves: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, leaf in leaves.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+# ------------------------------------------------------------------------- reading Hugging Face
+
+
+def _hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+                f"{directory} is not a Hugging Face checkpoint: it has no config.json. Pass the "
+                "directory that `save_pretrained` wrote (config.json plus weight files).")
+    fields = json.loads(path.read_text())
+    if fields.get("model_type") != "bloom":
+        raise ValueError(f"{path} has model_type={fields.get('model_type')!r}, not 'bloom': only "
+                         "BLOOM checkpoints can be converted.")
+    for old, new in CONFIG_ALIASES.items():
+        if old in fields:
+            fields.setdefault(new, fields.pop(old))
+    if not fields.get("tie_word_embeddings", True):
+        raise ValueError(f"{path} sets tie_word_embeddings=false; BLOOM (and bloom_jax) ties the "
+                         "LM head to the word embeddings.")
+    if fields.get("apply_residual_connection_post_layernorm"):
+        raise ValueError(f"{path} sets apply_residual_connection_post_layernorm=true; BLOOM (and "
+                         "bloom_jax) adds the residual before the LayerNorm.")
+    return fields
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU torch tensor as numpy, bfloat16 included (numpy's ml_dtypes bfloat16)."""
+    import torch  # torch is only needed for .bin checkpoints.
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+    return tensor.numpy()
+
+
+class _HFReader:
+    """Lazy access to the tensors of a Hugging Face BLOOM directory, one tensor at a time."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.fields = _hf_config(self.directory)
+        self._open: dict[str, Any] = {}
+        self.files = self._weight_files()
+        names = [name for file in sorted(set(self.files.values())) for name in self._keys(file)]
+        self.prefix = PREFIX if any(n.startswith(PREFIX) for n in names) else ""
+
+    def _weight_files(self) -> dict[str, str]:
+        """Tensor name -> file name, from the index or the single weight file."""
+        for index, single in ((SAFETENSORS_INDEX, "model.safetensors"),
+                              (PYTORCH_INDEX, "pytorch_model.bin")):
+            if (self.directory / index).is_file():
+                weight_map = json.loads((self.directory / index).read_text())["weight_map"]
+                for file in sorted(set(weight_map.values())):
+                    if not (self.directory / file).is_file():
+                        raise FileNotFoundError(
+                                f"Shard {file} listed in {self.directory / index} is missing; "
+                                "download or copy every shard of the checkpoint.")
+                return weight_map
+            if (self.directory / single).is_file():
+                return {name: single for name in self._keys(single)}
+        raise FileNotFoundError(
+                f"{self.directory} holds no model.safetensors, pytorch_model.bin, or their "
+                ".index.json: it is not a Hugging Face BLOOM checkpoint.")
+
+    def _handle(self, file: str) -> Any:
+        """An open safetensors file or a memory-mapped torch state dict (nothing read yet)."""
+        if file not in self._open:
+            path = self.directory / file
+            if file.endswith(".safetensors"):
+                self._open[file] = safetensors.safe_open(path, framework="numpy")
+            else:
+                try:
+                    import torch
+                except ImportError as e:
+                    raise ImportError(f"Reading {path} (PyTorch .bin) needs torch: pip install "
+                                      "torch, or convert the checkpoint to safetensors.") from e
+                self._open[file] = torch.load(path, map_location="cpu", mmap=True,
+                                              weights_only=True)
+        return self._open[file]
+
+    def _keys(self, file: str) -> list[str]:
+        return list(self._handle(file).keys())
+
+    def _file(self, name: str) -> str:
+        full = self.prefix + name
+        if full not in self.files:
+            raise ValueError(f"Tensor {full} is missing from the checkpoint in {self.directory}; "
+                             "it is not a complete BLOOM checkpoint.")
+        return self.files[full]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._handle(self._file(name))
+        if isinstance(handle, dict):
+            return tuple(handle[self.prefix + name].shape)
+        return tuple(handle.get_slice(self.prefix + name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        handle = self._handle(self._file(name))
+        if isinstance(handle, dict):
+            return _torch_to_numpy(handle[self.prefix + name])
+        return handle.get_tensor(self.prefix + name)
+
+    def config(self) -> BloomConfig:
+        f = self.fields
+        return BloomConfig(
+                vocab_size=f["vocab_size"],
+                hidden_size=f["hidden_size"],
+                n_layer=f["n_layer"],
+                n_head=f["n_head"],
+                layer_norm_epsilon=f.get("layer_norm_epsilon", 1e-5),
+                initializer_range=f.get("initializer_range", 0.02),
+                hidden_dropout=f.get("hidden_dropout", 0.0),
+                attention_dropout=f.get("attention_dropout", 0.0),
+                param_dtype=self.read("word_embeddings_layernorm.weight").dtype,
+        )
+
+
+def _streamed_params(reader: _HFReader) -> tuple[BloomConfig, dict]:
+    """The config and a tree of `StreamedArray`s reading the checkpoint tensor by tensor.
+
+    Checks every tensor's shape first, from file metadata only; dtypes as each tensor is read.
+    """
+    config = reader.config()
+    abstract = checkpoints.abstract_params(config)
+    leaves = {}
+    for tensor in _tensors(config):
+        names = _layer_names(tensor, config)
+        for name in names:
+            if reader.shape(name) != tensor.hf_shape:
+                raise ValueError(
+                        f"Tensor {reader.prefix + name} has shape {reader.shape(name)}, but the "
+                        f"config in {reader.directory} implies {tensor.hf_shape}.")
+        target = _get(abstract, tensor.path)
+        slab_shape = target.shape[1:] if tensor.stacked else target.shape
+
+        def slab(name, tensor=tensor, slab_shape=slab_shape):
+            weight = reader.read(name)
+            if weight.dtype != config.param_dtype:
+                raise ValueError(f"Tensor {reader.prefix + name} is {weight.dtype}, other "
+                                 f"tensors are {config.param_dtype}; the checkpoint must have "
+                                 "one dtype.")
+            value = tensor.to_ours(weight, slab_shape)
+            return value[None] if tensor.stacked else value
+
+        slabs = [functools.partial(slab, name) for name in names]
+        leaves[tensor.path] = checkpoints.StreamedArray(
+                tuple(target.shape), np.dtype(config.param_dtype), slabs)
+    return config, _tree_from_paths(leaves)
+
+
+def load_hf_checkpoint(directory: str | Path) -> tuple[BloomConfig, Any]:
+    """Reads a Hugging Face BLOOM directory into (config, params) in memory."""
+    config, streamed = _streamed_params(_HFReader(directory))
+    params = jax.tree.map(
+            lambda s: jnp.asarray(np.concatenate([slab() for slab in s.slabs])), streamed,
+            is_leaf=lambda x: isinstance(x, checkpoints.StreamedArray))
+    return config, params
+
+
+def from_hf(hf_dir: str | Path, out_dir: str | Path) -> BloomConfig:
+    """Converts a Hugging Face BLOOM directory to a bloom_jax checkpoint (step 0), streamed."""
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; from_hf writes a new checkpoint "
+                              "directory: choose another --out_dir or remove this one.")
+    config, streamed = _streamed_params(_HFReader(hf_dir))
+    checkpoints.save_params(out_dir, config, streamed, step=0)
+    return config
+
+
+# ------------------------------------------------------------------------- writing Hugging Face
+
+
+def _hf_config_fields(config: BloomConfig) -> dict:
+    return {
+            "architectures": ["BloomForCausalLM"],
+            "model_type": "bloom",
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "layer_norm_epsilon": config.layer_norm_epsilon,
+            "initializer_range": config.initializer_range,
+            "hidden_dropout": config.hidden_dropout,
+            "attention_dropout": config.attention_dropout,
+            "apply_residual_connection_post_layernorm": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 3,
+            "tie_word_embeddings": True,
+            "dtype": jnp.dtype(config.param_dtype).name,
+    }
+
+
+def _read(leaf: Any, index: tuple) -> np.ndarray:
+    """`leaf[index]` as numpy, for in-memory arrays and (unread) tensorstores alike."""
+    if isinstance(leaf, ts.TensorStore):
+        return leaf[index].read().result()
+    return np.asarray(leaf[index])
+
+
+def _hf_tensors(config: BloomConfig, params: Any) -> Iterator[tuple[str, int, Callable]]:
+    """(HF name, byte size, reader of the HF tensor) for every tensor, in HF order."""
+    itemsize = jnp.dtype(config.param_dtype).itemsize
+    for tensor in _tensors(config):
+        leaf = _get(params, tensor.path)
+        for i, name in enumerate(_layer_names(tensor, config)):
+            index = (i,) if tensor.stacked else ()
+            yield (PREFIX + name, itemsize * int(np.prod(tensor.hf_shape)),
+                   lambda t=tensor, index=index, leaf=leaf: t.to_hf(_read(leaf, index)))
+
+
+def save_hf_checkpoint(
+        config: BloomConfig,
+        params: Any,
+        directory: str | Path,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes `params` as a Hugging Face BLOOM directory (safetensors shards, index, config.json).
+
+    params: arrays or `ts.TensorStore`s (from `checkpoints.open_params`); a shard of at most
+    `max_shard_bytes` (or one tensor, if larger) is the most held in memory at once.
+    """
+    shards: list[list[tuple[str, Callable]]] = [[]]
+    size = 0
+    for name, nbytes, read in _hf_tensors(config, params):
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, read))
+        size += nbytes
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map = {}
+    for file, shard in zip(files, shards):
+        safetensors.numpy.save_file({name: read() for name, read in shard}, out / file,
+                                    metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(n for _, n, _ in _hf_tensors(config, params))},
+                 "weight_map": weight_map}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(_hf_config_fields(config), indent=2) + "\n")
+
+
+def to_hf(ckpt_dir: str | Path, out_dir: str | Path,
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> BloomConfig:
+    """Converts the latest step of a bloom_jax checkpoint to a Hugging Face directory, streamed."""
+    config, stores = checkpoints.open_params(ckpt_dir)
+    save_hf_checkpoint(config, stores, out_dir, max_shard_bytes)
+    return config
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+            prog="python -m bloom_jax.convert",
+            description="Convert BLOOM checkpoints between Hugging Face and bloom_jax (orbax), "
+                        "streaming one tensor at a time.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    from_cmd = commands.add_parser(
+            "from_hf", help="Hugging Face directory -> bloom_jax checkpoint (step 0).",
+            description="Read a Hugging Face BLOOM directory (safetensors or .bin, single or "
+                        "sharded) and write a bloom_jax orbax checkpoint at step 0.")
+    from_cmd.add_argument("--hf_dir", required=True,
+                          help="directory written by save_pretrained (config.json + weights)")
+    from_cmd.add_argument("--out_dir", required=True,
+                          help="new checkpoint directory (CheckpointManager root)")
+    to_cmd = commands.add_parser(
+            "to_hf", help="bloom_jax checkpoint (latest step) -> Hugging Face directory.",
+            description="Read the latest step of a bloom_jax checkpoint (converted or written by "
+                        "the trainer) and write safetensors + config.json for transformers.")
+    to_cmd.add_argument("--ckpt_dir", required=True,
+                        help="checkpoint directory, e.g. MODEL_DIR/checkpoints")
+    to_cmd.add_argument("--out_dir", required=True, help="Hugging Face output directory")
+    to_cmd.add_argument("--max_shard_bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
+                        help="largest safetensors file to write (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what to do
+        sys.exit(f"error: {e}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "from_hf":
+        config = from_hf(args.hf_dir, args.out_dir)
+        print(f"Wrote {args.out_dir} (step 0) from {args.hf_dir}: {config}")
+    else:
+        config = to_hf(args.ckpt_dir, args.out_dir, args.max_shard_bytes)
+        print(f"Wrote {args.out_dir} from {args.ckpt_dir}: {config}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""`python -m bloom_jax.train --gin_file=gin_configs/<size>.gin [--gin.NAME=VALUE ...]`.
+
+Trains BLOOM as the gin files say (the loop is `bloom_jax.trainer.train`), e.g. a smoke run:
+
+    python -m bloom_jax.train --gin_file=gin_configs/tiny.gin --gin.MODEL_DIR=/tmp/bloom_tiny
+
+MODEL_DIR receives the checkpoints, TensorBoard events and the full gin config; running the same
+command again resumes from its last checkpoint.
+"""
+
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from bloom_jax import configs, metrics, trainer
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    metrics.quiet_library_logs()
+    configs.parse_flags()
+    trainer.train()
+
+
+if __name__ == "__main__":
+    configs.define_flags()
+    app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.rewrite_gin_args(argv)))
