@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -30,20 +29,12 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from bloom_jax import flops, model, optim
-from bloom_jax import step as step_lib
+from bloom_jax import configs, flops, metrics, trainer
+from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError, create_mesh, factorizations, format_shape
 from partitioning.rules import Rules, activation_sharding, logical_axis_rules
-from partitioning.shardings import batch_sharding, logical_shardings
-from partitioning.validation import check_mesh
-
-# gin's handle on the model config, as every command registers it.
-BloomConfig = gin.external_configurable(model.BloomConfig, module="bloom_jax")
-BloomForCausalLM = model.BloomForCausalLM
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "gin config file(s), e.g. gin_configs/bloom176b.gin.")
-flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings; or --gin.NAME=VALUE.")
 flags.DEFINE_integer("num_devices", None,
                      "Simulate this many CPU devices (default: the real ones).")
 flags.DEFINE_integer("micro_batch_size", None, "Sequences per data-parallel shard per micro-step "
@@ -93,41 +84,32 @@ def _shard_bytes(tree: Any, shardings: Any, dtype: Any = None) -> int:
     return sum(jax.tree.leaves(sizes))
 
 
-def abstract_train_state(lm: nn.Module, optimizer: Any, seq_len: int) -> Any:
-    """The train state as boxed shapes: parameters and Adam moments keep their logical names."""
-    def init():
-        params = lm.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return step_lib.create_train_state(params, optimizer, seed=0)
-    return jax.eval_shape(init)
-
-
 def plan_step(
         config: BloomConfig, mesh: jax.sharding.Mesh, rules: Rules, batch_size: int,
-        seq_len: int, micro_batch_size: int,
+        seq_len: int, micro_batch_size: int | None,
 ) -> Plan:
-    """Compiles the train step for `mesh` on abstract arrays and measures it per device."""
-    lm = BloomForCausalLM(config)
-    optimizer = optim.make_optimizer()
-    boxed = abstract_train_state(lm, optimizer, seq_len)
-    micro_batch = micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batches = -(-batch_size // micro_batch)  # the step masks the surplus rows
-    check_mesh(mesh.shape, boxed.params, rules, batch_shape=(micro_batch, seq_len))
+    """Compiles the trainer's step for `mesh` on abstract arrays and measures it per device.
 
-    shardings = logical_shardings(boxed, mesh, rules)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         nn.unbox(boxed), shardings)
-    data = batch_sharding(mesh, rules, micro_batch_axis=True)
-    batch = {k: jax.ShapeDtypeStruct((micro_batches, micro_batch, seq_len), dtype, sharding=data)
+    micro_batch_size: as `train.micro_batch_size` (None: the whole batch in one micro-step).
+    Raises MeshError, before compiling, when the mesh does not divide the model or micro-batch.
+    """
+    micro_batch = (batch_size if micro_batch_size is None
+                   else micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"])
+    micro_batches = -(-batch_size // micro_batch)  # the step masks the surplus rows
+    training = trainer.shard_training(config, mesh, rules, micro_batch, seq_len)
+    batch = {k: jax.ShapeDtypeStruct((micro_batches, micro_batch, seq_len), dtype,
+                                     sharding=training.batch_sharding)
              for k, dtype in BATCH_KEYS.items()}
-    step = jax.jit(step_lib.make_train_step(lm, optimizer), donate_argnums=0,
-                   out_shardings=(shardings, None))
     start = time.perf_counter()
     with activation_sharding(mesh, rules):
-        compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        lowered = training.step.lower(training.abstract_state, batch,
+                                      jax.ShapeDtypeStruct((), jnp.int32))
+        compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
     memory = compiled.memory_analysis()
-    params, param_shardings = nn.unbox(boxed.params), shardings.params
+    state, shardings = training.abstract_state, training.state_shardings
+    params, param_shardings = state.params, shardings.params
     return Plan(
             mesh=dict(mesh.shape),
             micro_batch=micro_batch,
@@ -240,13 +222,14 @@ def largest_consumer(plan: Plan) -> str:
     return f"{name}: {parts[name] / GIB:.1f} GiB"
 
 
-def _micro_batch_size() -> int:
+def _micro_batch_size() -> int | None:
+    """--micro_batch_size, else the gin binding of train.micro_batch_size, else its default."""
     if FLAGS.micro_batch_size is not None:
         return FLAGS.micro_batch_size
     try:
-        return gin.query_parameter("train.micro_batch_size") or 1
-    except ValueError:  # the train loop is not registered with gin in this process
-        return 1
+        return gin.query_parameter("train.micro_batch_size")
+    except ValueError:  # not bound
+        return None
 
 
 def _simulate_devices(num_devices: int) -> None:
@@ -258,19 +241,14 @@ def _simulate_devices(num_devices: int) -> None:
     jax.config.update("jax_num_cpu_devices", num_devices)
 
 
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-    """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (t5x's shorthand)."""
-    return [re.sub(r"^--gin\.([^=]+)=(.*)$", r"--gin_bindings=\1 = \2", arg, flags=re.DOTALL)
-            for arg in argv]
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    metrics.quiet_library_logs()
     if FLAGS.num_devices:
         _simulate_devices(FLAGS.num_devices)
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, skip_unknown=True)
-    config = BloomConfig()
+    configs.parse_flags()
+    config = gin.get_configurable(BloomConfig)()
     batch_size = gin.query_parameter("%BATCH_SIZE")
     seq_len = gin.query_parameter("%SEQUENCE_LENGTH")
     memory = int(FLAGS.memory_gib * GIB)
@@ -300,4 +278,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: FLAGS(rewrite_gin_args(argv)))
+    configs.define_flags()
+    app.run(main, flags_parser=lambda argv: FLAGS(configs.rewrite_gin_args(argv)))
