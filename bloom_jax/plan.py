@@ -6,8 +6,8 @@ count, the mesh and each parameter's sharding, per-device bytes (parameters, gra
 state, XLA's temporaries) with `per_device_peak_bytes`, model FLOPs, and the step time and tokens/s
 the configuration would reach at a given MFU on A100s and H100s.
 
-    python -m bloom_jax.plan --gin_file=gin_configs/bloom176b.gin --num_devices=384 \\
-        --gin.create_mesh.fsdp=128
+    python -m bloom_jax.plan --gin_file=gin_configs/bloom176b.gin --num_devices=384
+    python -m bloom_jax.plan --gin_file=gin_configs/bloom176b.gin --num_devices=384 --search
 
 Exits 0 when the peak fits `--memory_gib`, 3 (naming the largest consumer) when it does not, and
 2 when the mesh does not divide the model or the devices (with meshes that would).
@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_devices", None,
                      "Simulate this many CPU devices (default: the real ones).")
 flags.DEFINE_integer("micro_batch_size", None, "Sequences per data-parallel shard per micro-step "
-                     "(default: gin's train.micro_batch_size, else 1).")
+                     "(default: gin's train.micro_batch_size; unset: the whole batch at once).")
 flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
 flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at.")
 flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies that "
