@@ -141,7 +141,7 @@ def initialize(
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout_s: int = 300,
     heartbeat_timeout_s: int = 100,
-    shutdown_timeout_s: int = 10,
+    shutdown_timeout_s: int = 60,
     cpu_collectives: str = "gloo",
 ) -> ProcessGroup:
   """Joins this process to its run with `jax.distributed.initialize`; call before any jax use.
@@ -149,8 +149,7 @@ def initialize(
   Fails with an error instead of hanging: the connection to the coordinator is given up after
   `initialization_timeout_s`, a process whose heartbeats stop for `heartbeat_timeout_s` is
   declared dead (and the others fail), and the exit barrier, where a process that failed waits
-  for the others, ends after `shutdown_timeout_s` (short: a run that ends well reaches it from
-  its last collective checkpoint save, all processes together). `cpu_collectives` ("gloo" or "mpi") carries
+  for the others, ends after `shutdown_timeout_s`. `cpu_collectives` ("gloo" or "mpi") carries
   cross-process collectives between CPU devices. SIGTERM is caught from then on, in one
   process as in many: poll `reached_preemption`.
 
