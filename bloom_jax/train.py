@@ -10,19 +10,17 @@ command again resumes from its last checkpoint.
 
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import app
 
-from bloom_jax import configs, metrics, trainer
+from bloom_jax import configs, trainer
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    metrics.quiet_library_logs()
     configs.parse_flags()
     trainer.train()
 
 
 if __name__ == "__main__":
-    configs.define_flags()
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.rewrite_gin_args(argv)))
+    configs.run(main)
