@@ -106,6 +106,10 @@ class Progress(periodic_actions.PeriodicAction):
         self._steps_per_s: float | None = None
         self.last_line: str | None = None
 
+    def _should_trigger(self, step: int, t: float) -> bool:
+        # The first call only starts the clock, even at the last step (a resumed run's last).
+        return step != self._previous_step and super()._should_trigger(step, t)
+
     def _apply(self, step: int, t: float):
         rate = (step - self._previous_step) / (t - self._previous_time)
         if self._steps_per_s is not None:
