@@ -1,9 +1,9 @@
 """gin wiring shared by every command: the --gin_file / --gin.NAME=VALUE flags and their parsing.
 
 Every config accepts the same macros (MODEL_DIR, DATA_DIR, TRAIN_STEPS, BATCH_SIZE,
-SEQUENCE_LENGTH, SEED; see gin_configs/base.gin). `--gin.NAME=VALUE` is t5x's shorthand for
-`--gin_bindings='NAME = VALUE'`; a VALUE that is not a gin literal (a bare path) is taken as a
-string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
+SEQUENCE_LENGTH, SEED, INIT_FROM; see gin_configs/base.gin). `--gin.NAME=VALUE` is t5x's
+shorthand for `--gin_bindings='NAME = VALUE'`; a VALUE that is not a gin literal (a bare path)
+is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
 """
 
 from __future__ import annotations

@@ -107,6 +107,8 @@ class Progress(periodic_actions.PeriodicAction):
         self.last_line: str | None = None
 
     def _apply(self, step: int, t: float):
+        if step == self._previous_step:
+            return  # the first call, at the last step (a run resumed one step before its end)
         rate = (step - self._previous_step) / (t - self._previous_time)
         if self._steps_per_s is not None:
             rate = self._smoothing * self._steps_per_s + (1 - self._smoothing) * rate

@@ -61,9 +61,10 @@ def test_every_gin_file_parses(path):
 def test_every_config_takes_the_shared_macros(name):
     configs.parse([f"{name}.gin"], [
         "MODEL_DIR = '/runs/x'", "DATA_DIR = '/data/roots'", "TRAIN_STEPS = 7",
-        "BATCH_SIZE = 48", "SEQUENCE_LENGTH = 64", "SEED = 5"])
+        "BATCH_SIZE = 48", "SEQUENCE_LENGTH = 64", "SEED = 5", "INIT_FROM = '/ckpt/hf'"])
     train = gin.get_bindings("train")
-    assert (train["model_dir"], train["train_steps"], train["seed"]) == ("/runs/x", 7, 5)
+    assert (train["model_dir"], train["train_steps"], train["seed"], train["init_from"]) == (
+        "/runs/x", 7, 5, "/ckpt/hf")
     stream = gin.get_bindings("make_stream")
     assert (stream["data_dir"], stream["sequence_length"], stream["seed"]) == (
         "/data/roots", 64, 5)

@@ -77,6 +77,12 @@ def test_progress_line_with_smoothed_rate_and_eta(tmp_path):
     assert [step for step, _ in read_scalars(tmp_path)["steps_per_sec"]] == [10, 11, 100]
 
 
+def test_first_call_at_the_last_step_reports_nothing(tmp_path):
+    # A run resumed one step before its end: no interval has been timed yet.
+    with metrics.MetricsLogger(tmp_path, total_steps=100, is_primary=True) as logger:
+        assert logger.progress(100, t=5.0) is None
+
+
 def test_slow_steps_are_shown_as_seconds_per_step(tmp_path):
     with metrics.MetricsLogger(tmp_path, total_steps=95000, is_primary=True,
                                progress_every_secs=60.0) as logger:
