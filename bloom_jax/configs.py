@@ -11,16 +11,17 @@ from __future__ import annotations
 import ast
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import gin
-from absl import flags
+from absl import app, flags
 
-from bloom_jax import model
+from bloom_jax import metrics, model
 
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 
 gin.external_configurable(model.BloomConfig, module="bloom_jax")
+flags.disclaim_key_flags()  # the gin flags are the command's own: its --help lists them
 
 
 def define_flags() -> None:
@@ -60,14 +61,27 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     # Every configurable must be registered before parsing, whichever command parses.
     import bloom_jax.trainer  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
-    if not gin_files:
-        raise ValueError("No --gin_file given; pass one of the configs in "
-                         f"{GIN_CONFIGS_DIR}, e.g. --gin_file=gin_configs/tiny.gin.")
     gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
     gin.add_config_file_search_path(str(GIN_CONFIGS_DIR.parent))
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
 
 
-def parse_flags() -> None:
+def parse_flags(require_file: bool = True) -> None:
     """Parses the gin flags of the running command (after absl has parsed argv)."""
+    if require_file and not flags.FLAGS.gin_file:
+        raise app.UsageError("No --gin_file given; pass one of the configs in "
+                             f"{GIN_CONFIGS_DIR}, e.g. --gin_file=gin_configs/tiny.gin.")
     parse(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """Runs a command's `main` under absl with the gin flags (and their --gin.NAME=VALUE form)
+    defined, and the libraries' INFO chatter filtered from the console."""
+    define_flags()
+
+    def main_with_quiet_logs(argv: list[str]) -> None:
+        metrics.quiet_library_logs()
+        main(argv)
+
+    app.run(main_with_quiet_logs,
+            flags_parser=lambda argv: flags.FLAGS(rewrite_gin_args(argv)))

@@ -36,38 +36,39 @@ _sigterm_received = threading.Event()
 
 @dataclasses.dataclass(frozen=True)
 class ProcessGroup:
-  """Where this process stands among the processes of one run."""
+    """Where this process stands among the processes of one run."""
 
-  coordinator_address: str | None  # "host:port" of process 0; None for a single process.
-  num_processes: int
-  process_id: int
-  local_device_ids: tuple[int, ...] | None  # None: every local device is visible.
+    coordinator_address: str | None  # "host:port" of process 0; None for a single process.
+    num_processes: int
+    process_id: int
+    local_device_ids: tuple[int, ...] | None  # None: every local device is visible.
 
-  @property
-  def is_multi_process(self) -> bool:
-    return self.num_processes > 1
+    @property
+    def is_multi_process(self) -> bool:
+        return self.num_processes > 1
 
 
 def _env_int(name: str) -> int | None:
-  value = os.environ.get(name)
-  if not value:
-    return None
-  try:
-    return int(value)
-  except ValueError:
-    raise ValueError(f"{name}={value!r} is not an integer; set it to one or unset it.") from None
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"{name}={value!r} is not an integer; set it to one or unset it.") from None
 
 
 def _env_int_list(name: str) -> list[int] | None:
-  value = os.environ.get(name)
-  if not value:
-    return None
-  try:
-    return [int(v) for v in value.split(",")]
-  except ValueError:
-    raise ValueError(
-        f"{name}={value!r} is not a comma-separated list of device ids such as '0,1,2,3'."
-    ) from None
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"{name}={value!r} is not a comma-separated list of device ids such as '0,1,2,3'."
+        ) from None
 
 
 def resolve(
@@ -76,61 +77,61 @@ def resolve(
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
 ) -> ProcessGroup:
-  """Resolves the process group from arguments, then JAX_* variables, then the cluster."""
-  coordinator_address = coordinator_address or os.environ.get(_ENV_COORDINATOR_ADDRESS) or None
-  num_processes = num_processes if num_processes is not None else _env_int(_ENV_NUM_PROCESSES)
-  process_id = process_id if process_id is not None else _env_int(_ENV_PROCESS_ID)
-  if local_device_ids is None:
-    local_device_ids = _env_int_list(_ENV_LOCAL_DEVICE_IDS)
+    """Resolves the process group from arguments, then JAX_* variables, then the cluster."""
+    coordinator_address = coordinator_address or os.environ.get(_ENV_COORDINATOR_ADDRESS) or None
+    num_processes = num_processes if num_processes is not None else _env_int(_ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(_ENV_PROCESS_ID)
+    if local_device_ids is None:
+        local_device_ids = _env_int_list(_ENV_LOCAL_DEVICE_IDS)
 
-  if None in (coordinator_address, num_processes, process_id, local_device_ids):
-    coordinator_address, num_processes, process_id, local_device_ids = (
-        clusters.ClusterEnv.auto_detect_unset_distributed_params(
-            coordinator_address,
-            num_processes,
-            process_id,
-            local_device_ids,
-            cluster_detection_method=None,
-            initialization_timeout=None,
+    if None in (coordinator_address, num_processes, process_id, local_device_ids):
+        coordinator_address, num_processes, process_id, local_device_ids = (
+            clusters.ClusterEnv.auto_detect_unset_distributed_params(
+                coordinator_address,
+                num_processes,
+                process_id,
+                local_device_ids,
+                cluster_detection_method=None,
+                initialization_timeout=None,
+            )
         )
-    )
 
-  if num_processes is None or num_processes == 1:
-    if num_processes is None and (coordinator_address is not None or process_id is not None):
-      raise ValueError(
-          "A coordinator address or process id is set but the number of processes is unknown: "
-          f"set {_ENV_NUM_PROCESSES} or bind initialize.num_processes (or unset "
-          f"{_ENV_COORDINATOR_ADDRESS} / {_ENV_PROCESS_ID} for a single-process run)."
-      )
-    return ProcessGroup(None, 1, 0, None)
+    if num_processes is None or num_processes == 1:
+        if num_processes is None and (coordinator_address is not None or process_id is not None):
+            raise ValueError(
+                "A coordinator address or process id is set but the number of processes is "
+                f"unknown: set {_ENV_NUM_PROCESSES} or bind initialize.num_processes (or unset "
+                f"{_ENV_COORDINATOR_ADDRESS} / {_ENV_PROCESS_ID} for a single-process run)."
+            )
+        return ProcessGroup(None, 1, 0, None)
 
-  unset = [name for name, value in ((_ENV_COORDINATOR_ADDRESS, coordinator_address),
-                                    (_ENV_PROCESS_ID, process_id)) if value is None]
-  if unset:
-    raise ValueError(
-        f"A run of {num_processes} processes needs {' and '.join(unset)} (or the matching "
-        "initialize.* gin binding); set them, or launch under srun so that SLURM provides them."
+    unset = [name for name, value in ((_ENV_COORDINATOR_ADDRESS, coordinator_address),
+                                      (_ENV_PROCESS_ID, process_id)) if value is None]
+    if unset:
+        raise ValueError(
+            f"A run of {num_processes} processes needs {' and '.join(unset)} (or the matching "
+            "initialize.* gin binding); set them, or launch under srun so that SLURM provides them."
+        )
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"Process id {process_id} is outside [0, {num_processes}): every process needs a "
+            "distinct id below the number of processes."
+        )
+    return ProcessGroup(
+        coordinator_address,
+        num_processes,
+        process_id,
+        tuple(local_device_ids) if local_device_ids is not None else None,
     )
-  if not 0 <= process_id < num_processes:
-    raise ValueError(
-        f"Process id {process_id} is outside [0, {num_processes}): every process needs a "
-        "distinct id below the number of processes."
-    )
-  return ProcessGroup(
-      coordinator_address,
-      num_processes,
-      process_id,
-      tuple(local_device_ids) if local_device_ids is not None else None,
-  )
 
 
 def _request_stop(signum, frame):
-  """Single-process SIGTERM / first Ctrl-C: checkpoint and stop at the next step boundary."""
-  del frame
-  logging.warning("Received %s: the run saves a checkpoint and stops after this step "
-                  "(Ctrl-C again to abort without saving).", signal.Signals(signum).name)
-  _sigterm_received.set()
-  signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Single-process SIGTERM / first Ctrl-C: checkpoint and stop at the next step boundary."""
+    del frame
+    logging.warning("Received %s: the run saves a checkpoint and stops after this step "
+                    "(Ctrl-C again to abort without saving).", signal.Signals(signum).name)
+    _sigterm_received.set()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @gin.configurable
@@ -144,51 +145,51 @@ def initialize(
     shutdown_timeout_s: int = 60,
     cpu_collectives: str = "gloo",
 ) -> ProcessGroup:
-  """Joins this process to its run with `jax.distributed.initialize`; call before any jax use.
+    """Joins this process to its run with `jax.distributed.initialize`; call before any jax use.
 
-  Fails with an error instead of hanging: the connection to the coordinator is given up after
-  `initialization_timeout_s`, a process whose heartbeats stop for `heartbeat_timeout_s` is
-  declared dead (and the others fail), and the exit barrier, where a process that failed waits
-  for the others, ends after `shutdown_timeout_s`. `cpu_collectives` ("gloo" or "mpi") carries
-  cross-process collectives between CPU devices. SIGTERM is caught from then on, in one
-  process as in many: poll `reached_preemption`.
+    Fails with an error instead of hanging: the connection to the coordinator is given up after
+    `initialization_timeout_s`, a process whose heartbeats stop for `heartbeat_timeout_s` is
+    declared dead (and the others fail), and the exit barrier, where a process that failed waits
+    for the others, ends after `shutdown_timeout_s`. `cpu_collectives` ("gloo" or "mpi") carries
+    cross-process collectives between CPU devices. SIGTERM is caught from then on, in one
+    process as in many: poll `reached_preemption`.
 
-  Gin bindings (all optional): initialize.coordinator_address = "node001:7777",
-  initialize.num_processes, initialize.process_id, initialize.local_device_ids = [0, 1],
-  initialize.initialization_timeout_s, initialize.heartbeat_timeout_s,
-  initialize.shutdown_timeout_s, initialize.cpu_collectives.
-  """
-  group = resolve(coordinator_address, num_processes, process_id, local_device_ids)
-  if not group.is_multi_process:
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
+    Gin bindings (all optional): initialize.coordinator_address = "node001:7777",
+    initialize.num_processes, initialize.process_id, initialize.local_device_ids = [0, 1],
+    initialize.initialization_timeout_s, initialize.heartbeat_timeout_s,
+    initialize.shutdown_timeout_s, initialize.cpu_collectives.
+    """
+    group = resolve(coordinator_address, num_processes, process_id, local_device_ids)
+    if not group.is_multi_process:
+        signal.signal(signal.SIGTERM, _request_stop)
+        signal.signal(signal.SIGINT, _request_stop)
+        return group
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    logging.info(
+        "Joining a run of %d processes as process %d (coordinator %s).",
+        group.num_processes, group.process_id, group.coordinator_address,
+    )
+    jax.distributed.initialize(
+        coordinator_address=group.coordinator_address,
+        num_processes=group.num_processes,
+        process_id=group.process_id,
+        local_device_ids=group.local_device_ids,
+        cluster_detection_method="deactivate",  # Already resolved above.
+        initialization_timeout=initialization_timeout_s,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+        shutdown_timeout_seconds=shutdown_timeout_s,
+    )
     return group
-  jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  logging.info(
-      "Joining a run of %d processes as process %d (coordinator %s).",
-      group.num_processes, group.process_id, group.coordinator_address,
-  )
-  jax.distributed.initialize(
-      coordinator_address=group.coordinator_address,
-      num_processes=group.num_processes,
-      process_id=group.process_id,
-      local_device_ids=group.local_device_ids,
-      cluster_detection_method="deactivate",  # Already resolved above.
-      initialization_timeout=initialization_timeout_s,
-      heartbeat_timeout_seconds=heartbeat_timeout_s,
-      shutdown_timeout_seconds=shutdown_timeout_s,
-  )
-  return group
 
 
 def reached_preemption(step: int) -> bool:
-  """Whether to checkpoint and exit at `step` because SIGTERM arrived (preemption, time limit).
+    """Whether to checkpoint and exit at `step` because SIGTERM arrived (preemption, time limit).
 
-  Call it at every step on every process. With several processes, jax's preemption service
-  (which catches SIGTERM once `initialize` ran) makes every process answer True at the same
-  step; a single process answers True from its first call after the signal. Do not install
-  another SIGTERM handler after `initialize`: it would replace this one.
-  """
-  if jax.distributed.is_initialized():
-    return multihost_utils.reached_preemption_sync_point(step)
-  return _sigterm_received.is_set()
+    Call it at every step on every process. With several processes, jax's preemption service
+    (which catches SIGTERM once `initialize` ran) makes every process answer True at the same
+    step; a single process answers True from its first call after the signal. Do not install
+    another SIGTERM handler after `initialize`: it would replace this one.
+    """
+    if jax.distributed.is_initialized():
+        return multihost_utils.reached_preemption_sync_point(step)
+    return _sigterm_received.is_set()

@@ -19,6 +19,9 @@ import numpy as np
 
 Array = jax.Array
 
+# Logical axis names of the key/value cache (decoding), laid out like the attention activations.
+CACHE_KV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
 # Names of `jax.checkpoint_policies` (plus "none": no rematerialization) that a config may use.
 REMAT_POLICIES = {
         "none": None,
@@ -98,14 +101,36 @@ def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
     )
 
 
+def _cache_variable(module: nn.Module, name: str, value: Array, index: Array,
+                    names: tuple[str, ...]) -> Array:
+    """Writes `value` ([batch, n, ...]) into the cache at slot `index`; returns the whole cache.
+
+    `init` only sizes the cache (its length is the input's) and leaves it empty.
+    """
+    initialized = module.has_variable("cache", name)
+    cache = module.variable("cache", name, nn.with_logical_partitioning(jnp.zeros, names),
+                            value.shape, value.dtype)
+    start = (0, index) + (0,) * (value.ndim - 2)
+    updated = jax.lax.dynamic_update_slice(cache.value, value, start)
+    if initialized:
+        cache.value = updated
+    return updated
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with BLOOM's fused, head-interleaved query_key_value."""
+    """Multi-head self-attention with BLOOM's fused, head-interleaved query_key_value.
+
+    With decode=True, keys and values are appended to the "cache" collection at `cache_index`
+    and the queries attend over the whole cache ([batch, max_length, heads, head_dim]).
+    """
 
     config: BloomConfig
     deterministic: bool
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, alibi: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, alibi: Array, mask: Array,
+                 cache_index: Array | None = None) -> Array:
         cfg = self.config
         std = cfg.initializer_range
         # [batch, length, heads, 3, head_dim]: per head q, k, v, as BLOOM's [3h, h] weight lays them out.
@@ -123,6 +148,9 @@ class Attention(nn.Module):
         )(x)
         names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
+        if self.decode:
+            k = _cache_variable(self, "key", k, cache_index, CACHE_KV_AXES)
+            v = _cache_variable(self, "value", v, cache_index, CACHE_KV_AXES)
 
         # [batch, heads, q_length, k_length], softmax in float32.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(cfg.head_dim).astype(cfg.dtype)
@@ -179,13 +207,16 @@ class Block(nn.Module):
 
     config: BloomConfig
     deterministic: bool
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, alibi: Array, mask: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, alibi: Array, mask: Array,
+                 cache_index: Array | None = None) -> tuple[Array, None]:
         cfg = self.config
         dropout = nn.Dropout(cfg.hidden_dropout)
         h = _layer_norm(cfg, "input_layernorm")(x)
-        h = Attention(cfg, self.deterministic, name="self_attention")(h, alibi, mask)
+        h = Attention(cfg, self.deterministic, self.decode, name="self_attention")(
+                h, alibi, mask, cache_index)
         x = x + dropout(h, deterministic=self.deterministic)
         h = _layer_norm(cfg, "post_attention_layernorm")(x)
         h = MLP(cfg, name="mlp")(h)
@@ -207,9 +238,18 @@ def attention_inputs(
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     mask = causal & same_doc & (segment_ids[:, None, :] != 0)
+    return _alibi(n_head, positions), mask[:, None]
+
+
+def _alibi(n_head: int, positions: Array) -> Array:
+    """ALiBi bias [batch, heads, 1, length] (float32) from key positions [batch, length]."""
     slopes = jnp.asarray(alibi_slopes(n_head))
-    alibi = slopes[None, :, None, None] * positions[:, None, None, :].astype(jnp.float32)
-    return alibi, mask[:, None]
+    return slopes[None, :, None, None] * positions[:, None, None, :].astype(jnp.float32)
+
+
+def _positions(attention_mask: Array) -> Array:
+    """HF's ALiBi positions from a [batch, length] 0/1 mask: padding is skipped, and gets 0."""
+    return (jnp.cumsum(attention_mask, axis=-1) - 1) * attention_mask
 
 
 class BloomForCausalLM(nn.Module):
@@ -218,6 +258,11 @@ class BloomForCausalLM(nn.Module):
     Call with either an HF-style `attention_mask` ([batch, length], 1 = token, 0 = padding; ALiBi
     positions skip the padding as in the reference) or packed `segment_ids` and `positions`
     (tokens attend only inside their own document).
+
+    decode=True runs the cached path used for generation: `input_ids` ([batch, n]) are the next
+    n tokens, appended to the "cache" collection (keys and values stacked over layers, the mask
+    of every token written so far and the write index), and `attention_mask` ([batch, n]) marks
+    which of them are padding. `init(..., decode=True)` sizes an empty cache by its input length.
     """
 
     config: BloomConfig
@@ -231,18 +276,27 @@ class BloomForCausalLM(nn.Module):
             segment_ids: Array | None = None,
             positions: Array | None = None,
             deterministic: bool = True,
+            decode: bool = False,
     ) -> Array:
         cfg = self.config
-        if attention_mask is not None:
+        if attention_mask is not None and (segment_ids is not None or positions is not None):
+            raise ValueError("Pass either attention_mask or segment_ids/positions, not both.")
+        cache_index = None
+        if decode:
             if segment_ids is not None or positions is not None:
-                raise ValueError("Pass either attention_mask or segment_ids/positions, not both.")
-            segment_ids = attention_mask.astype(jnp.int32)
-            positions = (jnp.cumsum(segment_ids, axis=-1) - 1) * segment_ids
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(input_ids)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+                raise ValueError("decode=True takes an attention_mask, not segment_ids/positions.")
+            if attention_mask is None:
+                attention_mask = jnp.ones_like(input_ids)
+            alibi, mask, cache_index = self._cached_attention_inputs(attention_mask)
+        else:
+            if attention_mask is not None:
+                segment_ids = attention_mask.astype(jnp.int32)
+                positions = _positions(segment_ids)
+            if segment_ids is None:
+                segment_ids = jnp.ones_like(input_ids)
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
 
         embed = nn.Embed(
                 num_embeddings=cfg.vocab_size,
@@ -264,16 +318,37 @@ class BloomForCausalLM(nn.Module):
         # loop at compile time, so one checkpoint layout serves both.
         stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layer,
                 unroll=1 if cfg.scan_layers else cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(cfg, deterministic, name="h")(x, alibi, mask)
+        x, _ = stack(cfg, deterministic, decode, name="h")(x, alibi, mask, cache_index)
 
         x = _layer_norm(cfg, "ln_f")(x)
         logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
         return nn.with_logical_constraint(
                 logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
+        """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.
+
+        attention_mask: [batch, n] for the n new tokens. Returns alibi [batch, heads, 1,
+        max_length], mask [batch, 1, n, max_length] (causal in cache slots, padding excluded) and
+        the slot of the first new token. Positions count the real tokens before each slot, as HF's.
+        """
+        initialized = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        start = index.value
+        # [batch, max_length]: 1 where a real token has been written.
+        token_mask = _cache_variable(self, "token_mask", attention_mask.astype(jnp.int32), start,
+                                     ("activation_batch", "activation_length"))
+        new, max_length = attention_mask.shape[1], token_mask.shape[1]
+        if initialized:
+            index.value = start + new
+        slots = start + jnp.arange(new)
+        causal = jnp.arange(max_length)[None, :] <= slots[:, None]  # [n, max_length]
+        mask = causal[None] & (token_mask[:, None, :] != 0)
+        return _alibi(self.config.n_head, _positions(token_mask)), mask[:, None], start

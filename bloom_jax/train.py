@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from bloom_jax import configs, metrics, trainer
+from bloom_jax import configs, trainer
 
 # Errors that describe bad input (a binding, a path, a mesh, a checkpoint) or a run that cannot go
 # on: reported as one line. gin's own errors are ValueErrors and SyntaxErrors.
@@ -35,7 +35,6 @@ def _message(error: Exception) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    metrics.quiet_library_logs()
     try:
         configs.parse_flags()
         trainer.train()
@@ -46,7 +45,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    configs.define_flags()
     flags.DEFINE_bool("verbose", False, "On bad input, show the traceback, not just the error.")
-    flags.adopt_module_key_flags(configs)  # --help lists the gin flags
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.rewrite_gin_args(argv)))
+    configs.run(main)

@@ -27,8 +27,8 @@ def factorizations(num_devices: int) -> list[dict[str, int]]:
     """Every (data, fsdp, tensor) whose product is `num_devices`, as mesh shapes."""
     divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
     return [
-            dict(zip(MESH_AXES, (num_devices // (fsdp * tensor), fsdp, tensor)))
-            for fsdp in divisors for tensor in divisors if num_devices % (fsdp * tensor) == 0
+        dict(zip(MESH_AXES, (num_devices // (fsdp * tensor), fsdp, tensor)))
+        for fsdp in divisors for tensor in divisors if num_devices % (fsdp * tensor) == 0
     ]
 
 
@@ -42,13 +42,13 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> d
     invalid = {axis: size for axis, size in shape.items() if size == 0 or size < -1}
     if invalid:
         raise MeshError(
-                f"Mesh axis sizes must be positive, or -1 to infer one from the device count; "
-                f"got {format_shape(invalid)}.")
+            f"Mesh axis sizes must be positive, or -1 to infer one from the device count; "
+            f"got {format_shape(invalid)}.")
     inferred = [axis for axis, size in shape.items() if size == -1]
     if len(inferred) > 1:
         raise MeshError(
-                f"At most one mesh axis may be -1 (inferred), got {', '.join(inferred)}; "
-                f"give all but one of them a size.")
+            f"At most one mesh axis may be -1 (inferred), got {', '.join(inferred)}; "
+            f"give all but one of them a size.")
     known = math.prod(size for size in shape.values() if size != -1)
     if inferred and num_devices % known == 0:
         shape[inferred[0]] = num_devices // known
@@ -60,8 +60,8 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> d
         closest = sorted(factorizations(num_devices),
                          key=lambda s: sum(s[axis] != requested[axis] for axis in MESH_AXES))
         raise MeshError(
-                f"Mesh ({format_shape(requested)}): {problem}. The sizes must multiply to the "
-                f"device count; e.g. " + "; ".join(format_shape(s) for s in closest[:3]) + ".")
+            f"Mesh ({format_shape(requested)}): {problem}. The sizes must multiply to the "
+            f"device count; e.g. " + "; ".join(format_shape(s) for s in closest[:3]) + ".")
     return shape
 
 
@@ -73,15 +73,15 @@ def hosts_split(shape: dict[str, int], num_hosts: int) -> tuple[tuple[int, ...],
     per_host_devices = math.prod(shape.values()) // num_hosts
     if per_host_devices % shape["tensor"]:
         raise MeshError(
-                f"tensor={shape['tensor']} must stay inside one host, but a host has "
-                f"{per_host_devices} devices; choose a tensor size that divides {per_host_devices}.")
+            f"tensor={shape['tensor']} must stay inside one host, but a host has "
+            f"{per_host_devices} devices; choose a tensor size that divides {per_host_devices}.")
     across_data = math.gcd(shape["data"], num_hosts)
     across_fsdp = num_hosts // across_data
     if shape["fsdp"] % across_fsdp:
         raise MeshError(
-                f"The {num_hosts} hosts cannot be laid out over data={shape['data']} x "
-                f"fsdp={shape['fsdp']}: make data a multiple of the host count, or data x fsdp "
-                f"a multiple of it with tensor inside one host.")
+            f"The {num_hosts} hosts cannot be laid out over data={shape['data']} x "
+            f"fsdp={shape['fsdp']}: make data a multiple of the host count, or data x fsdp "
+            f"a multiple of it with tensor inside one host.")
     across = (across_data, across_fsdp, 1)
     return tuple(size // n for size, n in zip(shape.values(), across)), across
 
@@ -93,15 +93,15 @@ def device_grid(shape: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
         return mesh_utils.create_device_mesh(tuple(shape.values()), devices)
     per_host, across_hosts = hosts_split(shape, num_hosts)
     return mesh_utils.create_hybrid_device_mesh(
-            per_host, across_hosts, devices, process_is_granule=True)
+        per_host, across_hosts, devices, process_is_granule=True)
 
 
 @gin.configurable
 def create_mesh(
-        data: int = -1,
-        fsdp: int = 1,
-        tensor: int = 1,
-        devices: Sequence[Any] | None = None,
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[Any] | None = None,
 ) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
 

@@ -20,24 +20,24 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 DEFAULT_RULES: Rules = (
-        # Parameters (and their gradients and optimizer state): the model dimension is sharded
-        # ZeRO-3 style over fsdp; vocabulary, heads and MLP Megatron-style over tensor.
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("heads", "tensor"),
-        ("mlp", "tensor"),
-        ("qkv", None),
-        ("kv", None),
-        ("layers", None),
-        # Activations: the batch is split over every data-parallel device; heads, MLP and logits
-        # follow their weights over tensor.
-        ("activation_batch", ("data", "fsdp")),
-        ("activation_heads", "tensor"),
-        ("activation_mlp", "tensor"),
-        ("activation_vocab", "tensor"),
-        ("activation_embed", None),
-        ("activation_length", None),
-        ("activation_kv", None),
+    # Parameters (and their gradients and optimizer state): the model dimension is sharded
+    # ZeRO-3 style over fsdp; vocabulary, heads and MLP Megatron-style over tensor.
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("qkv", None),
+    ("kv", None),
+    ("layers", None),
+    # Activations: the batch is split over every data-parallel device; heads, MLP and logits
+    # follow their weights over tensor.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_embed", None),
+    ("activation_length", None),
+    ("activation_kv", None),
 )
 
 
@@ -50,8 +50,8 @@ def _checked_rule(rule: Sequence) -> tuple[str, MeshAxes]:
     unknown = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in MESH_AXES]
     if unknown:
         raise ValueError(
-                f"Axis rule {rule!r} names mesh axes {unknown}; the mesh axes are {MESH_AXES} "
-                "(or None to replicate).")
+            f"Axis rule {rule!r} names mesh axes {unknown}; the mesh axes are {MESH_AXES} "
+            "(or None to replicate).")
     return name, axes
 
 

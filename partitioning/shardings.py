@@ -33,8 +33,8 @@ def logical_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules) -> A
 
 
 def optimizer_shardings(
-        optimizer: optax.GradientTransformation, abstract: Any, mesh: jax.sharding.Mesh,
-        rules: Rules,
+    optimizer: optax.GradientTransformation, abstract: Any, mesh: jax.sharding.Mesh,
+    rules: Rules,
 ) -> Any:
     """Shardings of `optimizer.init(params)`: Adam's mu and nu like the parameters, the rest
     (step counts, scalars) replicated.
@@ -47,7 +47,7 @@ def optimizer_shardings(
 
 
 def batch_sharding(
-        mesh: jax.sharding.Mesh, rules: Rules, micro_batch_axis: bool = False,
+    mesh: jax.sharding.Mesh, rules: Rules, micro_batch_axis: bool = False,
 ) -> NamedSharding:
     """The sharding of every [batch, length] array of a batch, or of [micro_batches, batch,
     length] arrays (micro-batches stacked for gradient accumulation) with `micro_batch_axis`."""
@@ -56,7 +56,7 @@ def batch_sharding(
 
 
 def put_batch(
-        batch: Mapping[str, np.ndarray], sharding: NamedSharding,
+    batch: Mapping[str, np.ndarray], sharding: NamedSharding,
 ) -> dict[str, jax.Array]:
     """Global arrays from this process's rows of the batch (each process passes its own)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
@@ -70,11 +70,11 @@ def init_sharded(init_fn: Callable[[], Any], shardings: Any) -> Any:
 
 
 def init_params(
-        model: nn.Module,
-        rng: jax.Array,
-        *inputs: jax.ShapeDtypeStruct,
-        mesh: jax.sharding.Mesh,
-        rules: Rules,
+    model: nn.Module,
+    rng: jax.Array,
+    *inputs: jax.ShapeDtypeStruct,
+    mesh: jax.sharding.Mesh,
+    rules: Rules,
 ) -> Any:
     """The model's "params", created already sharded.
 

@@ -37,7 +37,7 @@ def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:
 
 
 def sharded_axes(
-        abstract_params: Any, rules: Rules, batch_shape: tuple[int, int] | None = None,
+    abstract_params: Any, rules: Rules, batch_shape: tuple[int, int] | None = None,
 ) -> list[ShardedAxis]:
     """The sharded axes of the parameters (boxed, from `jax.eval_shape(model.init, ...)`) and
     of the activations.
@@ -48,7 +48,7 @@ def sharded_axes(
     axes = []
     sizes = collections.defaultdict(set)
     boxes = jax.tree_util.tree_leaves_with_path(
-            abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     for path, box in boxes:
         where = jax.tree_util.keystr(path, simple=True, separator="/")
         spec = nn.logical_to_mesh_axes(box.names, rules)
@@ -76,10 +76,10 @@ def mesh_problems(mesh_shape: Mapping[str, int], axes: list[ShardedAxis]) -> lis
             names[key] += [axis.name] if axis.name not in names[key] else []
             examples.setdefault(key, axis.example)
     return [
-            f"{' / '.join(repr(n) for n in names[size, mesh_axes])} (size {size}, in "
-            f"{examples[size, mesh_axes]}) is sharded over "
-            + " x ".join(f"{a}={mesh_shape[a]}" for a in mesh_axes) + ", which does not divide it"
-            for size, mesh_axes in names
+        f"{' / '.join(repr(n) for n in names[size, mesh_axes])} (size {size}, in "
+        f"{examples[size, mesh_axes]}) is sharded over "
+        + " x ".join(f"{a}={mesh_shape[a]}" for a in mesh_axes) + ", which does not divide it"
+        for size, mesh_axes in names
     ]
 
 
@@ -114,15 +114,15 @@ def _proposal(num_devices: int, axes: list[ShardedAxis]) -> str:
               f"({', '.join(str(s) for s in sorted(sizes))})." if missing else "")
     return (f"No (data, fsdp, tensor) mesh of {num_devices} devices divides every sharded "
             f"axis.{reason} Meshes that do exist for " + " and ".join(
-                    _nearest_device_counts(num_devices, axes)) + "; or change the batch size "
+                _nearest_device_counts(num_devices, axes)) + "; or change the batch size "
             "or the rules.")
 
 
 def check_mesh(
-        mesh_shape: Mapping[str, int],
-        abstract_params: Any,
-        rules: Rules,
-        batch_shape: tuple[int, int] | None = None,
+    mesh_shape: Mapping[str, int],
+    abstract_params: Any,
+    rules: Rules,
+    batch_shape: tuple[int, int] | None = None,
 ) -> None:
     """Raises MeshError naming every axis the mesh does not divide, and meshes that would.
 
@@ -136,6 +136,6 @@ def check_mesh(
     if problems:
         num_devices = math.prod(mesh_shape[a] for a in MESH_AXES)
         raise MeshError(
-                f"The mesh ({format_shape({a: mesh_shape[a] for a in MESH_AXES})}) does not "
-                "divide the arrays it shards:\n  - " + "\n  - ".join(problems) + "\n"
-                + _proposal(num_devices, axes))
+            f"The mesh ({format_shape({a: mesh_shape[a] for a in MESH_AXES})}) does not "
+            "divide the arrays it shards:\n  - " + "\n  - ".join(problems) + "\n"
+            + _proposal(num_devices, axes))

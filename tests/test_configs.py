@@ -109,8 +109,3 @@ def test_misspelled_binding_fails_at_parse_with_gins_message():
         configs.parse(["tiny.gin"], ["trian.train_steps = 3"])
     with pytest.raises(ValueError, match="doesn't have a parameter named 'train_step'"):
         configs.parse(["tiny.gin"], ["train.train_step = 3"])
-
-
-def test_no_gin_file_names_the_fix():
-    with pytest.raises(ValueError, match="--gin_file=gin_configs/tiny.gin"):
-        configs.parse([])

@@ -27,62 +27,62 @@ SLURM_PORT = 65535 - 2**12 + 1 + 12345 % 2**12  # jax derives the port from the 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-  """No launcher variables from the machine running the tests."""
-  for name in list(os.environ):
-    if name.startswith(("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
-                        "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")):
-      monkeypatch.delenv(name)
+    """No launcher variables from the machine running the tests."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORDINATOR",
+                            "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)
 def keep_sigterm_handler():
-  """`initialize` takes over SIGTERM; give it back to pytest after each test."""
-  handler = signal.getsignal(signal.SIGTERM)
-  yield
-  signal.signal(signal.SIGTERM, handler)
+    """`initialize` takes over SIGTERM; give it back to pytest after each test."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run_python(snippet: str, **env: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env}
-  return subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True,
-                        text=True, timeout=60)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True,
+                          text=True, timeout=60)
 
 
 def set_env(monkeypatch, values):
-  for name, value in values.items():
-    monkeypatch.setenv(name, value)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
 
 
 def test_nothing_set_is_a_single_process():
-  assert distributed.resolve() == distributed.ProcessGroup(None, 1, 0, None)
+    assert distributed.resolve() == distributed.ProcessGroup(None, 1, 0, None)
 
 
 def test_jax_variables(monkeypatch):
-  set_env(monkeypatch, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
-                        "JAX_PROCESS_ID": "3", "JAX_LOCAL_DEVICE_IDS": "0,1"})
-  assert distributed.resolve() == distributed.ProcessGroup("10.0.0.1:1234", 4, 3, (0, 1))
+    set_env(monkeypatch, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+                          "JAX_PROCESS_ID": "3", "JAX_LOCAL_DEVICE_IDS": "0,1"})
+    assert distributed.resolve() == distributed.ProcessGroup("10.0.0.1:1234", 4, 3, (0, 1))
 
 
 def test_slurm_variables(monkeypatch):
-  set_env(monkeypatch, SLURM_TASK)
-  assert distributed.resolve() == distributed.ProcessGroup(f"gpu003:{SLURM_PORT}", 48, 7, (0,))
+    set_env(monkeypatch, SLURM_TASK)
+    assert distributed.resolve() == distributed.ProcessGroup(f"gpu003:{SLURM_PORT}", 48, 7, (0,))
 
 
 def test_slurm_one_task_per_node_with_all_its_gpus(monkeypatch):
-  set_env(monkeypatch, {**SLURM_TASK, "JAX_COORDINATOR_PORT": "7777",
-                        "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7"})
-  assert distributed.resolve() == distributed.ProcessGroup("gpu003:7777", 48, 7, tuple(range(8)))
+    set_env(monkeypatch, {**SLURM_TASK, "JAX_COORDINATOR_PORT": "7777",
+                          "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7"})
+    assert distributed.resolve() == distributed.ProcessGroup("gpu003:7777", 48, 7, tuple(range(8)))
 
 
 def test_arguments_before_variables_before_slurm(monkeypatch):
-  set_env(monkeypatch, {**SLURM_TASK, "JAX_PROCESS_ID": "5", "JAX_NUM_PROCESSES": "16"})
-  group = distributed.resolve(coordinator_address="head:99", num_processes=8)
-  assert group == distributed.ProcessGroup("head:99", 8, 5, (0,))
+    set_env(monkeypatch, {**SLURM_TASK, "JAX_PROCESS_ID": "5", "JAX_NUM_PROCESSES": "16"})
+    group = distributed.resolve(coordinator_address="head:99", num_processes=8)
+    assert group == distributed.ProcessGroup("head:99", 8, 5, (0,))
 
 
 def test_slurm_single_task_is_a_single_process(monkeypatch):
-  set_env(monkeypatch, {**SLURM_TASK, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
-  assert not distributed.resolve().is_multi_process
+    set_env(monkeypatch, {**SLURM_TASK, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
+    assert not distributed.resolve().is_multi_process
 
 
 @pytest.mark.parametrize("env,message", [
@@ -95,48 +95,48 @@ def test_slurm_single_task_is_a_single_process(monkeypatch):
     ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "the number of processes is unknown"),
 ])
 def test_bad_settings_are_clear_errors(monkeypatch, env, message):
-  set_env(monkeypatch, env)
-  with pytest.raises(ValueError, match=message):
-    distributed.resolve()
+    set_env(monkeypatch, env)
+    with pytest.raises(ValueError, match=message):
+        distributed.resolve()
 
 
 def test_single_process_initialize_starts_nothing():
-  assert distributed.initialize() == distributed.ProcessGroup(None, 1, 0, None)
-  assert not jax.distributed.is_initialized()
+    assert distributed.initialize() == distributed.ProcessGroup(None, 1, 0, None)
+    assert not jax.distributed.is_initialized()
 
 
 def test_gin_binds_initialize():
-  with gin.unlock_config():
-    gin.parse_config(["initialize.num_processes = 2", "initialize.process_id = 5",
-                      "initialize.coordinator_address = 'h:1'"])
-  try:
-    with pytest.raises(ValueError, match=r"Process id 5 is outside \[0, 2\)"):
-      distributed.initialize()
-  finally:
-    gin.clear_config()
+    with gin.unlock_config():
+        gin.parse_config(["initialize.num_processes = 2", "initialize.process_id = 5",
+                          "initialize.coordinator_address = 'h:1'"])
+    try:
+        with pytest.raises(ValueError, match=r"Process id 5 is outside \[0, 2\)"):
+            distributed.initialize()
+    finally:
+        gin.clear_config()
 
 
 @pytest.mark.slow
 def test_unreachable_coordinator_fails_within_the_timeout():
-  with socket.socket() as s:  # A port nobody listens on.
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  snippet = ("from bloom_jax import distributed; "
-             "distributed.initialize(initialization_timeout_s=2); print('connected')")
-  start = time.monotonic()
-  result = run_python(snippet, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                      JAX_PROCESS_ID="1")
-  assert time.monotonic() - start < 30
-  assert result.returncode != 0
-  assert "connected" not in result.stdout
-  assert "DEADLINE_EXCEEDED" in result.stderr
+    with socket.socket() as s:  # A port nobody listens on.
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    snippet = ("from bloom_jax import distributed; "
+               "distributed.initialize(initialization_timeout_s=2); print('connected')")
+    start = time.monotonic()
+    result = run_python(snippet, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID="1")
+    assert time.monotonic() - start < 30
+    assert result.returncode != 0
+    assert "connected" not in result.stdout
+    assert "DEADLINE_EXCEEDED" in result.stderr
 
 
 @pytest.mark.slow
 def test_single_process_sigterm_is_a_preemption_not_a_kill():
-  snippet = ("import os, signal; from bloom_jax import distributed; distributed.initialize(); "
-             "print(distributed.reached_preemption(0)); os.kill(os.getpid(), signal.SIGTERM); "
-             "print(distributed.reached_preemption(1))")
-  result = run_python(snippet)
-  assert result.returncode == 0, result.stderr
-  assert result.stdout.split() == ["False", "True"]
+    snippet = ("import os, signal; from bloom_jax import distributed; distributed.initialize(); "
+               "print(distributed.reached_preemption(0)); os.kill(os.getpid(), signal.SIGTERM); "
+               "print(distributed.reached_preemption(1))")
+    result = run_python(snippet)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

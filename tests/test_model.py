@@ -4,6 +4,7 @@ Logit parity against Hugging Face's BLOOM lives in test_convert.py (it goes thro
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -141,3 +142,33 @@ def test_config_rejects_bad_shapes():
         BloomConfig(hidden_size=50, n_head=6)
     with pytest.raises(ValueError, match="remat_policy"):
         BloomConfig(remat_policy="sometimes")
+
+
+def test_cached_decoding_matches_the_full_forward():
+    params = init_params(TINY)
+    model = BloomForCausalLM(TINY)
+    ids = random_ids((2, 10), TINY.vocab_size)
+    mask = jnp.array([[1] * 10, [0] * 4 + [1] * 6])  # the second row is left-padded
+    full = model.apply({"params": params}, ids, mask)
+    cache = nn.unbox(model.init(jax.random.PRNGKey(0), ids, decode=True)["cache"])
+    decode = jax.jit(functools.partial(model.apply, decode=True, mutable=["cache"]))
+    logits = []
+    for start, stop in [(0, 6), (6, 8), (8, 9), (9, 10)]:  # a prefill, then steps
+        step_logits, variables = decode({"params": params, "cache": cache}, ids[:, start:stop],
+                                        mask[:, start:stop])
+        cache = variables["cache"]
+        logits.append(step_logits)
+    assert cache["index"] == 10
+    np.testing.assert_allclose(jnp.concatenate(logits, axis=1)[mask == 1], full[mask == 1],
+                               atol=1e-5)
+
+
+def test_cache_is_empty_stacked_over_layers_and_named():
+    cache = BloomForCausalLM(TINY).init(jax.random.PRNGKey(0), jnp.ones((2, 9), jnp.int32),
+                                        decode=True)["cache"]
+    key = cache["h"]["self_attention"]["key"]
+    assert key.value.shape == (TINY.n_layer, 2, 9, TINY.n_head, TINY.head_dim)
+    assert key.names == ("layers", "activation_batch", "activation_length", "activation_heads",
+                         "activation_kv")
+    assert cache["token_mask"].names == ("activation_batch", "activation_length")
+    assert all(np.all(leaf == 0) for leaf in jax.tree_util.tree_leaves(nn.unbox(cache)))

@@ -236,3 +236,12 @@ def test_verbose_shows_the_traceback(compile_cache, tmp_path):
     result = train(compile_cache, tmp_path, "--gin.trian.seed=3", "--verbose")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "No configurable matching 'trian'" in result.stderr
+
+
+def test_no_gin_file_names_the_fix(compile_cache):
+    result = subprocess.run([sys.executable, "-m", "bloom_jax.train"], cwd=REPO,
+                            env=_env(compile_cache, 1), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 1
+    assert "No --gin_file given" in result.stderr and "--gin_file=gin_configs/tiny.gin" in (
+        result.stderr)

@@ -24,103 +24,103 @@ _TEXT_SUFFIXES = (".jsonl", ".parquet")
 
 
 class Skipped(collections.Counter):
-  """Counts of input skipped while reading, by reason (`malformed JSON line`, ...)."""
+    """Counts of input skipped while reading, by reason (`malformed JSON line`, ...)."""
 
-  def summary(self) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(self.items())) or "nothing skipped"
+    def summary(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.items())) or "nothing skipped"
 
 
 def language_files(data_dir: pathlib.Path, language: Language, split: str) -> list[pathlib.Path]:
-  """The files holding `language` for `split` ("train" or "validation"), sorted; [] if absent."""
-  suffixes = _TEXT_SUFFIXES + language.extensions
-  folder = data_dir / language.directory
-  if split == "validation" and (folder / VALIDATION_DIR).is_dir():
-    return _files_under(folder / VALIDATION_DIR, suffixes)
-  single = [data_dir / f"{language.directory}{s}" for s in _TEXT_SUFFIXES]
-  files = [f for f in single if f.is_file()]
-  if folder.is_dir():
-    files += [f for f in _files_under(folder, suffixes) if VALIDATION_DIR not in
-              f.relative_to(folder).parts[:-1]]
-  return sorted(files)
+    """The files holding `language` for `split` ("train" or "validation"), sorted; [] if absent."""
+    suffixes = _TEXT_SUFFIXES + language.extensions
+    folder = data_dir / language.directory
+    if split == "validation" and (folder / VALIDATION_DIR).is_dir():
+        return _files_under(folder / VALIDATION_DIR, suffixes)
+    single = [data_dir / f"{language.directory}{s}" for s in _TEXT_SUFFIXES]
+    files = [f for f in single if f.is_file()]
+    if folder.is_dir():
+        files += [f for f in _files_under(folder, suffixes) if VALIDATION_DIR not in
+                  f.relative_to(folder).parts[:-1]]
+    return sorted(files)
 
 
 def has_validation_dir(data_dir: pathlib.Path, language: Language) -> bool:
-  return (data_dir / language.directory / VALIDATION_DIR).is_dir()
+    return (data_dir / language.directory / VALIDATION_DIR).is_dir()
 
 
 def _files_under(folder: pathlib.Path, suffixes: Sequence[str]) -> list[pathlib.Path]:
-  if not os.access(folder, os.R_OK | os.X_OK):
-    raise PermissionError(f"Cannot read corpus folder {folder}: check its permissions.")
-  return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise PermissionError(f"Cannot read corpus folder {folder}: check its permissions.")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
 
 
 def read_documents(files: Sequence[pathlib.Path], skipped: Skipped) -> Iterator[str]:
-  """Yields the non-empty document texts of `files`; bad input is counted in `skipped`."""
-  for path in files:
-    if path.stat().st_size == 0:
-      skipped["empty files"] += 1
-      continue
-    if path.suffix == ".jsonl":
-      texts = _jsonl_texts(path, skipped)
-    elif path.suffix == ".parquet":
-      texts = _parquet_texts(path, skipped)
-    else:
-      texts = _source_file_text(path, skipped)
-    for text in texts:
-      if text:
-        yield text
-      else:
-        skipped["empty documents"] += 1
+    """Yields the non-empty document texts of `files`; bad input is counted in `skipped`."""
+    for path in files:
+        if path.stat().st_size == 0:
+            skipped["empty files"] += 1
+            continue
+        if path.suffix == ".jsonl":
+            texts = _jsonl_texts(path, skipped)
+        elif path.suffix == ".parquet":
+            texts = _parquet_texts(path, skipped)
+        else:
+            texts = _source_file_text(path, skipped)
+        for text in texts:
+            if text:
+                yield text
+            else:
+                skipped["empty documents"] += 1
 
 
 def is_held_out(text: str, validation_fraction: float) -> bool:
-  """Whether a document belongs to the held-out validation split (stable hash of its text)."""
-  return zlib.crc32(text.encode("utf-8")) % 100_000 < validation_fraction * 100_000
+    """Whether a document belongs to the held-out validation split (stable hash of its text)."""
+    return zlib.crc32(text.encode("utf-8")) % 100_000 < validation_fraction * 100_000
 
 
 def _jsonl_texts(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]:
-  with open(path, "rb") as f:
-    for raw in f:
-      if not raw.strip():
-        continue
-      try:
-        record = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError:
-        skipped["lines of invalid UTF-8"] += 1
-        continue
-      except json.JSONDecodeError:
-        skipped["malformed JSON lines"] += 1
-        continue
-      text = record.get("text") if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        skipped["records without a text string"] += 1
-        continue
-      yield text
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped["lines of invalid UTF-8"] += 1
+                continue
+            except json.JSONDecodeError:
+                skipped["malformed JSON lines"] += 1
+                continue
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                skipped["records without a text string"] += 1
+                continue
+            yield text
 
 
 def _parquet_texts(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]:
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  # only for parquet corpora
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  # only for parquet corpora
 
-  parquet = pq.ParquetFile(path)
-  if "text" not in parquet.schema_arrow.names:
-    raise ValueError(f"Parquet file {path} has no 'text' column (columns: "
-                     f"{parquet.schema_arrow.names}); store each document's text in 'text'.")
-  for batch in parquet.iter_batches(columns=["text"]):
-    for text in batch.column(0).to_pylist():
-      if isinstance(text, bytes):  # a binary column: decode like a jsonl line
-        try:
-          text = text.decode("utf-8")
-        except UnicodeDecodeError:
-          skipped["records of invalid UTF-8"] += 1
-          continue
-      if isinstance(text, str):
-        yield text
-      else:
-        skipped["records without a text string"] += 1
+    parquet = pq.ParquetFile(path)
+    if "text" not in parquet.schema_arrow.names:
+        raise ValueError(f"Parquet file {path} has no 'text' column (columns: "
+                         f"{parquet.schema_arrow.names}); store each document's text in 'text'.")
+    for batch in parquet.iter_batches(columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, bytes):  # a binary column: decode like a jsonl line
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    skipped["records of invalid UTF-8"] += 1
+                    continue
+            if isinstance(text, str):
+                yield text
+            else:
+                skipped["records without a text string"] += 1
 
 
 def _source_file_text(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]:
-  try:
-    yield path.read_bytes().decode("utf-8")
-  except UnicodeDecodeError:
-    skipped["source files of invalid UTF-8"] += 1
+    try:
+        yield path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["source files of invalid UTF-8"] += 1

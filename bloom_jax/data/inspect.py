@@ -13,9 +13,9 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-import gin
 import numpy as np
 
+from bloom_jax import configs
 from bloom_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -23,52 +23,50 @@ _SAMPLE_CHARS = 160  # characters of each task's first document shown
 
 
 def define_flags() -> None:
-  """Defines the command-line flags (only when run as a command, so modules import freely)."""
-  flags.DEFINE_multi_string("gin_file", [], "Gin files configuring the data.")
-  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
-  flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: "
-                                        "make_stream.data_dir, else the shipped corpus).")
-  flags.DEFINE_integer("num_examples", 1000, "Packed examples to sample.")
-  flags.DEFINE_integer("sequence_length", 512, "Tokens per packed example.")
-  flags.DEFINE_integer("seed", 42, "Seed of the stream.")
-  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    """Defines the command-line flags (only when run as a command, so modules import freely)."""
+    flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: "
+                                          "make_stream.data_dir, else the shipped corpus).")
+    flags.DEFINE_integer("num_examples", 1000, "Packed examples to sample.")
+    flags.DEFINE_integer("sequence_length", 512, "Tokens per packed example.")
+    flags.DEFINE_integer("seed", 42, "Seed of the stream.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 
 def summarize(stream: pipeline.PackedStream) -> dict[str, dict]:
-  """Per task: rate, share of scored tokens in the stream's next batch, documents, tokens."""
-  batch, task_of_row = stream.next_with_tasks()
-  scored = batch["loss_weights"].sum(axis=1)  # [batch]
-  per_task = np.bincount(task_of_row, weights=scored, minlength=len(stream.tasks))
-  return {task.name: {"rate": stream.rates[task.name],
-                      "observed": float(per_task[i] / scored.sum()),
-                      "documents": task.num_documents, "tokens": task.num_tokens}
-          for i, task in enumerate(stream.tasks)}
+    """Per task: rate, share of scored tokens in the stream's next batch, documents, tokens."""
+    batch, task_of_row = stream.next_with_tasks()
+    scored = batch["loss_weights"].sum(axis=1)  # [batch]
+    per_task = np.bincount(task_of_row, weights=scored, minlength=len(stream.tasks))
+    return {task.name: {"rate": stream.rates[task.name],
+                        "observed": float(per_task[i] / scored.sum()),
+                        "documents": task.num_documents, "tokens": task.num_tokens}
+            for i, task in enumerate(stream.tasks)}
 
 
 def _sample(stream: pipeline.PackedStream, task: pipeline.TokenizedTask) -> str:
-  text = stream.vocabulary.decode(task.tokens[task.starts[0]:task.starts[1]].tolist())
-  return " ".join(text.split())[:_SAMPLE_CHARS]
+    text = stream.vocabulary.decode(task.tokens[task.starts[0]:task.starts[1]].tolist())
+    return " ".join(text.split())[:_SAMPLE_CHARS]
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
-  overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
-  stream = pipeline.make_stream(sequence_length=FLAGS.sequence_length,
-                                batch_size=FLAGS.num_examples, seed=FLAGS.seed,
-                                process_index=0, process_count=1, **overrides)
-  summary = summarize(stream)  # the stream's batch is num_examples rows
-  if FLAGS.json:
-    print(json.dumps(summary))
-    return
-  print(f"{'task':<24}{'documents':>10}{'tokens':>12}{'rate':>9}{'observed':>10}  sample")
-  for task in stream.tasks:
-    row = summary[task.name]
-    print(f"{task.name:<24}{row['documents']:>10}{row['tokens']:>12}{row['rate']:>9.4f}"
-          f"{row['observed']:>10.4f}  {_sample(stream, task)}")
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    configs.parse(FLAGS.gin_file, FLAGS.gin_bindings)
+    overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
+    stream = pipeline.make_stream(sequence_length=FLAGS.sequence_length,
+                                  batch_size=FLAGS.num_examples, seed=FLAGS.seed,
+                                  process_index=0, process_count=1, **overrides)
+    summary = summarize(stream)  # the stream's batch is num_examples rows
+    if FLAGS.json:
+        print(json.dumps(summary))
+        return
+    print(f"{'task':<24}{'documents':>10}{'tokens':>12}{'rate':>9}{'observed':>10}  sample")
+    for task in stream.tasks:
+        row = summary[task.name]
+        print(f"{task.name:<24}{row['documents']:>10}{row['tokens']:>12}{row['rate']:>9.4f}"
+              f"{row['observed']:>10.4f}  {_sample(stream, task)}")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+    define_flags()
+    configs.run(main)

@@ -25,21 +25,22 @@ _CODE_SHARE = 13.03  # percent, one merged dataset in the ratio file
 
 @dataclasses.dataclass(frozen=True)
 class Language:
-  """One ROOTS language: where a corpus keeps it and its share of BLOOM's mix (percent)."""
+    """One ROOTS language: where a corpus keeps it and its share of BLOOM's mix (percent)."""
 
-  directory: str  # folder name under data_dir, e.g. "zh-Hant" or "code/python"
-  name: str  # English name
-  share: float  # percent of BLOOM's training samples
-  extensions: tuple[str, ...] = ()  # source-file suffixes read as documents (code only)
+    directory: str  # folder name under data_dir, e.g. "zh-Hant" or "code/python"
+    name: str  # English name
+    share: float  # percent of BLOOM's training samples
+    extensions: tuple[str, ...] = ()  # source-file suffixes read as documents (code only)
 
-  @property
-  def is_code(self) -> bool:
-    return self.directory.startswith("code/")
+    @property
+    def is_code(self) -> bool:
+        return self.directory.startswith("code/")
 
-  @property
-  def task_name(self) -> str:
-    """The seqio task name: `roots_` + the directory with `/` and `-` as `_` (`roots_zh_hant`)."""
-    return "roots_" + re.sub(r"[/-]", "_", self.directory).lower()
+    @property
+    def task_name(self) -> str:
+        """The seqio task name: `roots_` + the directory with `/` and `-` as `_`
+        (`roots_zh_hant`)."""
+        return "roots_" + re.sub(r"[/-]", "_", self.directory).lower()
 
 
 # (directory, name, sampling percent) from the v3 ratio file.
@@ -115,18 +116,18 @@ _CODE = (
 
 
 def _split(total: float, weights: Mapping[str, float]) -> dict[str, float]:
-  norm = sum(weights.values())
-  return {key: total * weight / norm for key, weight in weights.items()}
+    norm = sum(weights.values())
+    return {key: total * weight / norm for key, weight in weights.items()}
 
 
 def _build_table() -> tuple[Language, ...]:
-  niger_congo = _split(_NIGER_CONGO_SHARE, {d: mb for d, _, mb in _NIGER_CONGO})
-  code = _split(_CODE_SHARE, {d: files for d, _, files, _ in _CODE})
-  return (
-      tuple(Language(d, name, share) for d, name, share in _NATURAL)
-      + tuple(Language(d, name, niger_congo[d]) for d, name, _ in _NIGER_CONGO)
-      + tuple(Language(d, name, code[d], ext) for d, name, _, ext in _CODE)
-  )
+    niger_congo = _split(_NIGER_CONGO_SHARE, {d: mb for d, _, mb in _NIGER_CONGO})
+    code = _split(_CODE_SHARE, {d: files for d, _, files, _ in _CODE})
+    return (
+        tuple(Language(d, name, share) for d, name, share in _NATURAL)
+        + tuple(Language(d, name, niger_congo[d]) for d, name, _ in _NIGER_CONGO)
+        + tuple(Language(d, name, code[d], ext) for d, name, _, ext in _CODE)
+    )
 
 
 LANGUAGES: tuple[Language, ...] = _build_table()
@@ -135,11 +136,11 @@ BY_TASK_NAME: Mapping[str, Language] = {lang.task_name: lang for lang in LANGUAG
 
 
 def lookup(key: str) -> Language:
-  """The language named by its directory (`zh-Hant`, `code/python`) or task name (`roots_en`)."""
-  language = BY_DIRECTORY.get(key) or BY_TASK_NAME.get(key)
-  if language is None:
-    raise ValueError(
-        f"Unknown ROOTS language {key!r}. Use a directory name from "
-        f"bloom_jax/data/languages.py, e.g. 'en', 'zh-Hant', 'code/python', or a task name "
-        f"such as 'roots_en'. Known: {', '.join(BY_DIRECTORY)}.")
-  return language
+    """The language named by its directory (`zh-Hant`, `code/python`) or task name (`roots_en`)."""
+    language = BY_DIRECTORY.get(key) or BY_TASK_NAME.get(key)
+    if language is None:
+        raise ValueError(
+            f"Unknown ROOTS language {key!r}. Use a directory name from "
+            f"bloom_jax/data/languages.py, e.g. 'en', 'zh-Hant', 'code/python', or a task name "
+            f"such as 'roots_en'. Known: {', '.join(BY_DIRECTORY)}.")
+    return language

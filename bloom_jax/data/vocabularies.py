@@ -20,108 +20,109 @@ DEFAULT_SENTENCEPIECE_MODEL = documents.DEFAULT_CORPUS_DIR / "sentencepiece.mode
 
 
 class TokenizerJsonVocabulary(seqio.Vocabulary):
-  """A Hugging Face `tokenizer.json` (e.g. BLOOM's byte-level BPE) as a seqio Vocabulary.
+    """A Hugging Face `tokenizer.json` (e.g. BLOOM's byte-level BPE) as a seqio Vocabulary.
 
-  Special ids come from the file's `</s>`, `<unk>` and `<pad>` tokens (BLOOM: 2, 0, 3).
-  """
+    Special ids come from the file's `</s>`, `<unk>` and `<pad>` tokens (BLOOM: 2, 0, 3).
+    """
 
-  def __init__(self, path: str | pathlib.Path, eos_token: str = "</s>",
-               unk_token: str = "<unk>", pad_token: str = "<pad>"):
-    import tokenizers  # pylint: disable=g-import-not-at-top  # only needed for this vocabulary
+    def __init__(self, path: str | pathlib.Path, eos_token: str = "</s>",
+                 unk_token: str = "<unk>", pad_token: str = "<pad>"):
+        import tokenizers  # pylint: disable=g-import-not-at-top  # only needed for this vocabulary
 
-    self.path = pathlib.Path(path)
-    self._tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
-    self._eos_id = self._require_token(eos_token)
-    self._unk_id = self._tokenizer.token_to_id(unk_token)
-    self._pad_id = self._tokenizer.token_to_id(pad_token)
-    super().__init__(extra_ids=0)
+        self.path = pathlib.Path(path)
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
+        self._eos_id = self._require_token(eos_token)
+        self._unk_id = self._tokenizer.token_to_id(unk_token)
+        self._pad_id = self._tokenizer.token_to_id(pad_token)
+        super().__init__(extra_ids=0)
 
-  def _require_token(self, token: str) -> int:
-    token_id = self._tokenizer.token_to_id(token)
-    if token_id is None:
-      raise ValueError(f"Tokenizer {self.path} has no {token!r} token; it is needed as the "
-                       "end-of-document id. Pass eos_token= with the file's EOS token.")
-    return token_id
+    def _require_token(self, token: str) -> int:
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"Tokenizer {self.path} has no {token!r} token; it is needed as the "
+                             "end-of-document id. Pass eos_token= with the file's EOS token.")
+        return token_id
 
-  @property
-  def eos_id(self) -> int:
-    return self._eos_id
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
 
-  @property
-  def unk_id(self) -> int | None:
-    return self._unk_id
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk_id
 
-  @property
-  def pad_id(self) -> int:
-    return 0 if self._pad_id is None else self._pad_id
+    @property
+    def pad_id(self) -> int:
+        return 0 if self._pad_id is None else self._pad_id
 
-  @property
-  def _base_vocab_size(self) -> int:
-    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+    @property
+    def _base_vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-  def _encode(self, s: str) -> list[int]:
-    return self._tokenizer.encode(s, add_special_tokens=False).ids
+    def _encode(self, s: str) -> list[int]:
+        return self._tokenizer.encode(s, add_special_tokens=False).ids
 
-  def _decode(self, ids) -> str:
-    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    def _decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-  def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-    encode = lambda b: np.asarray(self._encode(np.asarray(b).item().decode("utf-8")), np.int32)
-    ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
-    ids.set_shape([None])
-    return ids
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        encode = lambda b: np.asarray(self._encode(np.asarray(b).item().decode("utf-8")), np.int32)
+        ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
+        ids.set_shape([None])
+        return ids
 
-  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-    decode = lambda i: np.asarray(self._decode(i.tolist()).encode("utf-8"), object)
-    text = tf.numpy_function(decode, [ids], tf.string, stateful=False)
-    text.set_shape([])
-    return text
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        decode = lambda i: np.asarray(self._decode(i.tolist()).encode("utf-8"), object)
+        text = tf.numpy_function(decode, [ids], tf.string, stateful=False)
+        text.set_shape([])
+        return text
 
-  def __eq__(self, other) -> bool:
-    return isinstance(other, TokenizerJsonVocabulary) and self.path == other.path
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TokenizerJsonVocabulary) and self.path == other.path
 
-  def __str__(self) -> str:
-    return f"TokenizerJsonVocabulary(path={self.path}, size={self.vocab_size})"
+    def __str__(self) -> str:
+        return f"TokenizerJsonVocabulary(path={self.path}, size={self.vocab_size})"
 
 
 @gin.configurable
 def load_vocabulary(path: str | pathlib.Path | None = None) -> seqio.Vocabulary:
-  """A vocabulary from a SentencePiece `.model` or a Hugging Face `tokenizer.json`.
+    """A vocabulary from a SentencePiece `.model` or a Hugging Face `tokenizer.json`.
 
-  None gives the SentencePiece model shipped with the default corpus. Gin:
-  `load_vocabulary.path = "/path/to/tokenizer.json"`.
-  """
-  path = pathlib.Path(path or DEFAULT_SENTENCEPIECE_MODEL)
-  if not path.is_file():
-    raise FileNotFoundError(f"Vocabulary file {path} does not exist. Train one with "
-                            "`python -m bloom_jax.data.tokenizer train` or give BLOOM's "
-                            "tokenizer.json.")
-  if path.suffix == ".json":
-    return TokenizerJsonVocabulary(path)
-  if path.suffix == ".model":
-    return seqio.SentencePieceVocabulary(str(path))
-  raise ValueError(f"Vocabulary file {path}: expected a SentencePiece '.model' or a Hugging "
-                   "Face 'tokenizer.json'.")
+    None gives the SentencePiece model shipped with the default corpus. Gin:
+    `load_vocabulary.path = "/path/to/tokenizer.json"`.
+    """
+    path = pathlib.Path(path or DEFAULT_SENTENCEPIECE_MODEL)
+    if not path.is_file():
+        raise FileNotFoundError(f"Vocabulary file {path} does not exist. Train one with "
+                                "`python -m bloom_jax.data.tokenizer train` or give BLOOM's "
+                                "tokenizer.json.")
+    if path.suffix == ".json":
+        return TokenizerJsonVocabulary(path)
+    if path.suffix == ".model":
+        return seqio.SentencePieceVocabulary(str(path))
+    raise ValueError(f"Vocabulary file {path}: expected a SentencePiece '.model' or a Hugging "
+                     "Face 'tokenizer.json'.")
 
 
 def vocabulary_file(vocabulary: seqio.Vocabulary) -> str:
-  """The file a vocabulary was loaded from, for error messages."""
-  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
-    return vocabulary.sentencepiece_model_file
-  return str(getattr(vocabulary, "path", vocabulary))
+    """The file a vocabulary was loaded from, for error messages."""
+    if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+        return vocabulary.sentencepiece_model_file
+    return str(getattr(vocabulary, "path", vocabulary))
 
 
 def padded_vocab_size(size: int, multiple: int = 128) -> int:
-  """`size` rounded up to a multiple of `multiple` (BLOOM chose 250,880 = 490 x 512 for 250,680)."""
-  return -(-size // multiple) * multiple
+    """`size` rounded up to a multiple of `multiple` (BLOOM chose 250,880 = 490 x 512 for
+    250,680)."""
+    return -(-size // multiple) * multiple
 
 
 def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int,
                      multiple: int = 128) -> None:
-  """Raises unless the model's vocab_size is at least the vocabulary's padded size."""
-  needed = padded_vocab_size(vocabulary.vocab_size, multiple)
-  if model_vocab_size < needed:
-    raise ValueError(
-        f"Vocabulary {vocabulary_file(vocabulary)} has {vocabulary.vocab_size} ids but the "
-        f"model's vocab_size is {model_vocab_size}; set BloomConfig.vocab_size = {needed} "
-        f"(the vocabulary padded to a multiple of {multiple}).")
+    """Raises unless the model's vocab_size is at least the vocabulary's padded size."""
+    needed = padded_vocab_size(vocabulary.vocab_size, multiple)
+    if model_vocab_size < needed:
+        raise ValueError(
+            f"Vocabulary {vocabulary_file(vocabulary)} has {vocabulary.vocab_size} ids but the "
+            f"model's vocab_size is {model_vocab_size}; set BloomConfig.vocab_size = {needed} "
+            f"(the vocabulary padded to a multiple of {multiple}).")

@@ -9,14 +9,14 @@ SHARED_ROOTS_SAMPLE = pathlib.Path(__file__).resolve().parents[2] / "../shared/d
 
 
 def write_jsonl(path: pathlib.Path, texts) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
-                  encoding="utf-8")
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                    encoding="utf-8")
+    return path
 
 
 def seqio_documents(task: seqio.Task, split: str) -> list[list[int]]:
-  """The task's documents as seqio's own preprocessors tokenize them (through tf.data)."""
-  dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                             trim_output_features=False)
-  return [example["targets"].tolist() for example in dataset.as_numpy_iterator()]
+    """The task's documents as seqio's own preprocessors tokenize them (through tf.data)."""
+    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                               trim_output_features=False)
+    return [example["targets"].tolist() for example in dataset.as_numpy_iterator()]

@@ -9,38 +9,38 @@ from tests.data.helpers import SHARED_ROOTS_SAMPLE
 
 
 def test_table_has_46_natural_and_13_code_languages():
-  natural = [lang for lang in languages.LANGUAGES if not lang.is_code]
-  code = [lang for lang in languages.LANGUAGES if lang.is_code]
-  assert (len(natural), len(code)) == (46, 13)
-  assert len(languages.BY_DIRECTORY) == len(languages.BY_TASK_NAME) == 59
+    natural = [lang for lang in languages.LANGUAGES if not lang.is_code]
+    code = [lang for lang in languages.LANGUAGES if lang.is_code]
+    assert (len(natural), len(code)) == (46, 13)
+    assert len(languages.BY_DIRECTORY) == len(languages.BY_TASK_NAME) == 59
 
 
 def test_shares_follow_bloom_ratio_file():
-  share = {lang.directory: lang.share for lang in languages.LANGUAGES}
-  assert share["en"] == 30.31 and share["zh"] == 17.62 and share["fr"] == 13.05
-  assert sum(lang.share for lang in languages.LANGUAGES if lang.is_code) == pytest.approx(13.03)
-  niger_congo = [d for d, _, _ in languages._NIGER_CONGO]
-  assert sum(share[d] for d in niger_congo) == pytest.approx(0.0316)
-  assert share["sw"] > share["yo"] > share["tum"]
-  assert sum(share.values()) == pytest.approx(100.0, abs=0.01)
+    share = {lang.directory: lang.share for lang in languages.LANGUAGES}
+    assert share["en"] == 30.31 and share["zh"] == 17.62 and share["fr"] == 13.05
+    assert sum(lang.share for lang in languages.LANGUAGES if lang.is_code) == pytest.approx(13.03)
+    niger_congo = [d for d, _, _ in languages._NIGER_CONGO]
+    assert sum(share[d] for d in niger_congo) == pytest.approx(0.0316)
+    assert share["sw"] > share["yo"] > share["tum"]
+    assert sum(share.values()) == pytest.approx(100.0, abs=0.01)
 
 
 def test_task_names_are_valid_seqio_names():
-  for lang in languages.LANGUAGES:
-    assert re.fullmatch(r"roots_[a-z_]+", lang.task_name), lang.task_name
-  assert languages.lookup("zh-Hant").task_name == "roots_zh_hant"
-  assert languages.lookup("roots_code_python").directory == "code/python"
+    for lang in languages.LANGUAGES:
+        assert re.fullmatch(r"roots_[a-z_]+", lang.task_name), lang.task_name
+    assert languages.lookup("zh-Hant").task_name == "roots_zh_hant"
+    assert languages.lookup("roots_code_python").directory == "code/python"
 
 
 def test_unknown_language_is_a_clear_error():
-  with pytest.raises(ValueError, match="Unknown ROOTS language 'klingon'"):
-    languages.lookup("klingon")
+    with pytest.raises(ValueError, match="Unknown ROOTS language 'klingon'"):
+        languages.lookup("klingon")
 
 
 @pytest.mark.skipif(not SHARED_ROOTS_SAMPLE.is_dir(), reason="../shared ROOTS sample not present")
 def test_roots_sample_names_are_in_the_table():
-  names = [p.relative_to(SHARED_ROOTS_SAMPLE).with_suffix("").as_posix()
-           for p in SHARED_ROOTS_SAMPLE.rglob("*.jsonl")]
-  assert len(names) == 52
-  for name in names:
-    languages.lookup(name)
+    names = [p.relative_to(SHARED_ROOTS_SAMPLE).with_suffix("").as_posix()
+             for p in SHARED_ROOTS_SAMPLE.rglob("*.jsonl")]
+    assert len(names) == 52
+    for name in names:
+        languages.lookup(name)

@@ -12,67 +12,67 @@ from tests.data.helpers import write_jsonl
 
 
 def test_padded_vocab_size():
-  assert vocabularies.padded_vocab_size(1024) == 1024
-  assert vocabularies.padded_vocab_size(1025) == 1152
-  assert vocabularies.padded_vocab_size(250_680) == 250_752
-  assert vocabularies.padded_vocab_size(250_680, multiple=512) == 250_880  # BLOOM's embedding
+    assert vocabularies.padded_vocab_size(1024) == 1024
+    assert vocabularies.padded_vocab_size(1025) == 1152
+    assert vocabularies.padded_vocab_size(250_680) == 250_752
+    assert vocabularies.padded_vocab_size(250_680, multiple=512) == 250_880  # BLOOM's embedding
 
 
 def test_default_vocabulary_round_trips_any_text_with_byte_fallback(vocabulary):
-  assert (vocabulary.vocab_size, vocabulary.eos_id, vocabulary.pad_id) == (1024, 1, 0)
-  texts = ["Rivers shape the land.", "河流用耐心塑造大地。", "Ωμέγα 🙂 ḱ", "def f(x):\n    return x"]
-  for text in texts:
-    ids = vocabulary.encode(text)
-    assert vocabulary.unk_id not in ids
-    assert vocabulary.decode(ids) == text
+    assert (vocabulary.vocab_size, vocabulary.eos_id, vocabulary.pad_id) == (1024, 1, 0)
+    texts = ["Rivers shape the land.", "河流用耐心塑造大地。", "Ωμέγα 🙂 ḱ", "def f(x):\n    return x"]
+    for text in texts:
+        ids = vocabulary.encode(text)
+        assert vocabulary.unk_id not in ids
+        assert vocabulary.decode(ids) == text
 
 
 def test_model_too_small_for_vocabulary_names_the_file(vocabulary):
-  vocabularies.check_fits_model(vocabulary, 1024)
-  with pytest.raises(ValueError, match="sentencepiece.model has 1024 ids.*vocab_size = 1024"):
-    vocabularies.check_fits_model(vocabulary, 1000)
+    vocabularies.check_fits_model(vocabulary, 1024)
+    with pytest.raises(ValueError, match="sentencepiece.model has 1024 ids.*vocab_size = 1024"):
+        vocabularies.check_fits_model(vocabulary, 1000)
 
 
 def test_missing_or_unknown_vocabulary_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nope.model does not exist"):
-    vocabularies.load_vocabulary(tmp_path / "nope.model")
-  (tmp_path / "vocab.txt").write_text("a\n")
-  with pytest.raises(ValueError, match="vocab.txt: expected"):
-    vocabularies.load_vocabulary(tmp_path / "vocab.txt")
+    with pytest.raises(FileNotFoundError, match="nope.model does not exist"):
+        vocabularies.load_vocabulary(tmp_path / "nope.model")
+    (tmp_path / "vocab.txt").write_text("a\n")
+    with pytest.raises(ValueError, match="vocab.txt: expected"):
+        vocabularies.load_vocabulary(tmp_path / "vocab.txt")
 
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-  """A small byte-level BPE saved like BLOOM's: <unk>=0, <s>=1, </s>=2, <pad>=3."""
-  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  texts = ["Hello world, rivers and forests."] * 20 + ["héllo 世界"]
-  tokenizer.train_from_iterator(texts, trainer)
-  path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-  tokenizer.save(str(path))
-  return path
+    """A small byte-level BPE saved like BLOOM's: <unk>=0, <s>=1, </s>=2, <pad>=3."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    texts = ["Hello world, rivers and forests."] * 20 + ["héllo 世界"]
+    tokenizer.train_from_iterator(texts, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
 
 
 def test_tokenizer_json_vocabulary(tokenizer_json):
-  vocabulary = vocabularies.load_vocabulary(tokenizer_json)
-  assert isinstance(vocabulary, vocabularies.TokenizerJsonVocabulary)
-  assert (vocabulary.eos_id, vocabulary.unk_id, vocabulary.pad_id) == (2, 0, 3)
-  text = "Hello rivers, ünseen 🙂"
-  ids = vocabulary.encode(text)
-  assert vocabulary.decode(ids) == text
-  np.testing.assert_array_equal(vocabulary.encode_tf(tf.constant(text)).numpy(), ids)
-  assert vocabulary.decode_tf(tf.constant(ids, tf.int32)).numpy().decode() == text
+    vocabulary = vocabularies.load_vocabulary(tokenizer_json)
+    assert isinstance(vocabulary, vocabularies.TokenizerJsonVocabulary)
+    assert (vocabulary.eos_id, vocabulary.unk_id, vocabulary.pad_id) == (2, 0, 3)
+    text = "Hello rivers, ünseen 🙂"
+    ids = vocabulary.encode(text)
+    assert vocabulary.decode(ids) == text
+    np.testing.assert_array_equal(vocabulary.encode_tf(tf.constant(text)).numpy(), ids)
+    assert vocabulary.decode_tf(tf.constant(ids, tf.int32)).numpy().decode() == text
 
 
 def test_tokenizer_json_vocabulary_in_a_task(tmp_path, tokenizer_json):
-  vocabulary = vocabularies.load_vocabulary(tokenizer_json)
-  write_jsonl(tmp_path / "en.jsonl", ["Hello world.", "Forests and rivers."])
-  found = tasks.roots_tasks(data_dir=tmp_path, vocabulary=vocabulary, validation_fraction=0.0)
-  docs = seqio_documents(found["roots_en"], "train")
-  assert [vocabulary.decode(d[:-1]) for d in docs] == ["Hello world.", "Forests and rivers."]
-  assert all(d[-1] == 2 for d in docs)
-  assert [d.tolist() for d in tasks.encoded_documents(found["roots_en"], "train")] == docs
+    vocabulary = vocabularies.load_vocabulary(tokenizer_json)
+    write_jsonl(tmp_path / "en.jsonl", ["Hello world.", "Forests and rivers."])
+    found = tasks.roots_tasks(data_dir=tmp_path, vocabulary=vocabulary, validation_fraction=0.0)
+    docs = seqio_documents(found["roots_en"], "train")
+    assert [vocabulary.decode(d[:-1]) for d in docs] == ["Hello world.", "Forests and rivers."]
+    assert all(d[-1] == 2 for d in docs)
+    assert [d.tolist() for d in tasks.encoded_documents(found["roots_en"], "train")] == docs

@@ -34,131 +34,133 @@ GLOBAL_SUM = textwrap.dedent("""
 FAIL_MID_RUN = GLOBAL_SUM + textwrap.dedent("""
     import os, signal, sys, time
     if jax.process_index() == 1:
-      if sys.argv[1] == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-      raise RuntimeError("simulated failure in process 1")
+        if sys.argv[1] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("simulated failure in process 1")
     for step in range(600):
-      print("step", step, float(total_fn(x + step)), flush=True)
-      time.sleep(0.1)
+        print("step", step, float(total_fn(x + step)), flush=True)
+        time.sleep(0.1)
     print("survivor finished", flush=True)
 """)
 
 
 def launch(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-  env = {**os.environ, "PYTHONPATH": str(REPO)}
-  start = time.monotonic()
-  result = subprocess.run([sys.executable, str(LOCAL), *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-  return result, time.monotonic() - start
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(LOCAL), *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    return result, time.monotonic() - start
 
 
 def start_and_wait_until_ready(child: str) -> subprocess.Popen:
-  """Launches `child` as 2 processes; returns once both printed "ready"."""
-  proc = subprocess.Popen(
-      [sys.executable, str(LOCAL), "--num_processes=2", "--devices_per_process=1", "--",
-       sys.executable, "-c", child],
-      env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.PIPE, text=True,
-  )
-  ready = 0
-  for line in proc.stdout:
-    ready += line.endswith("ready\n")
-    if ready == 2:
-      return proc
-  raise AssertionError(f"the processes exited before they were ready: {proc.wait()}")
+    """Launches `child` as 2 processes; returns once both printed "ready"."""
+    proc = subprocess.Popen(
+        [sys.executable, str(LOCAL), "--num_processes=2", "--devices_per_process=1", "--",
+         sys.executable, "-c", child],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    ready = 0
+    for line in proc.stdout:
+        ready += line.endswith("ready\n")
+        if ready == 2:
+            return proc
+    raise AssertionError(f"the processes exited before they were ready: {proc.wait()}")
 
 
 def lines_of(output: str, process_id: int) -> list[str]:
-  prefix = f"[p{process_id}] "
-  return [line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)]
+    prefix = f"[p{process_id}] "
+    return [line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)]
 
 
 def test_process_env_sets_jax_variables_and_keeps_other_xla_flags():
-  base = {"XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3", "A": "b"}
-  env = local.process_env(base, process_id=1, num_processes=2, devices_per_process=4, port=555)
-  assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
-  assert (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"],
-          env["JAX_PLATFORMS"], env["A"]) == ("127.0.0.1:555", "2", "1", "cpu", "b")
+    base = {"XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3", "A": "b"}
+    env = local.process_env(base, process_id=1, num_processes=2, devices_per_process=4, port=555)
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
+    assert (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"],
+            env["JAX_PLATFORMS"], env["A"]) == ("127.0.0.1:555", "2", "1", "cpu", "b")
 
 
 @pytest.mark.slow
 def test_two_processes_compute_one_global_sum():
-  result, _ = launch("--num_processes=2", "--devices_per_process=4", "--",
-                     sys.executable, "-c", GLOBAL_SUM)
-  assert result.returncode == 0, result.stdout + result.stderr
-  expected = sum(float(np.sum(np.arange(8) + 100 * p)) for p in range(2))
-  for process_id in range(2):
-    assert f"devices 8 total {expected}" in lines_of(result.stdout, process_id), result.stdout
+    result, _ = launch("--num_processes=2", "--devices_per_process=4", "--",
+                       sys.executable, "-c", GLOBAL_SUM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = sum(float(np.sum(np.arange(8) + 100 * p)) for p in range(2))
+    for process_id in range(2):
+        assert f"devices 8 total {expected}" in lines_of(result.stdout, process_id), result.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("failure", ["kill", "raise"])
 def test_one_process_failing_stops_the_other_by_itself(failure):
-  # A long grace period: the survivor must stop through jax's failure detection, not our SIGTERM.
-  result, elapsed = launch("--num_processes=2", "--devices_per_process=4", "--grace_s=45", "--",
-                           sys.executable, "-c", FAIL_MID_RUN, failure)
-  output = result.stdout
-  assert result.returncode != 0, output
-  assert elapsed < 60
-  assert "[launch] process" in output and "stopping the others" in output
-  assert "stopping the remaining processes" not in output  # No escalation was needed.
-  assert "survivor finished" not in output
-  if failure == "raise":
-    assert "RuntimeError: simulated failure in process 1" in lines_of(output, 1)
-  else:
-    assert "[launch] process 1 was killed by SIGKILL" in output
+    # A long grace period: the survivor must stop through jax's failure detection, not our SIGTERM.
+    result, elapsed = launch("--num_processes=2", "--devices_per_process=4", "--grace_s=45", "--",
+                             sys.executable, "-c", FAIL_MID_RUN, failure)
+    output = result.stdout
+    assert result.returncode != 0, output
+    assert elapsed < 60
+    assert "[launch] process" in output and "stopping the others" in output
+    assert "stopping the remaining processes" not in output  # No escalation was needed.
+    assert "survivor finished" not in output
+    if failure == "raise":
+        assert "RuntimeError: simulated failure in process 1" in lines_of(output, 1)
+    else:
+        assert "[launch] process 1 was killed by SIGKILL" in output
 
 
 @pytest.mark.slow
 def test_sigterm_makes_every_process_stop_at_the_same_step():
-  """The preemption path: SIGTERM to the launcher reaches every process, and jax's preemption
-  service makes them agree on the step at which to checkpoint and exit."""
-  child = textwrap.dedent("""
-      import time
-      from bloom_jax import distributed
-      distributed.initialize(heartbeat_timeout_s=5, shutdown_timeout_s=5)
-      print("ready", flush=True)
-      for step in range(600):
-        if distributed.reached_preemption(step):
-          print("preempted at step", step, flush=True)
-          break
-        time.sleep(0.05)
-  """)
-  proc = start_and_wait_until_ready(child)
-  proc.send_signal(signal.SIGTERM)
-  output = proc.communicate(timeout=30)[0]
-  assert proc.returncode == 0, output
-  stops = [[line for line in lines_of(output, p) if line.startswith("preempted at step")]
-           for p in range(2)]
-  assert len(stops[0]) == 1 and stops[0] == stops[1], output
+    """The preemption path: SIGTERM to the launcher reaches every process, and jax's preemption
+    service makes them agree on the step at which to checkpoint and exit."""
+    child = textwrap.dedent("""
+        import time
+        from bloom_jax import distributed
+        distributed.initialize(heartbeat_timeout_s=5, shutdown_timeout_s=5)
+        print("ready", flush=True)
+        for step in range(600):
+            if distributed.reached_preemption(step):
+                print("preempted at step", step, flush=True)
+                break
+            time.sleep(0.05)
+    """)
+    proc = start_and_wait_until_ready(child)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    stops = [[line for line in lines_of(output, p) if line.startswith("preempted at step")]
+             for p in range(2)]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], output
 
 
 def test_a_failure_stops_the_others_after_the_grace_period():
-  child = "import os, sys, time; os.environ['JAX_PROCESS_ID'] == '1' and sys.exit(3); time.sleep(60)"
-  result, elapsed = launch("--num_processes=2", "--devices_per_process=1", "--grace_s=1", "--",
-                           sys.executable, "-c", child)
-  assert result.returncode == 3
-  assert elapsed < 15
-  assert "[launch] process 1 exited with status 3; stopping the others" in result.stdout
-  assert "stopping the remaining processes with SIGTERM after 1 s" in result.stdout
+    child = ("import os, sys, time; os.environ['JAX_PROCESS_ID'] == '1' and sys.exit(3); "
+             "time.sleep(60)")
+    result, elapsed = launch("--num_processes=2", "--devices_per_process=1", "--grace_s=1", "--",
+                             sys.executable, "-c", child)
+    assert result.returncode == 3
+    assert elapsed < 15
+    assert "[launch] process 1 exited with status 3; stopping the others" in result.stdout
+    assert "stopping the remaining processes with SIGTERM after 1 s" in result.stdout
 
 
 def test_sigterm_is_forwarded_to_every_process():
-  child = textwrap.dedent("""
-      import signal, sys, time
-      signal.signal(signal.SIGTERM, lambda *_: (print("checkpoint and exit", flush=True), sys.exit(0)))
-      print("ready", flush=True)
-      time.sleep(60)
-  """)
-  proc = start_and_wait_until_ready(child)
-  proc.send_signal(signal.SIGTERM)
-  output = proc.communicate(timeout=30)[0]
-  assert proc.returncode == 0, output
-  assert "received SIGTERM; forwarding it to every process" in output
-  for process_id in range(2):
-    assert "checkpoint and exit" in lines_of(output, process_id)
+    child = textwrap.dedent("""
+        import signal, sys, time
+        signal.signal(signal.SIGTERM,
+                      lambda *_: (print("checkpoint and exit", flush=True), sys.exit(0)))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = start_and_wait_until_ready(child)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert "received SIGTERM; forwarding it to every process" in output
+    for process_id in range(2):
+        assert "checkpoint and exit" in lines_of(output, process_id)
 
 
 def test_missing_command_is_a_usage_error():
-  result, _ = launch("--num_processes=2", "--devices_per_process=1")
-  assert result.returncode == 2
-  assert "no command given: put it after `--`" in result.stderr
+    result, _ = launch("--num_processes=2", "--devices_per_process=1")
+    assert result.returncode == 2
+    assert "no command given: put it after `--`" in result.stderr

@@ -38,21 +38,21 @@ def make_batch() -> dict[str, np.ndarray]:
     segment_ids[:, -2:] = 0
     positions = np.where(segment_ids == 1, column, column - split[:, None]).astype(np.int32)
     return {
-            "input_ids": tokens[:, :-1],
-            "targets": tokens[:, 1:],
-            "segment_ids": segment_ids,
-            "positions": positions * (segment_ids != 0),
-            "loss_weights": (segment_ids != 0).astype(np.float32),
+        "input_ids": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segment_ids,
+        "positions": positions * (segment_ids != 0),
+        "loss_weights": (segment_ids != 0).astype(np.float32),
     }
 
 
 def loss_fn(params, batch) -> jax.Array:
     """Mean next-token cross-entropy over the scored tokens."""
     logits = MODEL.apply(
-            {"params": params}, batch["input_ids"],
-            segment_ids=batch["segment_ids"], positions=batch["positions"])
+        {"params": params}, batch["input_ids"],
+        segment_ids=batch["segment_ids"], positions=batch["positions"])
     losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), batch["targets"])
+        logits.astype(jnp.float32), batch["targets"])
     return jnp.sum(losses * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
 
 

@@ -11,10 +11,10 @@ from partitioning.mesh import MESH_AXES, MeshError, create_mesh, device_grid, re
 
 
 @pytest.mark.parametrize("sizes, expected", [
-        ((-1, 2, 2), (2, 2, 2)),
-        ((2, -1, 1), (2, 4, 1)),
-        ((1, 4, -1), (1, 4, 2)),
-        ((8, 1, 1), (8, 1, 1)),
+    ((-1, 2, 2), (2, 2, 2)),
+    ((2, -1, 1), (2, 4, 1)),
+    ((1, 4, -1), (1, 4, 2)),
+    ((8, 1, 1), (8, 1, 1)),
 ])
 def test_one_axis_is_inferred_from_the_device_count(sizes, expected):
     assert resolve_mesh_shape(*sizes, num_devices=8) == dict(zip(MESH_AXES, expected))
@@ -32,9 +32,9 @@ def test_an_axis_that_cannot_be_inferred_is_named():
 
 
 @pytest.mark.parametrize("sizes, message", [
-        ((-1, -1, 1), "At most one mesh axis may be -1"),
-        ((0, 1, 1), "must be positive"),
-        ((2, -4, 1), "must be positive"),
+    ((-1, -1, 1), "At most one mesh axis may be -1"),
+    ((0, 1, 1), "must be positive"),
+    ((2, -4, 1), "must be positive"),
 ])
 def test_invalid_sizes(sizes, message):
     with pytest.raises(MeshError, match=message):

@@ -31,8 +31,8 @@ def test_overrides_come_from_gin():
 
 
 @pytest.mark.parametrize("rule, message", [
-        (("embed", "model"), r"names mesh axes \['model'\]"),
-        (("embed",), "is a \\(logical_name, mesh_axes\\) pair"),
+    (("embed", "model"), r"names mesh axes \['model'\]"),
+    (("embed",), "is a \\(logical_name, mesh_axes\\) pair"),
 ])
 def test_bad_rules_are_explained(rule, message):
     with pytest.raises(ValueError, match=message):

@@ -21,7 +21,7 @@ from bloom_jax.optim import make_optimizer
 from partitioning.mesh import MESH_AXES, create_mesh
 from partitioning.rules import logical_axis_rules
 from partitioning.shardings import (
-        abstract_params, batch_sharding, optimizer_shardings, logical_shardings)
+    abstract_params, batch_sharding, optimizer_shardings, logical_shardings)
 from tests.partitioning import eight_devices as run8
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -71,8 +71,8 @@ def eight_device_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eight_devices")
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-            [sys.executable, str(ROOT / "tests/partitioning/eight_devices.py"), str(out)],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, str(ROOT / "tests/partitioning/eight_devices.py"), str(out)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     return np.load(out / "results.npz"), json.loads((out / "shardings.json").read_text())
 
@@ -81,7 +81,7 @@ def eight_device_run(tmp_path_factory):
 def single_device():
     """Parameters, loss and gradients of the same step on this process's one device."""
     variables = run8.MODEL.init(
-            jax.random.key(run8.SEED), jnp.zeros((run8.BATCH, run8.LENGTH), jnp.int32))
+        jax.random.key(run8.SEED), jnp.zeros((run8.BATCH, run8.LENGTH), jnp.int32))
     params = nn.unbox(variables["params"])
     loss, grads = jax.jit(jax.value_and_grad(run8.loss_fn))(params, run8.make_batch())
     return run8.flat(params), loss, run8.flat(grads)
@@ -100,7 +100,7 @@ def normalized(spec) -> tuple:
 def test_every_parameter_is_sharded_as_the_rules_say(eight_device_run, abstract, mesh):
     _, shardings = eight_device_run
     boxes = dict(jax.tree_util.tree_leaves_with_path(
-            abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+        abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
     expected_mesh = dict(zip(MESH_AXES, map(int, mesh.split("x"))))
     assert len(boxes) == len(run8.flat(nn.unbox(abstract)))
     for path, box in boxes.items():

@@ -13,8 +13,8 @@ from partitioning.validation import check_mesh, divisible_meshes, mesh_problems,
 RULES = logical_axis_rules()
 TINY = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8))
 BLOOM_176B = BloomForCausalLM(BloomConfig(
-        vocab_size=250880, hidden_size=14336, n_layer=70, n_head=112, dtype="bfloat16",
-        param_dtype="bfloat16"))
+    vocab_size=250880, hidden_size=14336, n_layer=70, n_head=112, dtype="bfloat16",
+    param_dtype="bfloat16"))
 
 
 def shape(data, fsdp, tensor):
