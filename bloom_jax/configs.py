@@ -20,7 +20,8 @@ from bloom_jax import metrics, model
 
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 
-gin.external_configurable(model.BloomConfig, module="bloom_jax")
+# gin's handle on the model config: calling it gives the BloomConfig the parsed files bind.
+BloomConfig = gin.external_configurable(model.BloomConfig, module="bloom_jax")
 flags.disclaim_key_flags()  # the gin flags are the command's own: its --help lists them
 
 

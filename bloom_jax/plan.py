@@ -6,8 +6,8 @@ count, the mesh and each parameter's sharding, per-device bytes (parameters, gra
 state, XLA's temporaries) with `per_device_peak_bytes`, model FLOPs, and the step time and tokens/s
 the configuration would reach at a given MFU on A100s and H100s.
 
-    python -m bloom_jax.plan --gin_file=gin_configs/bloom176b.gin --num_devices=384 \\
-        --gin.create_mesh.fsdp=128
+    python -m bloom_jax.plan --gin_file=gin_configs/bloom176b.gin --num_devices=384
+    python -m bloom_jax.plan --gin_file=gin_configs/bloom176b.gin --num_devices=384 --search
 
 Exits 0 when the peak fits `--memory_gib`, 3 (naming the largest consumer) when it does not, and
 2 when the mesh does not divide the model or the devices (with meshes that would).
@@ -18,42 +18,43 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from bloom_jax import flops, model, optim
-from bloom_jax import step as step_lib
-from partitioning.mesh import MeshError, create_mesh, format_shape
+from bloom_jax import configs, flops, metrics, trainer
+from bloom_jax.model import BloomConfig
+from partitioning.mesh import MeshError, create_mesh, factorizations, format_shape
 from partitioning.rules import Rules, activation_sharding, logical_axis_rules
-from partitioning.shardings import batch_sharding, logical_shardings
-from partitioning.validation import check_mesh
-
-# gin's handle on the model config, as every command registers it.
-BloomConfig = gin.external_configurable(model.BloomConfig, module="bloom_jax")
-BloomForCausalLM = model.BloomForCausalLM
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "gin config file(s), e.g. gin_configs/bloom176b.gin.")
-flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings; or --gin.NAME=VALUE.")
-flags.DEFINE_integer("num_devices", None, "Simulate this many CPU devices (default: the real ones).")
+flags.DEFINE_integer("num_devices", None,
+                     "Simulate this many CPU devices (default: the real ones).")
 flags.DEFINE_integer("micro_batch_size", None, "Sequences per data-parallel shard per micro-step "
-                     "(default: gin's train.micro_batch_size, else 1).")
+                     "(default: gin's train.micro_batch_size; unset: the whole batch at once).")
 flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
 flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at.")
+flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies that "
+                  "divide and fit, and rank them by predicted step time.")
+flags.DEFINE_string("gpu", "A100", f"GPU the search ranks for: one of {sorted(flops.PEAK_FLOPS)}.")
+flags.DEFINE_integer("devices_per_host", 8, "GPUs per host: `tensor` stays inside one (search).")
 
 GIB = 2**30
 EXIT_DOES_NOT_FIT = 3
 EXIT_BAD_MESH = 2
 GPUS = ("A100", "H100-SXM")  # keys of flops.PEAK_FLOPS the time table shows
+# Bandwidth per GPU and direction, bytes/s: NVLink inside a host (tensor), InfiniBand across
+# hosts (data, fsdp); A100: NVLink3 and 4 x 100 Gb/s HDR per 8 GPUs as on Jean Zay.
+LINKS = {"A100": (300e9, 6.25e9), "H100-SXM": (450e9, 50e9), "H100-PCIe": (64e9, 25e9),
+         "H200": (450e9, 50e9)}
+SEARCH_MICRO_BATCH_SIZES = (1, 2)
+SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims")
 BATCH_KEYS = {"input_ids": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
               "positions": jnp.int32, "loss_weights": jnp.float32}
 
@@ -82,41 +83,32 @@ def _shard_bytes(tree: Any, shardings: Any, dtype: Any = None) -> int:
     return sum(jax.tree.leaves(sizes))
 
 
-def abstract_train_state(lm: nn.Module, optimizer: Any, seq_len: int) -> Any:
-    """The train state as boxed shapes: parameters and Adam moments keep their logical names."""
-    def init():
-        params = lm.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return step_lib.create_train_state(params, optimizer, seed=0)
-    return jax.eval_shape(init)
-
-
 def plan_step(
         config: BloomConfig, mesh: jax.sharding.Mesh, rules: Rules, batch_size: int,
-        seq_len: int, micro_batch_size: int,
+        seq_len: int, micro_batch_size: int | None,
 ) -> Plan:
-    """Compiles the train step for `mesh` on abstract arrays and measures it per device."""
-    lm = BloomForCausalLM(config)
-    optimizer = optim.make_optimizer()
-    boxed = abstract_train_state(lm, optimizer, seq_len)
-    micro_batch = micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batches = -(-batch_size // micro_batch)  # the step masks the surplus rows
-    check_mesh(mesh.shape, boxed.params, rules, batch_shape=(micro_batch, seq_len))
+    """Compiles the trainer's step for `mesh` on abstract arrays and measures it per device.
 
-    shardings = logical_shardings(boxed, mesh, rules)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         nn.unbox(boxed), shardings)
-    data = batch_sharding(mesh, rules, micro_batch_axis=True)
-    batch = {k: jax.ShapeDtypeStruct((micro_batches, micro_batch, seq_len), dtype, sharding=data)
+    micro_batch_size: as `train.micro_batch_size` (None: the whole batch in one micro-step).
+    Raises MeshError, before compiling, when the mesh does not divide the model or micro-batch.
+    """
+    micro_batch = (batch_size if micro_batch_size is None
+                   else micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"])
+    micro_batches = -(-batch_size // micro_batch)  # the step masks the surplus rows
+    training = trainer.shard_training(config, mesh, rules, micro_batch, seq_len)
+    batch = {k: jax.ShapeDtypeStruct((micro_batches, micro_batch, seq_len), dtype,
+                                     sharding=training.batch_sharding)
              for k, dtype in BATCH_KEYS.items()}
-    step = jax.jit(step_lib.make_train_step(lm, optimizer), donate_argnums=0,
-                   out_shardings=(shardings, None))
     start = time.perf_counter()
     with activation_sharding(mesh, rules):
-        compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        lowered = training.step.lower(training.abstract_state, batch,
+                                      jax.ShapeDtypeStruct((), jnp.int32))
+        compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
     memory = compiled.memory_analysis()
-    params, param_shardings = nn.unbox(boxed.params), shardings.params
+    state, shardings = training.abstract_state, training.state_shardings
+    params, param_shardings = state.params, shardings.params
     return Plan(
             mesh=dict(mesh.shape),
             micro_batch=micro_batch,
@@ -149,7 +141,8 @@ def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
             *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
             "per-device memory:",
             f"  parameters:      {plan.param_bytes / GIB:9.2f} GiB",
-            f"  gradients:       {plan.grad_bytes / GIB:9.2f} GiB (float32 accumulators, in XLA temp)",
+            f"  gradients:       {plan.grad_bytes / GIB:9.2f} GiB (float32 accumulators, "
+            "in XLA temp)",
             f"  optimizer state: {plan.optimizer_bytes / GIB:9.2f} GiB",
             f"  XLA temporaries: {plan.temp_bytes / GIB:9.2f} GiB (activations, gathered weights, "
             "gradients)",
@@ -167,6 +160,60 @@ def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
     return "\n".join(lines)
 
 
+def predicted_step_s(plan: Plan, config: BloomConfig, seq_len: int, gpu: str, mfu: float) -> float:
+    """Compute at `mfu` of the bfloat16 peak (hardware FLOPs: recomputation and padded rows
+    count) plus the collectives of FSDP and tensor parallelism at LINKS bandwidth.
+
+    Per micro-step, FSDP all-gathers each layer's bfloat16 weights (forward, backward and, with
+    recomputation, again) and reduce-scatters float32 gradients; tensor parallelism all-reduces
+    2 activations per layer forward and 2 backward.
+    """
+    mesh, devices = plan.mesh, math.prod(plan.mesh.values())
+    rows = plan.micro_batches * plan.micro_batch
+    recompute = config.remat_policy != "none"
+    compute_s = (flops.flops_per_step(config, rows, seq_len, recompute)
+                 / (devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * mfu))
+    nvlink, network = LINKS[gpu]
+    params = flops.param_count(config) / mesh["tensor"]
+    ring = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731  (fraction a ring moves)
+    gathers = 3 if recompute else 2
+    fsdp_bytes = params * (2 * gathers + 4) * ring(mesh["fsdp"]) * plan.micro_batches
+    activation = plan.micro_batch / (mesh["data"] * mesh["fsdp"]) * seq_len * config.hidden_size
+    tensor_bytes = (4 * activation * 2 * 2 * config.n_layer * ring(mesh["tensor"])
+                    * plan.micro_batches)
+    fsdp_link = nvlink if mesh["fsdp"] * mesh["tensor"] <= FLAGS.devices_per_host else network
+    grads_allreduce = 2 * 4 * params / mesh["fsdp"] * ring(mesh["data"])
+    return compute_s + fsdp_bytes / fsdp_link + tensor_bytes / nvlink + grads_allreduce / network
+
+
+def search(config: BloomConfig, num_devices: int, rules: Rules, batch_size: int, seq_len: int,
+           memory: int, mfu: float) -> list[tuple[float, Plan, BloomConfig, int]]:
+    """Every (mesh, micro-batch size, remat) whose mesh divides and whose step fits `memory`,
+    fastest first; meshes whose float32 state alone cannot fit are not compiled."""
+    devices = jax.devices()[:num_devices]
+    state_bytes = 16 * flops.param_count(config)  # parameters, gradients, Adam's mu and nu
+    results = []
+    for shape in factorizations(num_devices):
+        if shape["tensor"] > FLAGS.devices_per_host or (
+                state_bytes / (shape["fsdp"] * shape["tensor"]) > memory):
+            continue
+        mesh = create_mesh(**shape, devices=devices)
+        for micro_batch_size in SEARCH_MICRO_BATCH_SIZES:
+            for remat in SEARCH_REMAT_POLICIES:
+                candidate = dataclasses.replace(config, remat_policy=remat)
+                try:
+                    result = plan_step(candidate, mesh, rules, batch_size, seq_len,
+                                       micro_batch_size)
+                except MeshError:
+                    break  # the same for every remat policy
+                print(f"  tried {format_shape(shape)}, micro_batch_size={micro_batch_size}, "
+                      f"remat={remat}: {result.peak_bytes / GIB:.1f} GiB", flush=True)
+                if result.peak_bytes <= memory:
+                    step_s = predicted_step_s(result, candidate, seq_len, FLAGS.gpu, mfu)
+                    results.append((step_s, result, candidate, micro_batch_size))
+    return sorted(results, key=lambda r: r[0])
+
+
 def largest_consumer(plan: Plan) -> str:
     parts = {"parameters": plan.param_bytes, "optimizer state": plan.optimizer_bytes,
              "XLA temporaries (activations, gathered weights, gradients)": plan.temp_bytes}
@@ -174,13 +221,14 @@ def largest_consumer(plan: Plan) -> str:
     return f"{name}: {parts[name] / GIB:.1f} GiB"
 
 
-def _micro_batch_size() -> int:
+def _micro_batch_size() -> int | None:
+    """--micro_batch_size, else the gin binding of train.micro_batch_size, else its default."""
     if FLAGS.micro_batch_size is not None:
         return FLAGS.micro_batch_size
     try:
-        return gin.query_parameter("train.micro_batch_size") or 1
-    except ValueError:  # the train loop is not registered with gin in this process
-        return 1
+        return gin.query_parameter("train.micro_batch_size")
+    except ValueError:  # not bound
+        return None
 
 
 def _simulate_devices(num_devices: int) -> None:
@@ -192,21 +240,27 @@ def _simulate_devices(num_devices: int) -> None:
     jax.config.update("jax_num_cpu_devices", num_devices)
 
 
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-    """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (t5x's shorthand)."""
-    return [re.sub(r"^--gin\.([^=]+)=(.*)$", r"--gin_bindings=\1 = \2", arg, flags=re.DOTALL)
-            for arg in argv]
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    metrics.quiet_library_logs()
     if FLAGS.num_devices:
         _simulate_devices(FLAGS.num_devices)
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, skip_unknown=True)
-    config = BloomConfig()
+    configs.parse_flags()
+    config = gin.get_configurable(BloomConfig)()
     batch_size = gin.query_parameter("%BATCH_SIZE")
     seq_len = gin.query_parameter("%SEQUENCE_LENGTH")
+    memory = int(FLAGS.memory_gib * GIB)
+    if FLAGS.search:
+        ranked = search(config, jax.device_count(), logical_axis_rules(), batch_size, seq_len,
+                        memory, FLAGS.mfu)
+        print(f"{len(ranked)} configurations fit {FLAGS.memory_gib} GiB; fastest first "
+              f"(predicted on {FLAGS.gpu} at {FLAGS.mfu:.0%} MFU):")
+        for step_s, result, candidate, micro_batch_size in ranked:
+            print(f"  {step_s:8.1f} s/step  {format_shape(result.mesh)}  micro_batch_size="
+                  f"{micro_batch_size}  remat={candidate.remat_policy}  "
+                  f"peak={result.peak_bytes / GIB:.1f} GiB")
+        sys.exit(0 if ranked else EXIT_DOES_NOT_FIT)
     try:
         mesh = create_mesh()
         plan = plan_step(config, mesh, logical_axis_rules(), batch_size, seq_len,
@@ -215,7 +269,6 @@ def main(argv: Sequence[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_MESH)
     print(format_plan(plan, config, batch_size, seq_len, FLAGS.mfu))
-    memory = int(FLAGS.memory_gib * GIB)
     if plan.peak_bytes > memory:
         print(f"does not fit: {plan.peak_bytes / GIB:.1f} GiB per device > {FLAGS.memory_gib} GiB; "
               f"largest consumer: {largest_consumer(plan)}", file=sys.stderr)
@@ -224,4 +277,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: FLAGS(rewrite_gin_args(argv)))
+    configs.define_flags()
+    app.run(main, flags_parser=lambda argv: FLAGS(configs.rewrite_gin_args(argv)))

@@ -25,6 +25,7 @@ import optax
 from absl import logging
 
 from bloom_jax import checkpoints, distributed, flops, metrics, optim
+from bloom_jax import evaluate as evaluate_lib
 from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline, vocabularies
 from bloom_jax.model import BloomConfig, BloomForCausalLM
@@ -109,6 +110,8 @@ def train(
     init_from: str | None = None,
     batch_ramp: optim.BatchRampUp | None = None,
     skip_policy: step_lib.SkipPolicy | None = None,
+    eval_every: int = 0,
+    eval_batch_size: int | None = None,
 ) -> step_lib.TrainState:
     """Trains until `train_steps` optimizer steps (restored ones included); returns the state.
 
@@ -117,6 +120,10 @@ def train(
       beyond the batch masked out. None: one micro-step holds the whole global batch.
     init_from: a checkpoint directory (e.g. from `bloom_jax.convert from_hf`) whose parameters a
       fresh run starts from; ignored when MODEL_DIR already has a checkpoint to resume.
+    eval_every: every N steps and at the end, log `eval/{loss,perplexity,bits_per_byte}/<task>`
+      on each task's validation split (and "all", blended); 0: no evaluation.
+    eval_batch_size: global sequences per eval forward pass; None: the micro-step's.
+    Gin: `train.eval_every = 1000`, `train.eval_batch_size = 64`.
     """
     if model_dir is None:
         raise ValueError("MODEL_DIR is not set: pass --gin.MODEL_DIR=/path/to/run (checkpoints, "
@@ -138,6 +145,12 @@ def train(
     logging.info("Mesh %s; %s parameters; %d sequences of %d tokens per micro-step.",
                  dict(mesh.shape), f"{flops.param_count(model_config):,}", micro_batch,
                  stream.sequence_length)
+    if eval_every:
+        eval_batch_size = eval_batch_size or micro_batch
+        evaluate_lib.check_batch_size(mesh, rules, eval_batch_size, stream.sequence_length)
+        eval_streams = pipeline.validation_streams(
+            vocabulary=stream.vocabulary, sequence_length=stream.sequence_length,
+            batch_size=eval_batch_size)
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
     restored = checkpointer.restore(training.abstract_state)
@@ -197,6 +210,10 @@ def train(
                         f"{consecutive_skips} steps in a row were skipped (non-finite or spiking "
                         f"loss), the last at step {step}. Restart from the last checkpoint with "
                         "a lower learning rate, or a data seed that skips the offending batches.")
+                if eval_every and (step % eval_every == 0 or step == train_steps):
+                    results = evaluate_lib.evaluate(training.model, state.params, eval_streams,
+                                                    mesh=mesh, rules=rules)
+                    logger.write_scalars(step, evaluate_lib.eval_scalars(results))
                 logger.progress(step)
                 preempted = distributed.reached_preemption(step)
                 checkpointer.save(state, stream.get_state(),

@@ -74,7 +74,8 @@ def hosts_split(shape: dict[str, int], num_hosts: int) -> tuple[tuple[int, ...],
     if per_host_devices % shape["tensor"]:
         raise MeshError(
             f"tensor={shape['tensor']} must stay inside one host, but a host has "
-            f"{per_host_devices} devices; choose a tensor size that divides {per_host_devices}.")
+            f"{per_host_devices} devices; choose a tensor size that divides "
+            f"{per_host_devices}.")
     across_data = math.gcd(shape["data"], num_hosts)
     across_fsdp = num_hosts // across_data
     if shape["fsdp"] % across_fsdp:

@@ -83,7 +83,9 @@ def init_params(
     """
     abstract = abstract_params(model, *inputs)
     check_mesh(mesh.shape, abstract, rules)
-    init = lambda: model.init(rng, *(jnp.zeros(x.shape, x.dtype) for x in inputs))["params"]  # noqa: E731
+    def init() -> Any:
+        return model.init(rng, *(jnp.zeros(x.shape, x.dtype) for x in inputs))["params"]
+
     # out_shardings alone makes XLA create each shard on its own device (threefry is
     # partitionable), so no activation rules are needed for the discarded forward pass.
     return init_sharded(init, logical_shardings(abstract, mesh, rules))

@@ -31,7 +31,7 @@ def clean_gin():
 
 def model_config() -> BloomConfig:
     """The BloomConfig the parsed gin config builds."""
-    return gin.get_configurable("BloomConfig")()
+    return configs.BloomConfig()
 
 
 def test_every_released_size_has_a_config():

@@ -216,11 +216,11 @@ class ValidationBatches:
     The last row and the last batch are padded (segment 0, loss weight 0) so shapes stay fixed.
     """
 
-    def __init__(self, task: tokenized.TokenizedTask, eos_id: int, *, sequence_length: int,
-                 batch_size: int, process_index: int | None = None,
+    def __init__(self, task: tokenized.TokenizedTask, vocabulary: seqio.Vocabulary, *,
+                 sequence_length: int, batch_size: int, process_index: int | None = None,
                  process_count: int | None = None):
         self.task = task
-        self._eos_id = eos_id
+        self.vocabulary = vocabulary
         self._length = sequence_length
         self._batch_size = batch_size
         self._rows = _process_rows(batch_size, process_index, process_count)
@@ -228,6 +228,18 @@ class ValidationBatches:
 
     def __len__(self) -> int:
         return -(-self._num_rows // self._batch_size)
+
+    @functools.cached_property
+    def num_bytes(self) -> int:
+        """UTF-8 bytes of the task's text: each document decoded without its EOS.
+
+        The denominator of bits per byte. Decoding the tokens (rather than re-reading the corpus)
+        costs no second pass over the files and works from the token cache; for BLOOM's byte-level
+        BPE and the shipped SentencePiece model (no normalization) it gives the documents' bytes.
+        """
+        documents = np.split(np.asarray(self.task.tokens), self.task.starts[1:-1])
+        return sum(len(self.vocabulary.decode(doc[:-1].tolist()).encode("utf-8"))
+                   for doc in documents)
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in range(len(self)):
@@ -239,7 +251,7 @@ class ValidationBatches:
                 window = self.task.tokens[row * self._length:row * self._length + self._length + 1]
                 rows[i, :len(window)] = window
                 valid[i] = max(len(window) - 1, 0)
-            yield pack(rows, valid, self._eos_id)
+            yield pack(rows, valid, self.vocabulary.eos_id)
 
 
 @gin.configurable
@@ -250,7 +262,7 @@ def validation_streams(*, data_dir: str | pathlib.Path | None = None,
                        process_count: int | None = None) -> dict[str, ValidationBatches]:
     """Per task, a finite, re-iterable sequence of validation batches for this process."""
     vocabulary = _vocabulary(vocabulary)
-    return {task.name: ValidationBatches(task, vocabulary.eos_id, sequence_length=sequence_length,
+    return {task.name: ValidationBatches(task, vocabulary, sequence_length=sequence_length,
                                          batch_size=batch_size, process_index=process_index,
                                          process_count=process_count)
             for task in tokenized.load_tasks("validation", data_dir, vocabulary)[1]}

@@ -211,9 +211,20 @@ def test_validation_batches_cover_each_token_once(vocabulary):
         assert padding.any() and np.all(last["segment_ids"][padding] == 0)
 
 
+def test_validation_bytes_are_the_documents_utf8_bytes(vocabulary):
+    """num_bytes decodes the tokens; here it is checked against the raw text of every language."""
+    streams = pipeline.validation_streams(vocabulary=vocabulary, sequence_length=LENGTH,
+                                          batch_size=4, process_index=0, process_count=1)
+    roots = tasks.roots_tasks(vocabulary=vocabulary)
+    assert len(streams) > 5
+    for name, batches in streams.items():
+        texts = list(roots[name].source.documents("validation"))
+        assert batches.num_bytes == sum(len(text.encode("utf-8")) for text in texts) > 0, name
+
+
 def test_validation_shards_cover_the_global_batches(train_tasks, vocabulary):
     make = lambda index, count: pipeline.ValidationBatches(
-        train_tasks[0], vocabulary.eos_id, sequence_length=LENGTH, batch_size=4,
+        train_tasks[0], vocabulary, sequence_length=LENGTH, batch_size=4,
         process_index=index, process_count=count)
     whole, halves = make(0, 1), [make(i, 2) for i in range(2)]
     assert len(whole) > 1

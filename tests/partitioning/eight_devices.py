@@ -2,9 +2,11 @@
 
 Run as a script in a fresh process (the device count is fixed when jax starts, so the rest of
 the suite keeps its one device):
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/partitioning/eight_devices.py OUT_DIR
-It writes OUT_DIR/results.npz (loss, parameters and gradients per mesh, keyed "mesh/path") and
-OUT_DIR/shardings.json (each parameter's mesh shape and PartitionSpec, read back from the arrays).
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/partitioning/eight_devices.py OUT_DIR
+It writes OUT_DIR/results.npz (loss, parameters and gradients per mesh, keyed "mesh/path", and
+the same computed unsharded on one device, keyed "single/path") and OUT_DIR/shardings.json (each
+parameter's mesh shape and PartitionSpec, read back from the arrays).
 The shared pieces (model, batch, loss) are imported by the tests that check those files.
 """
 
@@ -12,6 +14,7 @@ import json
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +68,22 @@ def flat(tree) -> dict[str, jax.Array]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def as_arrays(params, loss, grads) -> dict[str, np.ndarray]:
+    arrays = {"loss": np.asarray(loss)}
+    arrays.update({f"params/{k}": np.asarray(v) for k, v in flat(params).items()})
+    arrays.update({f"grads/{k}": np.asarray(v) for k, v in flat(grads).items()})
+    return arrays
+
+
+def run_single_device() -> dict[str, np.ndarray]:
+    """The reference: plain init and step on one device, no mesh, no rules."""
+    variables = MODEL.init(jax.random.key(SEED), jnp.zeros((BATCH, LENGTH), jnp.int32))
+    params = jax.device_put(nn.unbox(variables["params"]), jax.devices()[0])
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, make_batch())
+    assert all(len(g.devices()) == 1 for g in jax.tree.leaves(grads))
+    return as_arrays(params, loss, grads)
+
+
 def run_mesh(shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], dict]:
     mesh = create_mesh(*shape)
     rules = logical_axis_rules()
@@ -79,15 +98,13 @@ def run_mesh(shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], dict]:
         lowered = step.lower(params, batch)
         loss, grads = lowered.compile()(params, batch)
     shardings["constraints_in_step"] = lowered.as_text().count("sharding_constraint")
-    arrays = {"loss": np.asarray(loss)}
-    arrays.update({f"params/{k}": np.asarray(v) for k, v in flat(params).items()})
-    arrays.update({f"grads/{k}": np.asarray(v) for k, v in flat(grads).items()})
-    return arrays, shardings
+    return as_arrays(params, loss, grads), shardings
 
 
 def main(out_dir: pathlib.Path) -> None:
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    arrays, shardings = {}, {}
+    arrays = {f"single/{k}": v for k, v in run_single_device().items()}
+    shardings = {}
     for shape in MESHES:
         mesh_arrays, shardings[mesh_name(shape)] = run_mesh(shape)
         arrays.update({f"{mesh_name(shape)}/{k}": v for k, v in mesh_arrays.items()})

@@ -1,7 +1,7 @@
 """Shardings from the rules, and a tiny BLOOM trained one step on 8 simulated devices.
 
-The 8-device runs happen in one subprocess (tests/partitioning/eight_devices.py); this process
-keeps its single device and computes the reference loss and gradients.
+The 8-device runs happen in one subprocess (tests/partitioning/eight_devices.py), which also
+computes the unsharded reference on one of its devices; this process keeps its single device.
 """
 
 import json
@@ -38,7 +38,8 @@ def abstract():
 
 
 def test_parameter_shardings_follow_the_rules(abstract):
-    specs = {path: s.spec for path, s in run8.flat(logical_shardings(abstract, create_mesh(), RULES)).items()}
+    shardings = logical_shardings(abstract, create_mesh(), RULES)
+    specs = {path: s.spec for path, s in run8.flat(shardings).items()}
     assert specs["word_embeddings/embedding"] == P("tensor", "fsdp")  # [vocab, embed]
     assert specs["h/self_attention/query_key_value/kernel"] == P(None, "fsdp", "tensor", None, None)
     assert specs["h/self_attention/dense/kernel"] == P(None, "tensor", None, "fsdp")
@@ -77,16 +78,6 @@ def eight_device_run(tmp_path_factory):
     return np.load(out / "results.npz"), json.loads((out / "shardings.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def single_device():
-    """Parameters, loss and gradients of the same step on this process's one device."""
-    variables = run8.MODEL.init(
-        jax.random.key(run8.SEED), jnp.zeros((run8.BATCH, run8.LENGTH), jnp.int32))
-    params = nn.unbox(variables["params"])
-    loss, grads = jax.jit(jax.value_and_grad(run8.loss_fn))(params, run8.make_batch())
-    return run8.flat(params), loss, run8.flat(grads)
-
-
 def normalized(spec) -> tuple:
     """A PartitionSpec (or its JSON list) as a tuple of tuples, trailing Nones dropped."""
     axes = [tuple(a) if isinstance(a, (list, tuple)) else a for a in spec]
@@ -106,18 +97,17 @@ def test_every_parameter_is_sharded_as_the_rules_say(eight_device_run, abstract,
     for path, box in boxes.items():
         read_back = shardings[mesh][jax.tree_util.keystr(path, simple=True, separator="/")]
         assert read_back["mesh"] == expected_mesh
-        assert normalized(read_back["spec"]) == normalized(nn.logical_to_mesh_axes(box.names, RULES))
+        expected = nn.logical_to_mesh_axes(box.names, RULES)
+        assert normalized(read_back["spec"]) == normalized(expected)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESH_IDS)
-def test_sharded_step_equals_single_device_step(eight_device_run, single_device, mesh):
+def test_sharded_step_equals_single_device_step(eight_device_run, abstract, mesh):
     arrays, shardings = eight_device_run
-    params, loss, grads = single_device
-    for path, value in params.items():  # sharded init draws the same numbers
-        np.testing.assert_allclose(arrays[f"{mesh}/params/{path}"], value, rtol=1e-6, err_msg=path)
-    np.testing.assert_allclose(arrays[f"{mesh}/loss"], loss, rtol=1e-6)
-    for path, grad in grads.items():
-        np.testing.assert_allclose(arrays[f"{mesh}/grads/{path}"], grad, rtol=1e-5, atol=1e-6,
-                                   err_msg=path)
+    single = {k.removeprefix("single/"): v for k, v in arrays.items() if k.startswith("single/")}
+    assert len(single) == 1 + 2 * len(run8.flat(nn.unbox(abstract)))  # loss, params, grads
+    for key, expected in single.items():  # init draws the same numbers, sharded or not
+        tolerance = dict(rtol=1e-5, atol=1e-6) if key.startswith("grads/") else dict(rtol=1e-6)
+        np.testing.assert_allclose(arrays[f"{mesh}/{key}"], expected, err_msg=key, **tolerance)
     assert shardings[mesh]["constraints_in_step"] > 0  # the model's activation constraints

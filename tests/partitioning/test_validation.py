@@ -47,7 +47,8 @@ def test_with_no_mesh_of_the_device_count_the_nearest_counts_are_proposed(tiny_p
         check_mesh(shape(1, 1, 3), tiny_params, RULES, batch_shape=(8, 16))
     message = str(e.value)
     assert "3 has the prime factor(s) [3], which no sharded axis size has (8, 64, 256)" in message
-    assert "2 devices (data=1, fsdp=2, tensor=1) and 4 devices (data=1, fsdp=4, tensor=1)" in message
+    assert ("2 devices (data=1, fsdp=2, tensor=1) and 4 devices (data=1, fsdp=4, tensor=1)"
+            in message)
 
 
 def test_a_batch_the_data_axes_do_not_divide_is_named_with_meshes_that_do(tiny_params):
@@ -55,7 +56,8 @@ def test_a_batch_the_data_axes_do_not_divide_is_named_with_meshes_that_do(tiny_p
         check_mesh(shape(16, 1, 1), tiny_params, RULES, batch_shape=(8, 16))
     message = str(e.value)
     assert "'activation_batch' (size 8, in activations) is sharded over data=16 x fsdp=1" in message
-    assert "Meshes of 16 devices that divide every sharded axis: (data=1, fsdp=8, tensor=2)" in message
+    assert ("Meshes of 16 devices that divide every sharded axis: (data=1, fsdp=8, tensor=2)"
+            in message)
 
 
 def test_proposed_meshes_are_exactly_those_that_divide(tiny_params):
