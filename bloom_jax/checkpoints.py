@@ -175,7 +175,11 @@ def _latest_step(manager: ocp.CheckpointManager, directory: str | Path) -> int:
     return step
 
 
-def _checkpoint_config(directory: str | Path, config: BloomConfig | None) -> BloomConfig:
+def _checkpoint_config(directory: str | Path, config: BloomConfig | None,
+                       fix: str = "pass its own config (checkpoints.load_config) or another "
+                                  "checkpoint") -> BloomConfig:
+    """`config` (default: the saved one) after checking it is the saved architecture; the error
+    names both and ends with `fix`."""
     saved = load_config(directory)
     if config is None:
         return saved
@@ -183,8 +187,7 @@ def _checkpoint_config(directory: str | Path, config: BloomConfig | None) -> Blo
             if getattr(saved, f) != getattr(config, f)}
     if diff:
         details = ", ".join(f"{f}: checkpoint {a} vs asked {b}" for f, (a, b) in diff.items())
-        raise ValueError(f"Checkpoint {directory} was saved for another model ({details}); pass "
-                         "its own config (checkpoints.load_config) or another checkpoint.")
+        raise ValueError(f"Checkpoint {directory} was saved for another model ({details}); {fix}.")
     return config
 
 
@@ -262,7 +265,8 @@ class TrainCheckpointer:
         options = options or CheckpointOptions()
         self.directory = Path(directory).absolute()
         if (self.directory / CONFIG_FILE).is_file():
-            _checkpoint_config(self.directory, config)  # refuses another model's checkpoints
+            _checkpoint_config(self.directory, config, fix="train with the gin config it was "
+                               "saved with, or choose another MODEL_DIR")
         elif jax.process_index() == 0:
             save_config(self.directory, config)
         self._manager = ocp.CheckpointManager(

@@ -1,9 +1,9 @@
 """gin wiring shared by every command: the --gin_file / --gin.NAME=VALUE flags and their parsing.
 
 Every config accepts the same macros (MODEL_DIR, DATA_DIR, TRAIN_STEPS, BATCH_SIZE,
-SEQUENCE_LENGTH, SEED; see gin_configs/base.gin). `--gin.NAME=VALUE` is t5x's shorthand for
-`--gin_bindings='NAME = VALUE'`; a VALUE that is not a gin literal (a bare path) is taken as a
-string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
+SEQUENCE_LENGTH, SEED, INIT_FROM; see gin_configs/base.gin). `--gin.NAME=VALUE` is t5x's
+shorthand for `--gin_bindings='NAME = VALUE'`; a VALUE that is not a gin literal (a bare path)
+is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 
 # gin's handle on the model config: calling it gives the BloomConfig the parsed files bind.
 BloomConfig = gin.external_configurable(model.BloomConfig, module="bloom_jax")
+flags.disclaim_key_flags()  # the gin flags are the command's own: its --help lists them
 
 
 def define_flags() -> None:

@@ -190,12 +190,7 @@ def train(
                 step, consumed = step + 1, consumed + batch_size
 
                 consecutive_skips = consecutive_skips + 1 if step_metrics["skipped"] else 0
-                if consecutive_skips > skip_policy.max_consecutive:
-                    raise TrainingError(
-                        f"{consecutive_skips} steps in a row were skipped (non-finite or spiking "
-                        f"loss), the last at step {step}. Restart from the last checkpoint with "
-                        "a lower learning rate, or a data seed that skips the offending batches.")
-                if step % log_every == 0 or step in (1, train_steps):
+                if step % log_every == 0 or step in (1, train_steps) or step_metrics["skipped"]:
                     step_flops = sequence_flops * batch_size
                     logger.write_scalars(step, {
                         "loss": step_metrics["loss"],
@@ -210,6 +205,11 @@ def train(
                         "mfu": flops.mfu(step_flops, step_time, jax.device_count(), peak),
                         "skipped_steps": int(state.skipped_steps),
                     })
+                if consecutive_skips > skip_policy.max_consecutive:
+                    raise TrainingError(
+                        f"{consecutive_skips} steps in a row were skipped (non-finite or spiking "
+                        f"loss), the last at step {step}. Restart from the last checkpoint with "
+                        "a lower learning rate, or a data seed that skips the offending batches.")
                 if eval_every and (step % eval_every == 0 or step == train_steps):
                     results = evaluate_lib.evaluate(training.model, state.params, eval_streams,
                                                     mesh=mesh, rules=rules)

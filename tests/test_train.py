@@ -1,0 +1,247 @@
+"""`python -m bloom_jax.train` run as a user runs it, in its own processes, on the tiny config:
+killed and restarted, preempted, on 8 simulated devices, and given bad input.
+
+Every run shares one persistent compilation cache, so only the first run of each mesh compiles.
+"""
+
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_metrics import read_scalars
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TRAIN_STEPS = 8  # the reference run: 2N steps, checkpointed at 1 (orbax's first save), 4 and 8
+EVERY = 4
+TIMEOUT_S = 300
+MESH_2_2_2 = ("--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=2", "--gin.create_mesh.tensor=2")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("jax_compilation_cache")
+
+
+def _command(model_dir: pathlib.Path, train_steps: int, bindings: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "bloom_jax.train", "--gin_file=gin_configs/tiny.gin",
+            f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={train_steps}",
+            "--gin.train.log_every=1", f"--gin.CheckpointOptions.every_steps={EVERY}", *bindings]
+
+
+def _env(cache: pathlib.Path, devices: int) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def train(cache: pathlib.Path, model_dir: pathlib.Path, *bindings: str,
+          train_steps: int = TRAIN_STEPS, devices: int = 1) -> subprocess.CompletedProcess:
+    """Runs the command to its end; stdout and stderr (the console log) are returned as text."""
+    return subprocess.run(_command(model_dir, train_steps, bindings), cwd=REPO,
+                          env=_env(cache, devices), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def start_train(cache: pathlib.Path, model_dir: pathlib.Path, log: pathlib.Path, *bindings: str,
+                train_steps: int) -> subprocess.Popen:
+    """Starts the command in the background, its console log going to `log`."""
+    with open(log, "w") as console:
+        return subprocess.Popen(_command(model_dir, train_steps, bindings), cwd=REPO,
+                                env=_env(cache, devices=1), stdout=console,
+                                stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def checkpoint_steps(model_dir: pathlib.Path) -> list[int]:
+    """The committed checkpoint steps (orbax writes each under a temporary name, then renames)."""
+    return sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def console_losses(text: str) -> dict[int, float]:
+    """{step: loss} from the console lines `step 3/8 | loss 6.9380 | ...`."""
+    return {int(step): float(loss)
+            for step, loss in re.findall(r"step (\d+)/\d+ \| loss ([\d.]+)", text)}
+
+
+def event_losses(path: pathlib.Path) -> dict[int, np.float32]:
+    """{step: loss} as written to the TensorBoard event file(s) at `path`."""
+    return {step: np.float32(loss) for step, loss in read_scalars(path)["loss"]}
+
+
+def new_event_file(model_dir: pathlib.Path, before: set[pathlib.Path]) -> pathlib.Path:
+    (path,) = set(model_dir.glob("events.out.tfevents.*")) - before
+    return path
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(compile_cache, tmp_path_factory) -> pathlib.Path:
+    """MODEL_DIR of an uninterrupted run of TRAIN_STEPS steps on one device."""
+    model_dir = tmp_path_factory.mktemp("reference")
+    ok(train(compile_cache, model_dir))
+    return model_dir
+
+
+def test_help_names_the_flags_and_the_macros(compile_cache):
+    result = subprocess.run([sys.executable, "-m", "bloom_jax.train", "--help"], cwd=REPO,
+                            env=_env(compile_cache, 1), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    for words in ("--gin_file", "--gin_bindings", "--gin.NAME=VALUE", "--[no]verbose", "MODEL_DIR",
+                  "DATA_DIR", "TRAIN_STEPS", "resumes"):
+        assert words in result.stdout
+
+
+def test_run_writes_its_gin_config_and_metrics(reference):
+    config = (reference / "config.gin").read_text()
+    assert f"TRAIN_STEPS = {TRAIN_STEPS}" in config
+    assert f"MODEL_DIR = '{reference}'" in config
+    assert "BloomConfig.hidden_size = 64" in config
+    scalars = read_scalars(reference)
+    for tag in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "batch_size",
+                "tokens_seen", "skipped_steps"):
+        assert [step for step, _ in scalars[tag]] == list(range(1, TRAIN_STEPS + 1)), tag
+    loss = dict(scalars["loss"])
+    assert loss[TRAIN_STEPS] < loss[1]
+    assert dict(scalars["batch_size"])[1] == 16  # tiny.gin's BATCH_SIZE
+    assert all(v > 0 for _, v in scalars["tokens_per_s"] + scalars["mfu"])
+    assert checkpoint_steps(reference) == [1, EVERY, TRAIN_STEPS]
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_logs_the_same_losses(compile_cache, reference, tmp_path):
+    model_dir, log = tmp_path / "run", tmp_path / "killed.log"
+    # A run that would go on for long: killed once its step-EVERY checkpoint is committed.
+    proc = start_train(compile_cache, model_dir, log, train_steps=1000)
+    try:
+        wait_for(lambda: (model_dir / "checkpoints" / str(EVERY)).is_dir(), proc,
+                 f"checkpoint {EVERY}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint_steps(model_dir) == [1, EVERY], "killed too late to test the restart"
+    killed_losses = console_losses(log.read_text())
+
+    before = set(model_dir.glob("events.out.tfevents.*"))
+    restarted = ok(train(compile_cache, model_dir))
+    assert f"Resumed from step {EVERY}" in restarted.stderr
+
+    expected = event_losses(reference)
+    assert killed_losses.keys() >= set(range(1, EVERY + 1))
+    assert killed_losses == pytest.approx({s: expected[s] for s in killed_losses}, abs=1e-4)
+    resumed = event_losses(new_event_file(model_dir, before))
+    assert resumed == {s: expected[s] for s in range(EVERY + 1, TRAIN_STEPS + 1)}  # bit-equal
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_the_relaunch_resumes(compile_cache, reference,
+                                                                   tmp_path):
+    model_dir, log = tmp_path / "run", tmp_path / "preempted.log"
+    proc = start_train(compile_cache, model_dir, log, "--gin.CheckpointOptions.every_steps=1000",
+                       train_steps=1000)
+    try:
+        wait_for(lambda: "step 2/1000 |" in log.read_text(), proc, "step 2")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT_S) == 0, log.read_text()
+    finally:
+        proc.kill()
+    console = log.read_text()
+    preempted_at = max(console_losses(console))
+    assert f"Preempted: checkpoint of step {preempted_at} saved; exiting." in console
+    assert checkpoint_steps(model_dir) == [1, preempted_at]
+    assert preempted_at < TRAIN_STEPS, "the run stopped too late to test the relaunch"
+
+    before = set(model_dir.glob("events.out.tfevents.*"))
+    relaunched = ok(train(compile_cache, model_dir))
+    assert f"Resumed from step {preempted_at}" in relaunched.stderr
+    expected = event_losses(reference)
+    assert event_losses(new_event_file(model_dir, before)) == {
+        s: expected[s] for s in range(preempted_at + 1, TRAIN_STEPS + 1)}
+
+
+@pytest.mark.slow
+def test_mesh_2_2_2_on_8_devices_logs_the_losses_of_one_device(compile_cache, reference,
+                                                               tmp_path):
+    sharded = ok(train(compile_cache, tmp_path, *MESH_2_2_2, devices=8))
+    assert "Mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in sharded.stderr
+    expected, got = read_scalars(reference), read_scalars(tmp_path)
+    for tag in ("loss", "grad_norm", "learning_rate"):
+        np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in expected[tag]],
+                                   rtol=1e-5, err_msg=tag)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_device_resumes_on_mesh_2_2_2(compile_cache, reference, tmp_path):
+    # MODEL_DIR holding the reference run's step-EVERY checkpoint only.
+    for name in ("config.json", str(EVERY)):
+        source, target = reference / "checkpoints" / name, tmp_path / "checkpoints" / name
+        target.parent.mkdir(exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    resumed = ok(train(compile_cache, tmp_path, *MESH_2_2_2, devices=8))
+    assert f"Resumed from step {EVERY}" in resumed.stderr
+    expected, got = read_scalars(reference), read_scalars(tmp_path)
+    for tag in ("loss", "grad_norm", "learning_rate"):
+        assert [step for step, _ in got[tag]] == list(range(EVERY + 1, TRAIN_STEPS + 1))
+        np.testing.assert_allclose([v for _, v in got[tag]],
+                                   [v for step, v in expected[tag] if step > EVERY],
+                                   rtol=1e-5, err_msg=tag)
+
+
+def _file_digests(directory: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("--gin.DATA_DIR=/nonexistent/roots", "Corpus folder /nonexistent/roots does not exist"),
+    ("--gin.train.trainsteps=3", "Configurable 'train' doesn't have a parameter named "
+                                 "'trainsteps'"),
+    ("--gin.BloomConfig.n_layer=3", "saved for another model (n_layer: checkpoint 2 vs asked 3); "
+                                    "train with the gin config it was saved with"),
+])
+def test_bad_input_ends_with_one_line_and_leaves_model_dir_intact(compile_cache, reference,
+                                                                  tmp_path, binding, message):
+    model_dir = shutil.copytree(reference, tmp_path / "run")
+    digests = _file_digests(model_dir)
+    result = train(compile_cache, model_dir, binding)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.rstrip("\n").splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, result.stderr
+    assert _file_digests(model_dir) == digests
+
+
+def test_verbose_shows_the_traceback(compile_cache, tmp_path):
+    result = train(compile_cache, tmp_path, "--gin.trian.seed=3", "--verbose")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "No configurable matching 'trian'" in result.stderr
+
+
+def test_no_gin_file_names_the_fix(compile_cache):
+    result = subprocess.run([sys.executable, "-m", "bloom_jax.train"], cwd=REPO,
+                            env=_env(compile_cache, 1), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 1
+    assert "No --gin_file given" in result.stderr and "--gin_file=gin_configs/tiny.gin" in (
+        result.stderr)

@@ -1,0 +1,65 @@
+"""The training loop in this process on the tiny config: a run of skipped steps stops it, and
+INIT_FROM starts it from a converted checkpoint. (The command's processes: test_train.py.)"""
+
+import signal
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import pytest
+
+from bloom_jax import checkpoints, configs, trainer
+from bloom_jax.model import BloomForCausalLM
+from tests.test_metrics import read_scalars
+
+
+@pytest.fixture(autouse=True)
+def clean_gin_and_signals():
+    """The loop installs SIGTERM / SIGINT handlers (distributed.initialize): give pytest its own
+    back, and forget the gin config."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    gin.clear_config()
+    yield
+    gin.clear_config()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def parse_tiny(model_dir, *bindings: str) -> None:
+    configs.parse(["tiny.gin"], [f"MODEL_DIR = '{model_dir}'", *bindings])
+
+
+def test_stacked_batches_are_the_next_batches_in_order():
+    stream = iter([{"input_ids": np.full([2, 3], i, np.int32)} for i in range(5)])
+    stacked = trainer.stacked_batches(stream, 3)
+    assert stacked["input_ids"].shape == (3, 2, 3)  # [micro_batches, batch, length]
+    np.testing.assert_array_equal(stacked["input_ids"][:, 0, 0], [0, 1, 2])
+    assert next(stream)["input_ids"][0, 0] == 3
+
+
+@pytest.mark.slow
+def test_too_many_skipped_steps_in_a_row_stop_the_run(tmp_path):
+    # Every loss after the first update exceeds 0.5 x its average: steps 2, 3, 4 are skipped,
+    # and each is logged although log_every (10) skips them.
+    parse_tiny(tmp_path, "TRAIN_STEPS = 8", "train.log_every = 10",
+               "SkipPolicy.spike_factor = 0.5", "SkipPolicy.max_consecutive = 2")
+    with pytest.raises(trainer.TrainingError, match="3 steps in a row were skipped .* step 4"):
+        trainer.train()
+    assert read_scalars(tmp_path)["skipped_steps"] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+
+
+@pytest.mark.slow
+def test_init_from_starts_from_the_converted_parameters(tmp_path):
+    parse_tiny(tmp_path / "run", "TRAIN_STEPS = 1", f"INIT_FROM = '{tmp_path / 'converted'}'")
+    config = configs.BloomConfig()
+    params = BloomForCausalLM(config).init(jax.random.PRNGKey(7), np.zeros([1, 1], np.int32))
+    converted = jax.tree.map(np.asarray, nn.unbox(params["params"]))
+    checkpoints.save_params(tmp_path / "converted", config, converted)
+
+    state = trainer.train()
+    # The first step's learning rate is 0 (warmup starts there): the parameters stay the converted
+    # ones, in the state and in the step-1 checkpoint.
+    _, saved = checkpoints.load_params(tmp_path / "run" / "checkpoints", config)
+    for got in (state.params, saved):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), converted)
