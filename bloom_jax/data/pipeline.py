@@ -185,6 +185,8 @@ class PackedStream:
 def _vocabulary(vocabulary: seqio.Vocabulary | str | None) -> seqio.Vocabulary:
     if isinstance(vocabulary, seqio.Vocabulary):
         return vocabulary
+    if vocabulary is None:  # let gin's load_vocabulary.path apply
+        return vocabularies.load_vocabulary()
     return vocabularies.load_vocabulary(vocabulary)
 
 
