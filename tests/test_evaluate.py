@@ -14,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
 
 from bloom_jax import configs, evaluate, optim, trainer
 from bloom_jax import step as step_lib
@@ -24,6 +22,7 @@ from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from tests.data.helpers import write_jsonl
+from tests.test_metrics import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = BloomForCausalLM(BloomConfig(vocab_size=1024, hidden_size=32, n_layer=2, n_head=4))
@@ -156,15 +155,6 @@ def test_table_has_a_line_per_task_and_the_blend():
 
 TRAIN_SETTINGS = ["TRAIN_STEPS = 3", "BATCH_SIZE = 2", "SEQUENCE_LENGTH = 32",
                   "train.eval_every = 2", "roots_tasks.languages_subset = ['en', 'fr', 'hi']"]
-
-
-def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under `logdir`, as TensorBoard's own reader sees them."""
-    reader = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
-    reader.Reload()
-    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
-                  for event in reader.Tensors(tag)]
-            for tag in reader.Tags()["tensors"]}
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
+
+from tests.test_metrics import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LOCAL = REPO / "launch" / "local.py"
@@ -56,10 +56,7 @@ def run_losses(model_dir: pathlib.Path) -> dict[int, float]:
     process 0 writes one)."""
     files = list(model_dir.glob("events.out.tfevents.*"))
     assert len(files) == 1, files
-    reader = event_accumulator.EventAccumulator(str(files[0]), size_guidance={"tensors": 0})
-    reader.Reload()
-    return {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-            for e in reader.Tensors("loss")}
+    return dict(read_scalars(model_dir)["loss"])
 
 
 def logged_steps(output: str) -> dict[int, str]:
