@@ -292,7 +292,7 @@ def parse_sweeps(sweeps: Sequence[str]) -> dict[str, list[str]]:
     return parsed
 
 
-def _does_not_fit(error: Exception) -> str | None:
+def does_not_fit(error: Exception) -> str | None:
     """Why a configuration does not fit, if `error` says so (mesh or memory); else None."""
     if isinstance(error, mesh_lib.MeshError):
         return f"mesh: {error}"
@@ -316,10 +316,15 @@ def sweep(gin_files: Sequence[str], bindings: Sequence[str], sweeps: dict[str, l
         try:
             rows.append(SweepRow(combination, result=benchmark(**benchmark_kwargs)))
         except Exception as e:  # pylint: disable=broad-except  # only those that do not fit
-            reason = _does_not_fit(e)
+            reason = does_not_fit(e)
             if reason is None:
                 raise
             rows.append(SweepRow(combination, does_not_fit=reason))
+    return sort_rows(rows)
+
+
+def sort_rows(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """Fastest first; those that do not fit last, in their given order."""
     return sorted(rows, key=lambda r: -r.result.tokens_per_s if r.result else float("inf"))
 
 
