@@ -12,7 +12,8 @@ in model FLOPs (K = 3) and, when activations are recomputed, BLOOM's hardware FL
 `--compare_torch` times the same model, batch and sequence length as a training step of
 Hugging Face's `BloomForCausalLM` with `torch.optim.AdamW` (float32, or bfloat16 autocast when
 the config computes in bfloat16), alternating timed steps with ours so that both see the same
-machine load. `--sweep NAME=v1,v2` (repeatable) times every combination of the bindings, as
+machine load (both models are resident at once: the 560M smoke config needs ~13 GB each).
+`--sweep NAME=v1,v2` (repeatable) times every combination of the bindings, as
 BigScience did before launching BLOOM, and lists the combinations that do not fit (mesh or memory).
 """
 
