@@ -39,10 +39,14 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
     for arg in argv:
         match = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, flags=re.DOTALL)
         if match:
-            name, value = match.groups()
-            arg = f"--gin_bindings={name} = {_as_gin_value(value)}"
+            arg = f"--gin_bindings={binding(*match.groups())}"
         rewritten.append(arg)
     return rewritten
+
+
+def binding(name: str, value: str) -> str:
+    """The gin binding `NAME = VALUE` of a command-line value (a bare string gets quoted)."""
+    return f"{name} = {_as_gin_value(value)}"
 
 
 def _as_gin_value(value: str) -> str:

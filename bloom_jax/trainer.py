@@ -92,6 +92,15 @@ def shard_training(model_config: BloomConfig, mesh: jax.sharding.Mesh, rules: ru
                            batch_sharding, step)
 
 
+def micro_batch_sequences(batch_size: int, micro_batch_size: int | None,
+                          mesh: jax.sharding.Mesh) -> int:
+    """Global sequences per micro-step: `micro_batch_size` per data-parallel shard (data x
+    fsdp), or the whole `batch_size` when it is None."""
+    if micro_batch_size is None:
+        return batch_size
+    return micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def stacked_batches(stream: Iterator[dict], micro_batches: int) -> dict[str, np.ndarray]:
     """The next `micro_batches` batches of the stream, stacked: [micro_batches, batch, length]."""
     batches = [next(stream) for _ in range(micro_batches)]
@@ -135,9 +144,7 @@ def train(
 
     mesh = mesh_lib.create_mesh()
     rules = rules_lib.logical_axis_rules()
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batch = (batch_ramp.global_batch_size if micro_batch_size is None
-                   else micro_batch_size * data_parallel)  # global sequences per micro-step
+    micro_batch = micro_batch_sequences(batch_ramp.global_batch_size, micro_batch_size, mesh)
     stream = pipeline.make_stream(batch_size=micro_batch)
     vocabularies.check_fits_model(stream.vocabulary, model_config.vocab_size)
     training = shard_training(model_config, mesh, rules, micro_batch, stream.sequence_length,

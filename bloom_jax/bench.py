@@ -1,0 +1,375 @@
+"""`python -m bloom_jax.bench`: how fast is the real train step, and how does it compare?
+
+Times the trainer's own jitted step (forward, backward, optimizer update; `trainer.shard_training`)
+on synthetic packed batches of the configured shape, after a warm-up, and reports compile time,
+median step time, tokens/s, TFLOP/s per device and MFU (flops.py's formula, the planner's),
+in model FLOPs (K = 3) and, when activations are recomputed, BLOOM's hardware FLOPs (K = 4):
+
+    python -m bloom_jax.bench --gin_file=gin_configs/tiny.gin --steps=10 --compare_torch
+    python -m bloom_jax.bench --gin_file=gin_configs/bloom560m_smoke.gin \\
+        --sweep BloomConfig.remat_policy=none,full --sweep BloomConfig.scan_layers=True,False
+
+`--compare_torch` times the same model, batch and sequence length as a training step of
+Hugging Face's `BloomForCausalLM` with `torch.optim.AdamW` (float32, or bfloat16 autocast when
+the config computes in bfloat16), alternating timed steps with ours so that both see the same
+machine load (both models are resident at once: the 560M smoke config needs ~13 GB each).
+`--sweep NAME=v1,v2` (repeatable) times every combination of the bindings, as
+BigScience did before launching BLOOM, and lists the combinations that do not fit (mesh or memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+from absl import app, flags
+
+from bloom_jax import configs, flops, metrics, optim, trainer
+from bloom_jax.data import pipeline
+from bloom_jax.model import BloomConfig
+from partitioning import mesh as mesh_lib
+from partitioning import rules as rules_lib
+from partitioning import shardings as shardings_lib
+
+FLAGS = flags.FLAGS
+
+# Synthetic rows start a new document at this token (BLOOM's </s>), about twice per row.
+SYNTHETIC_EOS_ID = 2
+DOCUMENTS_PER_ROW = 2
+
+
+def define_flags() -> None:
+    """The gin flags and the benchmark's own (call once, when run as a command)."""
+    configs.define_flags()
+    flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+    flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compilation.")
+    flags.DEFINE_integer("seed", 0, "Seed of the parameters and the synthetic tokens.")
+    flags.DEFINE_bool("compare_torch", False, "Also time Hugging Face's BloomForCausalLM with "
+                      "torch.optim.AdamW on the same batches, alternating steps with ours.")
+    flags.DEFINE_bool("json", False, "Print the figures as one JSON object (a list with --sweep).")
+    flags.DEFINE_multi_string("sweep", [], "NAME=v1,v2: benchmark each value of the gin binding "
+                              "NAME (repeat for a grid), e.g. train.micro_batch_size=1,2 or "
+                              "create_mesh.fsdp=1,2; values are split at commas.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one train step processes, as the gin config (and the trainer) has it."""
+
+    model_config: BloomConfig
+    batch_size: int  # global sequences per optimizer step (after any ramp-up)
+    sequence_length: int
+    micro_batch_size: int | None  # sequences per data-parallel shard per micro-step
+
+    @classmethod
+    def from_gin(cls) -> Workload:
+        train = gin.get_bindings("train")  # references evaluated: model_config is a BloomConfig
+        return cls(model_config=train["model_config"],
+                   batch_size=optim.BatchRampUp().global_batch_size,
+                   sequence_length=gin.get_bindings("make_stream")["sequence_length"],
+                   micro_batch_size=train.get("micro_batch_size"))
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.sequence_length
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The figures of one benchmarked configuration."""
+
+    compile_s: float
+    step_time_s: float  # median
+    tokens_per_s: float
+    num_devices: int
+    peak_flops: float  # per device, for the compute dtype (measured on CPUs)
+    model_flops_per_step: float  # K = 3
+    tflops_per_device: float
+    mfu: float
+    hardware_flops_per_step: float | None = None  # K = 4: with recomputation (remat on)
+    hardware_tflops_per_device: float | None = None
+    hardware_mfu: float | None = None
+    torch_step_time_s: float | None = None
+    torch_tokens_per_s: float | None = None
+    speedup_vs_torch: float | None = None
+
+
+def synthetic_batch(rng: np.random.Generator, micro_batches: int, micro_batch: int,
+                    length: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """Random tokens packed by the data pipeline's own `pack`: [micro_batches, micro_batch, length]
+    features with documents (segment ids, restarting positions) of random lengths."""
+    rows = rng.integers(SYNTHETIC_EOS_ID + 1, vocab_size, (micro_batches * micro_batch, length + 1))
+    rows[rng.random(rows.shape) < DOCUMENTS_PER_ROW / length] = SYNTHETIC_EOS_ID
+    packed = pipeline.pack(rows, np.full(len(rows), length), SYNTHETIC_EOS_ID)
+    return {k: v.reshape(micro_batches, micro_batch, length) for k, v in packed.items()}
+
+
+class JaxStep:
+    """Our trainer's step on a synthetic batch, compiled ahead of time for the current mesh."""
+
+    def __init__(self, workload: Workload, seed: int):
+        mesh = mesh_lib.create_mesh()
+        rules = rules_lib.logical_axis_rules()
+        micro_batch = trainer.micro_batch_sequences(workload.batch_size,
+                                                    workload.micro_batch_size, mesh)
+        micro_batches = -(-workload.batch_size // micro_batch)
+        training = trainer.shard_training(workload.model_config, mesh, rules, micro_batch,
+                                          workload.sequence_length)
+        self.num_devices = mesh.devices.size
+        self.host_batch = synthetic_batch(np.random.default_rng(seed), micro_batches, micro_batch,
+                                          workload.sequence_length, workload.model_config.vocab_size)
+        self._batch = shardings_lib.put_batch(self.host_batch, training.batch_sharding)
+        self._batch_size = np.int32(workload.batch_size)
+        self._state = training.init_state(seed)
+        start = time.perf_counter()
+        with rules_lib.activation_sharding(mesh, rules):
+            self._step = training.step.lower(self._state, self._batch, self._batch_size).compile()
+        self.compile_s = time.perf_counter() - start
+
+    def __call__(self) -> None:
+        self._state, step_metrics = self._step(self._state, self._batch, self._batch_size)
+        jax.block_until_ready((self._state, step_metrics))
+
+
+class TorchStep:
+    """The reference: `transformers.BloomForCausalLM` and `torch.optim.AdamW`, BLOOM's recipe
+    (clip to norm 1, betas 0.9/0.95, weight decay 0.1), accumulating over the same micro-batches.
+
+    Hugging Face's model takes no packed segments, so each row attends causally across its
+    documents: the same FLOPs. bfloat16 configs run under CPU autocast (float32 master weights,
+    as ours).
+    """
+
+    def __init__(self, workload: Workload, host_batch: dict[str, np.ndarray], seed: int):
+        # libgomp's threads spin after each parallel region by default, taking the cores from
+        # XLA's step that runs next (torch's step ran 2-25x slower interleaved than alone);
+        # waiting passively keeps the alternation fair. Read when torch loads libgomp.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        try:
+            import torch  # pylint: disable=g-import-not-at-top
+            import transformers  # pylint: disable=g-import-not-at-top
+        except ImportError as e:
+            raise ImportError(f"--compare_torch needs torch and transformers ({e}); install the "
+                              "test extras: pip install -e '.[test]'.") from e
+        self._torch = torch
+        cfg = workload.model_config
+        torch.manual_seed(seed)
+        self._model = transformers.BloomForCausalLM(transformers.BloomConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, layer_norm_epsilon=cfg.layer_norm_epsilon,
+            initializer_range=cfg.initializer_range, hidden_dropout=cfg.hidden_dropout,
+            attention_dropout=cfg.attention_dropout)).train()
+        self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                            eps=1e-8, weight_decay=0.1, fused=True)
+        self._autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                                        enabled=cfg.dtype.name == "bfloat16")
+        self._micro_batches = [
+            (torch.from_numpy(ids).long(), torch.from_numpy(targets).long(),
+             torch.from_numpy(weights))
+            for ids, targets, weights in zip(host_batch["input_ids"], host_batch["targets"],
+                                             host_batch["loss_weights"])]
+
+    def __call__(self) -> None:
+        torch = self._torch
+        total_weight = sum(weights.sum() for _, _, weights in self._micro_batches)
+        for ids, targets, weights in self._micro_batches:
+            with self._autocast:
+                logits = self._model(input_ids=ids).logits  # [batch, length, vocab]
+            losses = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            ((losses * weights.flatten()).sum() / total_weight).backward()
+        torch.nn.utils.clip_grad_norm_(self._model.parameters(), 1.0)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+
+def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
+              compare_torch: bool = False) -> Result:
+    """Benchmarks the parsed gin config: `steps` timed steps after `warmup_steps`.
+
+    With `compare_torch`, timed steps alternate between ours and the reference's.
+    Raises partitioning's MeshError when the mesh does not divide the model or batch.
+    """
+    if steps < 1 or warmup_steps < 0:
+        raise ValueError(f"need steps >= 1 and warmup_steps >= 0; got {steps}, {warmup_steps}.")
+    workload = Workload.from_gin()
+    ours = JaxStep(workload, seed)
+    runners = {"ours": ours}
+    if compare_torch:
+        runners["torch"] = TorchStep(workload, ours.host_batch, seed)
+    times = {name: [] for name in runners}
+    for index in range(warmup_steps + steps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            if index >= warmup_steps:
+                times[name].append(time.perf_counter() - start)
+    return summarize(workload, ours.compile_s, ours.num_devices,
+                     {name: statistics.median(t) for name, t in times.items()})
+
+
+def summarize(workload: Workload, compile_s: float, num_devices: int,
+              step_times: dict[str, float]) -> Result:
+    """The figures from median step times ("ours", optionally "torch")."""
+    cfg, step_time = workload.model_config, step_times["ours"]
+    peak = flops.peak_flops(jax.devices()[0], cfg.dtype.name)
+    model_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length)
+    figures = dict(
+        compile_s=compile_s, step_time_s=step_time, tokens_per_s=workload.tokens / step_time,
+        num_devices=num_devices, peak_flops=peak, model_flops_per_step=model_flops,
+        tflops_per_device=flops.tflops_per_device(model_flops, step_time, num_devices),
+        mfu=flops.mfu(model_flops, step_time, num_devices, peak))
+    if cfg.remat_policy != "none":
+        hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
+                                              recompute=True)
+        figures.update(
+            hardware_flops_per_step=hardware_flops,
+            hardware_tflops_per_device=flops.tflops_per_device(hardware_flops, step_time,
+                                                               num_devices),
+            hardware_mfu=flops.mfu(hardware_flops, step_time, num_devices, peak))
+    if "torch" in step_times:
+        figures.update(torch_step_time_s=step_times["torch"],
+                       torch_tokens_per_s=workload.tokens / step_times["torch"],
+                       speedup_vs_torch=step_times["torch"] / step_time)
+    return Result(**figures)
+
+
+def format_result(result: Result, workload: Workload) -> str:
+    """The human-readable report of one configuration."""
+    cfg = workload.model_config
+    lines = [
+        f"model: {flops.param_count(cfg):,} parameters, {cfg.dtype.name} compute, remat "
+        f"{cfg.remat_policy}, scan_layers {cfg.scan_layers}",
+        f"batch: {workload.batch_size} sequences x {workload.sequence_length} tokens on "
+        f"{result.num_devices} device(s) (peak {result.peak_flops / 1e12:.3g} TFLOP/s each"
+        f"{', measured' if jax.devices()[0].platform == 'cpu' else ''})",
+        f"compile: {result.compile_s:.1f} s",
+        f"step: {result.step_time_s:.4f} s (median) | {result.tokens_per_s:,.0f} tokens/s",
+        f"model FLOPs (K=3): {result.tflops_per_device:.3f} TFLOP/s/device | "
+        f"MFU {100 * result.mfu:.1f}%",
+    ]
+    if result.hardware_mfu is not None:
+        lines.append(f"hardware FLOPs with recomputation (K=4): "
+                     f"{result.hardware_tflops_per_device:.3f} TFLOP/s/device | "
+                     f"MFU {100 * result.hardware_mfu:.1f}%")
+    if result.speedup_vs_torch is not None:
+        lines.append(f"torch (transformers BloomForCausalLM + AdamW): "
+                     f"{result.torch_step_time_s:.4f} s | {result.torch_tokens_per_s:,.0f} "
+                     f"tokens/s | ours is {result.speedup_vs_torch:.2f}x torch")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRow:
+    """One combination of a sweep: its bindings, and its figures or why it does not fit."""
+
+    bindings: dict[str, str]
+    result: Result | None = None
+    does_not_fit: str | None = None
+
+
+def parse_sweeps(sweeps: Sequence[str]) -> dict[str, list[str]]:
+    """`["NAME=v1,v2", ...]` -> {NAME: [v1, v2]}."""
+    parsed = {}
+    for sweep in sweeps:
+        name, sep, values = sweep.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise ValueError(f"--sweep {sweep!r} is not NAME=v1,v2; e.g. "
+                             "--sweep train.micro_batch_size=1,2.")
+        parsed[name.strip()] = [v.strip() for v in values.split(",")]
+    return parsed
+
+
+def does_not_fit(error: Exception) -> str | None:
+    """Why a configuration does not fit, if `error` says so (mesh or memory); else None."""
+    if isinstance(error, mesh_lib.MeshError):
+        return f"mesh: {error}"
+    message = str(error)
+    if isinstance(error, jax.errors.JaxRuntimeError) and (
+            "RESOURCE_EXHAUSTED" in message or "Out of memory" in message):
+        return f"memory: {message.splitlines()[0]}"
+    return None
+
+
+def sweep(gin_files: Sequence[str], bindings: Sequence[str], sweeps: dict[str, list[str]],
+          **benchmark_kwargs) -> list[SweepRow]:
+    """Benchmarks every combination of the swept bindings (on top of the files and bindings),
+    each from a fresh gin parse; fastest first, those that do not fit last."""
+    rows = []
+    for values in itertools.product(*sweeps.values()):
+        combination = dict(zip(sweeps, values))
+        gin.clear_config()
+        configs.parse(gin_files, [*bindings, *(configs.binding(name, value)
+                                               for name, value in combination.items())])
+        try:
+            rows.append(SweepRow(combination, result=benchmark(**benchmark_kwargs)))
+        except Exception as e:  # pylint: disable=broad-except  # only those that do not fit
+            reason = does_not_fit(e)
+            if reason is None:
+                raise
+            rows.append(SweepRow(combination, does_not_fit=reason))
+    return sort_rows(rows)
+
+
+def sort_rows(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """Fastest first; those that do not fit last, in their given order."""
+    return sorted(rows, key=lambda r: -r.result.tokens_per_s if r.result else float("inf"))
+
+
+def format_sweep(rows: Sequence[SweepRow]) -> str:
+    """The sweep as a table, fastest first; a combination that does not fit says why."""
+    names = list(rows[0].bindings)
+    table = [[*names, "tokens/s", "step s", "MFU", "compile s", "vs torch"]]
+    for row in rows:
+        r = row.result
+        cells = [row.bindings[name] for name in names]
+        if r is None:
+            table.append([*cells, f"does not fit ({row.does_not_fit})"])
+            continue
+        speedup = "" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}x"
+        table.append([*cells, f"{r.tokens_per_s:,.0f}", f"{r.step_time_s:.4f}",
+                      f"{100 * r.mfu:.1f}%", f"{r.compile_s:.1f}", speedup])
+    # Column widths from the full rows; a reason runs on past the columns it spans.
+    widths = [max(len(line[i]) for line in table if len(line) > i + 1)
+              for i in range(len(table[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths + [0]))
+                     .rstrip() for line in table)
+
+
+def _as_json(result: Result) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(result).items() if v is not None}
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    metrics.quiet_library_logs()
+    options = dict(steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed,
+                   compare_torch=FLAGS.compare_torch)
+    if FLAGS.sweep:
+        rows = sweep(FLAGS.gin_file, FLAGS.gin_bindings, parse_sweeps(FLAGS.sweep), **options)
+        if FLAGS.json:
+            print(json.dumps([{"bindings": row.bindings,
+                               **({"does_not_fit": row.does_not_fit} if row.result is None
+                                  else _as_json(row.result))} for row in rows]))
+        else:
+            print(format_sweep(rows))
+        return
+    configs.parse_flags()
+    result = benchmark(**options)
+    print(json.dumps(_as_json(result)) if FLAGS.json else format_result(result,
+                                                                        Workload.from_gin()))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=lambda argv: FLAGS(configs.rewrite_gin_args(argv)))

@@ -1,0 +1,122 @@
+"""The benchmark: its JSON figures follow flops.py's formula, the torch comparison runs, sweeps
+list configurations that do not fit. Speeds themselves are never asserted (shared CPUs)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from bloom_jax import bench, configs, flops
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The tiny config at a test-sized workload.
+TINY = ["gin_configs/tiny.gin"]
+SMALL_BATCH = ["BATCH_SIZE = 4", "BatchRampUp.start = 4", "SEQUENCE_LENGTH = 32"]
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def tiny_model_config():
+    """The tiny config's BloomConfig as gin builds it."""
+    configs.parse(TINY)
+    return gin.get_bindings("train")["model_config"]
+
+
+def test_synthetic_batches_are_packed_like_the_data_stream():
+    batch = bench.synthetic_batch(np.random.default_rng(0), micro_batches=2, micro_batch=3,
+                                  length=64, vocab_size=100)
+    assert set(batch) == {"input_ids", "targets", "segment_ids", "positions", "loss_weights"}
+    assert all(v.shape == (2, 3, 64) for v in batch.values())
+    rows = {k: v.reshape(6, 64) for k, v in batch.items()}
+    np.testing.assert_array_equal(rows["input_ids"][:, 1:], rows["targets"][:, :-1])
+    # A new document starts at each </s>; positions restart there and count up inside it.
+    starts = rows["input_ids"] == bench.SYNTHETIC_EOS_ID
+    assert starts[:, 1:].any(), "rows should hold several documents"
+    new_segment = np.diff(rows["segment_ids"], axis=1) == 1
+    np.testing.assert_array_equal(new_segment, starts[:, 1:])
+    np.testing.assert_array_equal(rows["positions"][:, 1:] == 0, starts[:, 1:])
+    assert (rows["segment_ids"] >= 1).all() and (rows["loss_weights"] == 1).all()
+
+
+@pytest.mark.slow
+def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch(clean_gin):
+    """Two steps of the tiny config with recomputation, and torch's step alternating with ours."""
+    command = [sys.executable, "-m", "bloom_jax.bench", *(f"--gin_file={f}" for f in TINY),
+               "--gin.BATCH_SIZE=4", "--gin.BatchRampUp.start=4", "--gin.SEQUENCE_LENGTH=32",
+               "--gin.BloomConfig.remat_policy=full", "--steps=2", "--warmup_steps=1",
+               "--compare_torch", "--json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+
+    step_time, devices, peak = figures["step_time_s"], figures["num_devices"], figures["peak_flops"]
+    assert devices == jax.device_count() and peak > 0
+    config = tiny_model_config()
+    model_flops = flops.flops_per_step(config, 4, 32)
+    hardware_flops = flops.flops_per_step(config, 4, 32, recompute=True)
+    assert figures["tokens_per_s"] == pytest.approx(4 * 32 / step_time)
+    assert figures["mfu"] == pytest.approx(flops.mfu(model_flops, step_time, devices, peak))
+    assert figures["hardware_mfu"] == pytest.approx(
+        flops.mfu(hardware_flops, step_time, devices, peak))
+    assert figures["tflops_per_device"] == pytest.approx(
+        flops.tflops_per_device(model_flops, step_time, devices))
+    assert figures["compile_s"] > 0
+    assert figures["torch_tokens_per_s"] == pytest.approx(4 * 32 / figures["torch_step_time_s"])
+    assert figures["speedup_vs_torch"] == pytest.approx(
+        figures["torch_step_time_s"] / step_time)
+
+
+@pytest.mark.slow
+def test_sweep_lists_every_combination_and_those_that_do_not_fit(clean_gin):
+    # One device: fsdp=3 leaves no data-parallel size to infer, a MeshError before compiling.
+    rows = bench.sweep(TINY, SMALL_BATCH, bench.parse_sweeps(["create_mesh.fsdp=1,3"]),
+                       steps=1, warmup_steps=0)
+    assert [row.bindings for row in rows] == [{"create_mesh.fsdp": "1"},
+                                              {"create_mesh.fsdp": "3"}]
+    assert rows[0].result.tokens_per_s > 0 and rows[0].does_not_fit is None
+    assert rows[1].result is None and rows[1].does_not_fit.startswith("mesh: ")
+    table = bench.format_sweep(rows).splitlines()
+    assert table[0].split()[:2] == ["create_mesh.fsdp", "tokens/s"]
+    assert table[1].split()[0] == "1"
+    assert table[2].startswith("3") and "does not fit (mesh: " in table[2]
+
+
+def test_sweep_table_is_sorted_by_tokens_per_second():
+    def row(mbs, tokens_per_s):
+        result = bench.Result(compile_s=1.0, step_time_s=1.0, tokens_per_s=tokens_per_s,
+                              num_devices=1, peak_flops=1e12, model_flops_per_step=1e9,
+                              tflops_per_device=0.001, mfu=0.001)
+        return bench.SweepRow({"train.micro_batch_size": mbs}, result=result)
+    rows = [row("1", 10.0), bench.SweepRow({"train.micro_batch_size": "8"}, does_not_fit="x"),
+            row("2", 30.0)]
+    ordered = bench.sort_rows(rows)
+    assert [r.bindings["train.micro_batch_size"] for r in ordered] == ["2", "1", "8"]
+
+
+def test_only_mesh_and_memory_errors_count_as_not_fitting():
+    from partitioning.mesh import MeshError
+    assert bench.does_not_fit(MeshError("fsdp=3 does not divide")).startswith("mesh: ")
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8 GiB")
+    assert bench.does_not_fit(oom).startswith("memory: ")
+    assert bench.does_not_fit(ValueError("a bug")) is None
+
+
+@pytest.mark.parametrize("sweep", ["train.micro_batch_size", "=1,2", "create_mesh.fsdp="])
+def test_malformed_sweeps_name_the_expected_form(sweep):
+    with pytest.raises(ValueError, match="is not NAME=v1,v2"):
+        bench.parse_sweeps([sweep])
+
+
+def test_sweep_values_split_at_commas():
+    assert bench.parse_sweeps(["a.b=1, 2", "BloomConfig.remat_policy=none,full"]) == {
+        "a.b": ["1", "2"], "BloomConfig.remat_policy": ["none", "full"]}
