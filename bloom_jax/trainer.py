@@ -107,6 +107,27 @@ def stacked_batches(stream: Iterator[dict], micro_batches: int) -> dict[str, np.
     return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
 
+def restore_or_init(training: ShardedTraining, checkpointer: checkpoints.TrainCheckpointer,
+                    stream: pipeline.PackedStream, seed: int,
+                    init_from: str | None) -> step_lib.TrainState:
+    """The latest checkpoint's state (and the stream moved to its data position), else a fresh
+    state, with `init_from`'s parameters when given."""
+    restored = checkpointer.restore(training.abstract_state)
+    if restored is not None:
+        state, data_state = restored
+        stream.set_state(data_state)
+        logging.info("Resumed from step %d of %s; data position restored.", int(state.step),
+                     checkpointer.directory)
+        return state
+    state = training.init_state(seed)
+    if init_from:
+        _, params = checkpoints.load_params(init_from, training.model.config,
+                                            training.state_shardings.params)
+        state = state.replace(params=params)
+        logging.info("Parameters initialized from %s.", init_from)
+    return state
+
+
 @gin.configurable
 def train(
     *,
@@ -160,19 +181,7 @@ def train(
             batch_size=eval_batch_size)
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
-    restored = checkpointer.restore(training.abstract_state)
-    if restored is not None:
-        state, data_state = restored
-        stream.set_state(data_state)
-        logging.info("Resumed from step %d of %s; data position restored.", int(state.step),
-                     checkpointer.directory)
-    else:
-        state = training.init_state(seed)
-        if init_from:
-            _, params = checkpoints.load_params(init_from, model_config,
-                                                training.state_shardings.params)
-            state = state.replace(params=params)
-            logging.info("Parameters initialized from %s.", init_from)
+    state = restore_or_init(training, checkpointer, stream, seed, init_from)
     if jax.process_index() == 0:
         (model_dir / "config.gin").write_text(gin.config_str())
 
@@ -200,9 +209,7 @@ def train(
                 if step % log_every == 0 or step in (1, train_steps) or step_metrics["skipped"]:
                     step_flops = sequence_flops * batch_size
                     logger.write_scalars(step, {
-                        "loss": step_metrics["loss"],
-                        "learning_rate": step_metrics["learning_rate"],
-                        "grad_norm": step_metrics["grad_norm"],
+                        **{k: step_metrics[k] for k in ("loss", "learning_rate", "grad_norm")},
                         "batch_size": batch_size,
                         "tokens_seen": consumed * stream.sequence_length,
                         "step_time_s": step_time,

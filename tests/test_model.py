@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from transformers.models.bloom import modeling_bloom
 
 from bloom_jax.model import BloomConfig, BloomForCausalLM, alibi_slopes
 
@@ -37,8 +39,6 @@ def loss_and_grads(config, params, ids):
 
 @pytest.mark.parametrize("n_head", [1, 2, 5, 6, 8, 12, 16, 20, 32, 112])
 def test_alibi_slopes_match_reference(n_head):
-    torch = pytest.importorskip("torch")
-    from transformers.models.bloom import modeling_bloom
     mask = torch.ones(1, 4, dtype=torch.long)
     # HF's alibi for a row of ones is slope_h * position; position 1 isolates the slopes.
     reference = modeling_bloom.build_alibi_tensor(mask, n_head, torch.float32)[:, 0, 1].numpy()
