@@ -53,8 +53,8 @@ def load_config(directory: str | Path) -> BloomConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
-                f"{path} not found: {directory} is not a bloom_jax checkpoint directory (its root "
-                "holds config.json). For a Hugging Face directory use `bloom_jax.convert from_hf`.")
+            f"{path} not found: {directory} is not a bloom_jax checkpoint directory (its root "
+            "holds config.json). For a Hugging Face directory use `bloom_jax.convert from_hf`.")
     return BloomConfig(**json.loads(path.read_text()))
 
 
@@ -100,8 +100,8 @@ class _StreamedArrayHandler(type_handlers.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = [
-                dataclasses.replace(arg or ocp.SaveArgs(), shard_axes=(0,)) if len(v.slabs) > 1
-                else arg for v, arg in zip(values, args or [None] * len(values))
+            dataclasses.replace(arg or ocp.SaveArgs(), shard_axes=(0,)) if len(v.slabs) > 1
+            else arg for v, arg in zip(values, args or [None] * len(values))
         ]
         return await super().serialize(values, infos, args)
 
@@ -126,15 +126,15 @@ class _TensorStoreHandler(type_handlers.NumpyHandler):
         specs = [type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
                  for info in infos]
         return await asyncio.gather(
-                *(ts.open(ts.Spec(spec), open=True, context=info.ts_context)
-                  for spec, info in zip(specs, infos)))
+            *(ts.open(ts.Spec(spec), open=True, context=info.ts_context)
+              for spec, info in zip(specs, infos)))
 
 
 # Ours first: the standard handlers, added last, keep the "np.ndarray" metadata type for restores.
 _REGISTRY = type_handlers.create_type_handler_registry(
-        (StreamedArray, _StreamedArrayHandler()),
-        (ts.TensorStore, _TensorStoreHandler()),
-        *((ty, type_handlers.get_type_handler(ty)) for ty in (np.ndarray, jax.Array)),
+    (StreamedArray, _StreamedArrayHandler()),
+    (ts.TensorStore, _TensorStoreHandler()),
+    *((ty, type_handlers.get_type_handler(ty)) for ty in (np.ndarray, jax.Array)),
 )
 
 
@@ -192,9 +192,9 @@ def _checkpoint_config(directory: str | Path, config: BloomConfig | None,
 
 
 def load_params(
-        directory: str | Path,
-        config: BloomConfig | None = None,
-        shardings: Any = None,
+    directory: str | Path,
+    config: BloomConfig | None = None,
+    shardings: Any = None,
 ) -> tuple[BloomConfig, Any]:
     """Restores the latest step's "params" as jax arrays of `config.param_dtype`.
 
@@ -206,11 +206,11 @@ def load_params(
     target = abstract_params(config)
     if shardings is not None:
         target = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
     with _manager(directory) as manager:
         step = _latest_step(manager, directory)
         restored = manager.restore(
-                step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+            step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
     return config, restored[PARAMS]
 
 
@@ -222,7 +222,7 @@ def open_params(directory: str | Path) -> tuple[BloomConfig, Any]:
     with _manager(directory, streaming=True) as manager:
         step = _latest_step(manager, directory)
         restored = manager.restore(step, args=ocp.args.Composite(**{
-                PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args)}))
+            PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args)}))
     return config, restored[PARAMS]
 
 

@@ -80,19 +80,19 @@ def _tensors(config: BloomConfig) -> list[_Tensor]:
                 _Tensor((*path, "bias"), f"{name}.bias", (out,))]
 
     block = [
-            *norm(("h", "input_layernorm"), "h.{i}.input_layernorm"),
-            *linear(("h", "self_attention", "query_key_value"),
-                    "h.{i}.self_attention.query_key_value", 3 * h, h),
-            *linear(("h", "self_attention", "dense"), "h.{i}.self_attention.dense", h, h),
-            *norm(("h", "post_attention_layernorm"), "h.{i}.post_attention_layernorm"),
-            *linear(("h", "mlp", "dense_h_to_4h"), "h.{i}.mlp.dense_h_to_4h", 4 * h, h),
-            *linear(("h", "mlp", "dense_4h_to_h"), "h.{i}.mlp.dense_4h_to_h", h, 4 * h),
+        *norm(("h", "input_layernorm"), "h.{i}.input_layernorm"),
+        *linear(("h", "self_attention", "query_key_value"),
+                "h.{i}.self_attention.query_key_value", 3 * h, h),
+        *linear(("h", "self_attention", "dense"), "h.{i}.self_attention.dense", h, h),
+        *norm(("h", "post_attention_layernorm"), "h.{i}.post_attention_layernorm"),
+        *linear(("h", "mlp", "dense_h_to_4h"), "h.{i}.mlp.dense_h_to_4h", 4 * h, h),
+        *linear(("h", "mlp", "dense_4h_to_h"), "h.{i}.mlp.dense_4h_to_h", h, 4 * h),
     ]
     return [
-            _Tensor(("word_embeddings", "embedding"), "word_embeddings.weight", (v, h)),
-            *norm(("word_embeddings_layernorm",), "word_embeddings_layernorm"),
-            *block,
-            *norm(("ln_f",), "ln_f"),
+        _Tensor(("word_embeddings", "embedding"), "word_embeddings.weight", (v, h)),
+        *norm(("word_embeddings_layernorm",), "word_embeddings_layernorm"),
+        *block,
+        *norm(("ln_f",), "ln_f"),
     ]
 
 
@@ -125,8 +125,8 @@ def _hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
-                f"{directory} is not a Hugging Face checkpoint: it has no config.json. Pass the "
-                "directory that `save_pretrained` wrote (config.json plus weight files).")
+            f"{directory} is not a Hugging Face checkpoint: it has no config.json. Pass the "
+            "directory that `save_pretrained` wrote (config.json plus weight files).")
     fields = json.loads(path.read_text())
     if fields.get("model_type") != "bloom":
         raise ValueError(f"{path} has model_type={fields.get('model_type')!r}, not 'bloom': only "
@@ -172,14 +172,14 @@ class _HFReader:
                 for file in sorted(set(weight_map.values())):
                     if not (self.directory / file).is_file():
                         raise FileNotFoundError(
-                                f"Shard {file} listed in {self.directory / index} is missing; "
-                                "download or copy every shard of the checkpoint.")
+                            f"Shard {file} listed in {self.directory / index} is missing; "
+                            "download or copy every shard of the checkpoint.")
                 return weight_map
             if (self.directory / single).is_file():
                 return {name: single for name in self._keys(single)}
         raise FileNotFoundError(
-                f"{self.directory} holds no model.safetensors, pytorch_model.bin, or their "
-                ".index.json: it is not a Hugging Face BLOOM checkpoint.")
+            f"{self.directory} holds no model.safetensors, pytorch_model.bin, or their "
+            ".index.json: it is not a Hugging Face BLOOM checkpoint.")
 
     def _handle(self, file: str) -> Any:
         """An open safetensors file or a memory-mapped torch state dict (nothing read yet)."""
@@ -222,15 +222,15 @@ class _HFReader:
     def config(self) -> BloomConfig:
         f = self.fields
         return BloomConfig(
-                vocab_size=f["vocab_size"],
-                hidden_size=f["hidden_size"],
-                n_layer=f["n_layer"],
-                n_head=f["n_head"],
-                layer_norm_epsilon=f.get("layer_norm_epsilon", 1e-5),
-                initializer_range=f.get("initializer_range", 0.02),
-                hidden_dropout=f.get("hidden_dropout", 0.0),
-                attention_dropout=f.get("attention_dropout", 0.0),
-                param_dtype=self.read("word_embeddings_layernorm.weight").dtype,
+            vocab_size=f["vocab_size"],
+            hidden_size=f["hidden_size"],
+            n_layer=f["n_layer"],
+            n_head=f["n_head"],
+            layer_norm_epsilon=f.get("layer_norm_epsilon", 1e-5),
+            initializer_range=f.get("initializer_range", 0.02),
+            hidden_dropout=f.get("hidden_dropout", 0.0),
+            attention_dropout=f.get("attention_dropout", 0.0),
+            param_dtype=self.read("word_embeddings_layernorm.weight").dtype,
         )
 
 
@@ -247,8 +247,8 @@ def _streamed_params(reader: _HFReader) -> tuple[BloomConfig, dict]:
         for name in names:
             if reader.shape(name) != tensor.hf_shape:
                 raise ValueError(
-                        f"Tensor {reader.prefix + name} has shape {reader.shape(name)}, but the "
-                        f"config in {reader.directory} implies {tensor.hf_shape}.")
+                    f"Tensor {reader.prefix + name} has shape {reader.shape(name)}, but the "
+                    f"config in {reader.directory} implies {tensor.hf_shape}.")
         target = _get(abstract, tensor.path)
         slab_shape = target.shape[1:] if tensor.stacked else target.shape
 
@@ -263,7 +263,7 @@ def _streamed_params(reader: _HFReader) -> tuple[BloomConfig, dict]:
 
         slabs = [functools.partial(slab, name) for name in names]
         leaves[tensor.path] = checkpoints.StreamedArray(
-                tuple(target.shape), np.dtype(config.param_dtype), slabs)
+            tuple(target.shape), np.dtype(config.param_dtype), slabs)
     return config, _tree_from_paths(leaves)
 
 
@@ -271,8 +271,8 @@ def load_hf_checkpoint(directory: str | Path) -> tuple[BloomConfig, Any]:
     """Reads a Hugging Face BLOOM directory into (config, params) in memory."""
     config, streamed = _streamed_params(_HFReader(directory))
     params = jax.tree.map(
-            lambda s: jnp.asarray(np.concatenate([slab() for slab in s.slabs])), streamed,
-            is_leaf=lambda x: isinstance(x, checkpoints.StreamedArray))
+        lambda s: jnp.asarray(np.concatenate([slab() for slab in s.slabs])), streamed,
+        is_leaf=lambda x: isinstance(x, checkpoints.StreamedArray))
     return config, params
 
 
@@ -291,22 +291,22 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> BloomConfig:
 
 def _hf_config_fields(config: BloomConfig) -> dict:
     return {
-            "architectures": ["BloomForCausalLM"],
-            "model_type": "bloom",
-            "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size,
-            "n_layer": config.n_layer,
-            "n_head": config.n_head,
-            "layer_norm_epsilon": config.layer_norm_epsilon,
-            "initializer_range": config.initializer_range,
-            "hidden_dropout": config.hidden_dropout,
-            "attention_dropout": config.attention_dropout,
-            "apply_residual_connection_post_layernorm": False,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "pad_token_id": 3,
-            "tie_word_embeddings": True,
-            "dtype": jnp.dtype(config.param_dtype).name,
+        "architectures": ["BloomForCausalLM"],
+        "model_type": "bloom",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": config.initializer_range,
+        "hidden_dropout": config.hidden_dropout,
+        "attention_dropout": config.attention_dropout,
+        "apply_residual_connection_post_layernorm": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "tie_word_embeddings": True,
+        "dtype": jnp.dtype(config.param_dtype).name,
     }
 
 
@@ -329,10 +329,10 @@ def _hf_tensors(config: BloomConfig, params: Any) -> Iterator[tuple[str, int, Ca
 
 
 def save_hf_checkpoint(
-        config: BloomConfig,
-        params: Any,
-        directory: str | Path,
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    config: BloomConfig,
+    params: Any,
+    directory: str | Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """Writes `params` as a Hugging Face BLOOM directory (safetensors shards, index, config.json).
 
@@ -351,7 +351,7 @@ def save_hf_checkpoint(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     files = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_map = {}
     for file, shard in zip(files, shards):
         safetensors.numpy.save_file({name: read() for name, read in shard}, out / file,
@@ -377,22 +377,22 @@ def to_hf(ckpt_dir: str | Path, out_dir: str | Path,
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-            prog="python -m bloom_jax.convert",
-            description="Convert BLOOM checkpoints between Hugging Face and bloom_jax (orbax), "
-                        "streaming one tensor at a time.")
+        prog="python -m bloom_jax.convert",
+        description="Convert BLOOM checkpoints between Hugging Face and bloom_jax (orbax), "
+                    "streaming one tensor at a time.")
     commands = parser.add_subparsers(dest="command", required=True)
     from_cmd = commands.add_parser(
-            "from_hf", help="Hugging Face directory -> bloom_jax checkpoint (step 0).",
-            description="Read a Hugging Face BLOOM directory (safetensors or .bin, single or "
-                        "sharded) and write a bloom_jax orbax checkpoint at step 0.")
+        "from_hf", help="Hugging Face directory -> bloom_jax checkpoint (step 0).",
+        description="Read a Hugging Face BLOOM directory (safetensors or .bin, single or "
+                    "sharded) and write a bloom_jax orbax checkpoint at step 0.")
     from_cmd.add_argument("--hf_dir", required=True,
                           help="directory written by save_pretrained (config.json + weights)")
     from_cmd.add_argument("--out_dir", required=True,
                           help="new checkpoint directory (CheckpointManager root)")
     to_cmd = commands.add_parser(
-            "to_hf", help="bloom_jax checkpoint (latest step) -> Hugging Face directory.",
-            description="Read the latest step of a bloom_jax checkpoint (converted or written by "
-                        "the trainer) and write safetensors + config.json for transformers.")
+        "to_hf", help="bloom_jax checkpoint (latest step) -> Hugging Face directory.",
+        description="Read the latest step of a bloom_jax checkpoint (converted or written by "
+                    "the trainer) and write safetensors + config.json for transformers.")
     to_cmd.add_argument("--ckpt_dir", required=True,
                         help="checkpoint directory, e.g. MODEL_DIR/checkpoints")
     to_cmd.add_argument("--out_dir", required=True, help="Hugging Face output directory")

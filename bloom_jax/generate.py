@@ -91,18 +91,18 @@ def sampling_from(temperature: float | None = None, top_k: int | None = None,
 
 
 def generate_ids(
-        config: BloomConfig,
-        params: Any,
-        prompt_ids: Any,
-        max_new_tokens: int,
-        *,
-        attention_mask: Any = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int = 0,
-        eos_token_id: int | None = EOS_ID,
-        pad_token_id: int = PAD_ID,
+    config: BloomConfig,
+    params: Any,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    *,
+    attention_mask: Any = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_token_id: int | None = EOS_ID,
+    pad_token_id: int = PAD_ID,
 ) -> Array:
     """The prompts followed by `max_new_tokens` generated ids: [batch, prompt_len + max_new_tokens].
 
@@ -145,7 +145,7 @@ def _checked_mask(config: BloomConfig, prompt_ids: np.ndarray, attention_mask: A
 
 
 @functools.partial(jax.jit, static_argnames=(
-        "config", "max_new_tokens", "sampling", "eos_token_id", "pad_token_id"))
+    "config", "max_new_tokens", "sampling", "eos_token_id", "pad_token_id"))
 def _generate(config: BloomConfig, params: Any, prompt_ids: Array, attention_mask: Array,
               key: Array, *, max_new_tokens: int, sampling: Sampling, eos_token_id: int | None,
               pad_token_id: int) -> Array:
@@ -219,10 +219,10 @@ def _load(args: argparse.Namespace) -> tuple[BloomConfig, Any, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-            prog="python -m bloom_jax.generate",
-            description="Continue one or more prompts with a BLOOM model: greedy by default, "
-                        "sampled when --temperature, --top_k or --top_p is given. Each prompt's "
-                        "text is printed followed by its continuation.")
+        prog="python -m bloom_jax.generate",
+        description="Continue one or more prompts with a BLOOM model: greedy by default, "
+                    "sampled when --temperature, --top_k or --top_p is given. Each prompt's "
+                    "text is printed followed by its continuation.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt_dir", help="bloom_jax checkpoint directory (its latest step)")
     source.add_argument("--hf_dir", help="Hugging Face BLOOM directory (config.json, weights, "

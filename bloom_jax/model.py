@@ -24,10 +24,10 @@ CACHE_KV_AXES = ("activation_batch", "activation_length", "activation_heads", "a
 
 # Names of `jax.checkpoint_policies` (plus "none": no rematerialization) that a config may use.
 REMAT_POLICIES = {
-        "none": None,
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -54,8 +54,8 @@ class BloomConfig:
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         if self.hidden_size % self.n_head:
             raise ValueError(
-                    f"hidden_size={self.hidden_size} is not divisible by n_head={self.n_head}; "
-                    "choose a head count that divides the hidden size.")
+                f"hidden_size={self.hidden_size} is not divisible by n_head={self.n_head}; "
+                "choose a head count that divides the hidden size.")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}.")
 
@@ -91,13 +91,13 @@ def _zeros(names: tuple[str | None, ...]):
 def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
     """LayerNorm whose statistics are computed in float32 whatever the compute dtype."""
     return nn.LayerNorm(
-            epsilon=config.layer_norm_epsilon,
-            dtype=config.dtype,
-            param_dtype=config.param_dtype,
-            use_fast_variance=False,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-            bias_init=_zeros(("embed",)),
-            name=name,
+        epsilon=config.layer_norm_epsilon,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros(("embed",)),
+        name=name,
     )
 
 
@@ -138,13 +138,13 @@ class Attention(nn.Module):
         # logical sharding while the kernel is still flattened, which fails under a mesh
         # (google/flax#3676).
         qkv = nn.Einsum(
-                shape=(cfg.hidden_size, cfg.n_head, 3, cfg.head_dim),
-                einsum_str="ble,ehqd->blhqd",
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=_normal(std, ("embed", "heads", "qkv", "kv")),
-                bias_init=_zeros(("heads", "qkv", "kv")),
-                name="query_key_value",
+            shape=(cfg.hidden_size, cfg.n_head, 3, cfg.head_dim),
+            einsum_str="ble,ehqd->blhqd",
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=_normal(std, ("embed", "heads", "qkv", "kv")),
+            bias_init=_zeros(("heads", "qkv", "kv")),
+            name="query_key_value",
         )(x)
         names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
@@ -162,14 +162,14 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, names)
 
         return nn.Einsum(
-                shape=(cfg.n_head, cfg.head_dim, cfg.hidden_size),
-                einsum_str="blhd,hde->ble",
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                # Megatron's scaled init of output projections: std / sqrt(2 * n_layer).
-                kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("heads", "kv", "embed")),
-                bias_init=_zeros(("embed",)),
-                name="dense",
+            shape=(cfg.n_head, cfg.head_dim, cfg.hidden_size),
+            einsum_str="blhd,hde->ble",
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            # Megatron's scaled init of output projections: std / sqrt(2 * n_layer).
+            kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="dense",
         )(out)
 
 
@@ -183,22 +183,22 @@ class MLP(nn.Module):
         cfg = self.config
         std = cfg.initializer_range
         h = nn.DenseGeneral(
-                features=cfg.mlp_dim,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=_normal(std, ("embed", "mlp")),
-                bias_init=_zeros(("mlp",)),
-                name="dense_h_to_4h",
+            features=cfg.mlp_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=_normal(std, ("embed", "mlp")),
+            bias_init=_zeros(("mlp",)),
+            name="dense_h_to_4h",
         )(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
         h = jax.nn.gelu(h, approximate=True)
         return nn.DenseGeneral(
-                features=cfg.hidden_size,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("mlp", "embed")),
-                bias_init=_zeros(("embed",)),
-                name="dense_4h_to_h",
+            features=cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="dense_4h_to_h",
         )(h)
 
 
@@ -216,7 +216,7 @@ class Block(nn.Module):
         dropout = nn.Dropout(cfg.hidden_dropout)
         h = _layer_norm(cfg, "input_layernorm")(x)
         h = Attention(cfg, self.deterministic, self.decode, name="self_attention")(
-                h, alibi, mask, cache_index)
+            h, alibi, mask, cache_index)
         x = x + dropout(h, deterministic=self.deterministic)
         h = _layer_norm(cfg, "post_attention_layernorm")(x)
         h = MLP(cfg, name="mlp")(h)
@@ -269,14 +269,14 @@ class BloomForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(
-            self,
-            input_ids: Array,
-            attention_mask: Array | None = None,
-            *,
-            segment_ids: Array | None = None,
-            positions: Array | None = None,
-            deterministic: bool = True,
-            decode: bool = False,
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
     ) -> Array:
         cfg = self.config
         if attention_mask is not None and (segment_ids is not None or positions is not None):
@@ -299,12 +299,12 @@ class BloomForCausalLM(nn.Module):
             alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
 
         embed = nn.Embed(
-                num_embeddings=cfg.vocab_size,
-                features=cfg.hidden_size,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                embedding_init=_normal(cfg.initializer_range, ("vocab", "embed")),
-                name="word_embeddings",
+            num_embeddings=cfg.vocab_size,
+            features=cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=_normal(cfg.initializer_range, ("vocab", "embed")),
+            name="word_embeddings",
         )
         x = embed(input_ids)  # [batch, length, embed]
         x = _layer_norm(cfg, "word_embeddings_layernorm")(x)
@@ -317,20 +317,20 @@ class BloomForCausalLM(nn.Module):
         # Parameters are always stacked over a leading "layers" axis; scan_layers=False unrolls the
         # loop at compile time, so one checkpoint layout serves both.
         stack = nn.scan(
-                block,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layer,
-                unroll=1 if cfg.scan_layers else cfg.n_layer,
-                metadata_params={nn.PARTITION_NAME: "layers"},
+            block,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.n_layer,
+            unroll=1 if cfg.scan_layers else cfg.n_layer,
+            metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(cfg, deterministic, decode, name="h")(x, alibi, mask, cache_index)
 
         x = _layer_norm(cfg, "ln_f")(x)
         logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
         return nn.with_logical_constraint(
-                logits, ("activation_batch", "activation_length", "activation_vocab"))
+            logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
         """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.

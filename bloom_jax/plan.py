@@ -78,14 +78,14 @@ class Plan:
 def _shard_bytes(tree: Any, shardings: Any, dtype: Any = None) -> int:
     """Bytes of one device's shards of `tree` (optionally as if stored in `dtype`)."""
     sizes = jax.tree.map(
-            lambda x, s: math.prod(s.shard_shape(x.shape)) * jnp.dtype(dtype or x.dtype).itemsize,
-            tree, shardings)
+        lambda x, s: math.prod(s.shard_shape(x.shape)) * jnp.dtype(dtype or x.dtype).itemsize,
+        tree, shardings)
     return sum(jax.tree.leaves(sizes))
 
 
 def plan_step(
-        config: BloomConfig, mesh: jax.sharding.Mesh, rules: Rules, batch_size: int,
-        seq_len: int, micro_batch_size: int | None,
+    config: BloomConfig, mesh: jax.sharding.Mesh, rules: Rules, batch_size: int,
+    seq_len: int, micro_batch_size: int | None,
 ) -> Plan:
     """Compiles the trainer's step for `mesh` on abstract arrays and measures it per device.
 
@@ -110,19 +110,19 @@ def plan_step(
     state, shardings = training.abstract_state, training.state_shardings
     params, param_shardings = state.params, shardings.params
     return Plan(
-            mesh=dict(mesh.shape),
-            micro_batch=micro_batch,
-            micro_batches=micro_batches,
-            shardings=[(jax.tree_util.keystr(path, simple=True, separator="/"), x.shape, s.spec)
-                       for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
-                                               jax.tree.leaves(param_shardings))],
-            param_bytes=_shard_bytes(params, param_shardings),
-            grad_bytes=_shard_bytes(params, param_shardings, jnp.float32),  # float32 accumulators
-            optimizer_bytes=_shard_bytes(state.opt_state, shardings.opt_state),
-            temp_bytes=memory.temp_size_in_bytes,
-            peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                        - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
-            compile_s=compile_s,
+        mesh=dict(mesh.shape),
+        micro_batch=micro_batch,
+        micro_batches=micro_batches,
+        shardings=[(jax.tree_util.keystr(path, simple=True, separator="/"), x.shape, s.spec)
+                   for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
+                                           jax.tree.leaves(param_shardings))],
+        param_bytes=_shard_bytes(params, param_shardings),
+        grad_bytes=_shard_bytes(params, param_shardings, jnp.float32),  # float32 accumulators
+        optimizer_bytes=_shard_bytes(state.opt_state, shardings.opt_state),
+        temp_bytes=memory.temp_size_in_bytes,
+        peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                    - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
+        compile_s=compile_s,
     )
 
 
@@ -133,24 +133,24 @@ def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
     recompute = config.remat_policy != "none"
     model_flops = flops.flops_per_step(config, batch_size, seq_len)
     lines = [
-            f"parameters: {flops.param_count(config)}",
-            f"mesh: {format_shape(plan.mesh)} ({num_devices} devices)",
-            f"batch: {batch_size} sequences x {seq_len} tokens = {plan.micro_batches} micro-steps "
-            f"of {plan.micro_batch} sequences (remat: {config.remat_policy})",
-            "sharding (parameter: shape -> mesh axes):",
-            *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
-            "per-device memory:",
-            f"  parameters:      {plan.param_bytes / GIB:9.2f} GiB",
-            f"  gradients:       {plan.grad_bytes / GIB:9.2f} GiB (float32 accumulators, "
-            "in XLA temp)",
-            f"  optimizer state: {plan.optimizer_bytes / GIB:9.2f} GiB",
-            f"  XLA temporaries: {plan.temp_bytes / GIB:9.2f} GiB (activations, gathered weights, "
-            "gradients)",
-            f"per_device_peak_bytes: {plan.peak_bytes}",
-            f"model FLOPs per step: {model_flops:.4g} (per token: "
-            f"{flops.flops_per_token(config, seq_len):.4g}; with recomputation: "
-            f"{flops.flops_per_token(config, seq_len, recompute):.4g})",
-            f"predicted at {mfu:.0%} MFU (bfloat16 dense peak):",
+        f"parameters: {flops.param_count(config)}",
+        f"mesh: {format_shape(plan.mesh)} ({num_devices} devices)",
+        f"batch: {batch_size} sequences x {seq_len} tokens = {plan.micro_batches} micro-steps "
+        f"of {plan.micro_batch} sequences (remat: {config.remat_policy})",
+        "sharding (parameter: shape -> mesh axes):",
+        *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
+        "per-device memory:",
+        f"  parameters:      {plan.param_bytes / GIB:9.2f} GiB",
+        f"  gradients:       {plan.grad_bytes / GIB:9.2f} GiB (float32 accumulators, "
+        "in XLA temp)",
+        f"  optimizer state: {plan.optimizer_bytes / GIB:9.2f} GiB",
+        f"  XLA temporaries: {plan.temp_bytes / GIB:9.2f} GiB (activations, gathered weights, "
+        "gradients)",
+        f"per_device_peak_bytes: {plan.peak_bytes}",
+        f"model FLOPs per step: {model_flops:.4g} (per token: "
+        f"{flops.flops_per_token(config, seq_len):.4g}; with recomputation: "
+        f"{flops.flops_per_token(config, seq_len, recompute):.4g})",
+        f"predicted at {mfu:.0%} MFU (bfloat16 dense peak):",
     ]
     for gpu in GPUS:
         step_s = model_flops / (num_devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * mfu)
@@ -234,8 +234,8 @@ def _micro_batch_size() -> int | None:
 def _simulate_devices(num_devices: int) -> None:
     """N CPU devices, compiling fast: the program is measured, never run."""
     os.environ["XLA_FLAGS"] = " ".join([
-            os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-            "--xla_llvm_disable_expensive_passes=true"])
+        os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true"])
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", num_devices)
 

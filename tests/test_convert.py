@@ -27,7 +27,7 @@ def random_hf_model(hidden=24, n_head=6, n_layer=2, vocab=64, seed=0, dtype=torc
     """A transformers BLOOM whose every tensor is random (biases and LayerNorms included)."""
     torch.manual_seed(seed)
     config = transformers.BloomConfig(
-            vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head)
+        vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head)
     model = transformers.BloomForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -89,9 +89,9 @@ def save_bin(model, directory, shards):
 
 
 @pytest.mark.parametrize("layout,dtype", [
-        ("safetensors", torch.float32), ("safetensors", torch.bfloat16),
-        ("safetensors_sharded", torch.bfloat16), ("no_prefix", torch.float32),
-        ("bin", torch.bfloat16), ("bin_sharded", torch.float32)])
+    ("safetensors", torch.float32), ("safetensors", torch.bfloat16),
+    ("safetensors_sharded", torch.bfloat16), ("no_prefix", torch.float32),
+    ("bin", torch.bfloat16), ("bin_sharded", torch.float32)])
 def test_round_trip_is_bit_exact(tmp_path, layout, dtype):
     model = random_hf_model(dtype=dtype)
     hf_dir, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
@@ -142,9 +142,9 @@ def test_to_hf_reads_the_latest_step_of_a_trainer_checkpoint(tmp_path):
     checkpoints.save_params(ckpt, config, jax.tree.map(np.zeros_like, params), step=3)
     with ocp.CheckpointManager(ckpt) as manager:  # a later step with the trainer's other items
         manager.save(7, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave({"mu": params}),
-                train_state=ocp.args.JsonSave({"step": 7})))
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave({"mu": params}),
+            train_state=ocp.args.JsonSave({"step": 7})))
     convert.to_hf(ckpt, tmp_path / "back")
 
     written = safetensors.torch.load_file(tmp_path / "back" / "model.safetensors")
@@ -213,8 +213,8 @@ def test_error_missing_tensor(tmp_path):
 
 def test_command_line_error_is_one_clear_line(tmp_path):
     result = subprocess.run(
-            [sys.executable, "-m", "bloom_jax.convert", "from_hf", "--hf_dir", str(tmp_path),
-             "--out_dir", str(tmp_path / "ckpt")], cwd=REPO, capture_output=True, text=True)
+        [sys.executable, "-m", "bloom_jax.convert", "from_hf", "--hf_dir", str(tmp_path),
+         "--out_dir", str(tmp_path / "ckpt")], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not a Hugging")
     assert "Traceback" not in result.stderr
@@ -292,9 +292,9 @@ def test_conversion_memory_does_not_grow_with_depth(tmp_path):
         hf_dir, ckpt, back = (tmp_path / f"{name}{n_layer}" for name in ("hf", "ckpt", "back"))
         random_hf_model(hidden=512, n_head=8, n_layer=n_layer).save_pretrained(hf_dir)
         peaks["from_hf", n_layer] = peak_anonymous_mb(
-                "from_hf", "--hf_dir", hf_dir, "--out_dir", ckpt)
+            "from_hf", "--hf_dir", hf_dir, "--out_dir", ckpt)
         peaks["to_hf", n_layer] = peak_anonymous_mb(
-                "to_hf", "--ckpt_dir", ckpt, "--out_dir", back, "--max_shard_bytes", 2**22)
+            "to_hf", "--ckpt_dir", ckpt, "--out_dir", back, "--max_shard_bytes", 2**22)
     added_mb = 8 * 12 * 512**2 * 4 / 2**20
     for direction in ("from_hf", "to_hf"):
         assert peaks[direction, 10] - peaks[direction, 2] < 0.25 * added_mb, peaks

@@ -20,8 +20,8 @@ from bloom_jax.model import BloomConfig, BloomForCausalLM
 
 # Two shapes: a head count that is not a power of two (ALiBi's extra slopes) and one that is.
 HF_SHAPES = {
-        "6_heads": dict(vocab_size=256, hidden_size=48, n_layer=2, n_head=6),
-        "8_heads": dict(vocab_size=256, hidden_size=64, n_layer=3, n_head=8),
+    "6_heads": dict(vocab_size=256, hidden_size=48, n_layer=2, n_head=6),
+    "8_heads": dict(vocab_size=256, hidden_size=64, n_layer=3, n_head=8),
 }
 NEW_TOKENS = 8
 
@@ -112,8 +112,8 @@ def test_top_k_of_one_is_greedy():
     config, params, ids, mask = tiny_model()
     greedy = generate_ids(config, params, ids, NEW_TOKENS, attention_mask=mask)
     np.testing.assert_array_equal(
-            generate_ids(config, params, ids, NEW_TOKENS, attention_mask=mask, top_k=1, seed=7),
-            greedy)
+        generate_ids(config, params, ids, NEW_TOKENS, attention_mask=mask, top_k=1, seed=7),
+        greedy)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0),
@@ -152,7 +152,7 @@ def word_tokenizer(path, vocab_size):
     """A whitespace word-level tokenizer.json with BLOOM's special ids (unk 0, eos 2, pad 3)."""
     words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(4, vocab_size)]
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-            {word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+        {word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(path))
     return tokenizer

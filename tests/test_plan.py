@@ -41,9 +41,9 @@ def run_plan(tmp_path, *args):
     config = tmp_path / "tiny.gin"
     config.write_text(TINY_GIN)
     return subprocess.run(
-            [sys.executable, "-m", "bloom_jax.plan", f"--gin_file={config}", *args],
-            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-            timeout=300)
+        [sys.executable, "-m", "bloom_jax.plan", f"--gin_file={config}", *args],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=300)
 
 
 @pytest.mark.slow
