@@ -19,8 +19,12 @@ import numpy as np
 
 Array = jax.Array
 
-# Logical axis names of the key/value cache (decoding), laid out like the attention activations.
-CACHE_KV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+# Logical axes of activations: the residual stream, the MLP's hidden layer, and per-head queries,
+# keys and values (the decoding cache is laid out like them).
+EMBED_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+MLP_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_mlp")
+HEAD_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_heads",
+                        "activation_kv")
 
 # Names of `jax.checkpoint_policies` (plus "none": no rematerialization) that a config may use.
 REMAT_POLICIES = {
@@ -57,7 +61,8 @@ class BloomConfig:
                 f"hidden_size={self.hidden_size} is not divisible by n_head={self.n_head}; "
                 "choose a head count that divides the hidden size.")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}.")
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of "
+                             f"{sorted(REMAT_POLICIES)}.")
 
     @property
     def head_dim(self) -> int:
@@ -133,7 +138,7 @@ class Attention(nn.Module):
                  cache_index: Array | None = None) -> Array:
         cfg = self.config
         std = cfg.initializer_range
-        # [batch, length, heads, 3, head_dim]: per head q, k, v, as BLOOM's [3h, h] weight lays them out.
+        # [batch, length, heads, 3, head_dim]: q, k, v per head, as BLOOM's [3h, h] weight has them.
         # nn.Einsum, not nn.DenseGeneral: DenseGeneral constrains a multi-axis kernel to its
         # logical sharding while the kernel is still flattened, which fails under a mesh
         # (google/flax#3676).
@@ -146,11 +151,11 @@ class Attention(nn.Module):
             bias_init=_zeros(("heads", "qkv", "kv")),
             name="query_key_value",
         )(x)
-        names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        names = HEAD_ACTIVATION_AXES
         q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
         if self.decode:
-            k = _cache_variable(self, "key", k, cache_index, CACHE_KV_AXES)
-            v = _cache_variable(self, "value", v, cache_index, CACHE_KV_AXES)
+            k = _cache_variable(self, "key", k, cache_index, HEAD_ACTIVATION_AXES)
+            v = _cache_variable(self, "value", v, cache_index, HEAD_ACTIVATION_AXES)
 
         # [batch, heads, q_length, k_length], softmax in float32.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(cfg.head_dim).astype(cfg.dtype)
@@ -190,7 +195,7 @@ class MLP(nn.Module):
             bias_init=_zeros(("mlp",)),
             name="dense_h_to_4h",
         )(x)
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = nn.with_logical_constraint(h, MLP_ACTIVATION_AXES)
         h = jax.nn.gelu(h, approximate=True)
         return nn.DenseGeneral(
             features=cfg.hidden_size,
@@ -221,7 +226,7 @@ class Block(nn.Module):
         h = _layer_norm(cfg, "post_attention_layernorm")(x)
         h = MLP(cfg, name="mlp")(h)
         x = x + dropout(h, deterministic=self.deterministic)
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = nn.with_logical_constraint(x, EMBED_ACTIVATION_AXES)
         return x, None
 
 
@@ -232,7 +237,8 @@ def attention_inputs(
     segment_ids: [batch, length], 0 marks padding; tokens attend causally inside their own document.
     positions:   [batch, length], the token's position inside its document.
     Returns alibi [batch, heads, 1, length] (float32, slope * key position: softmax is shift
-    invariant per row, so this equals ALiBi's -slope * distance) and mask [batch, 1, length, length].
+    invariant per row, so this equals ALiBi's -slope * distance) and mask
+    [batch, 1, length, length].
     """
     length = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
@@ -309,7 +315,7 @@ class BloomForCausalLM(nn.Module):
         x = embed(input_ids)  # [batch, length, embed]
         x = _layer_norm(cfg, "word_embeddings_layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = nn.with_logical_constraint(x, EMBED_ACTIVATION_AXES)
 
         block = Block
         if cfg.remat_policy != "none":
