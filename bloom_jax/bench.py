@@ -33,9 +33,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from bloom_jax import configs, flops, metrics, optim, trainer
+from bloom_jax import configs, flops, trainer
 from bloom_jax.data import pipeline
-from bloom_jax.model import BloomConfig
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from partitioning import shardings as shardings_lib
@@ -48,8 +47,7 @@ DOCUMENTS_PER_ROW = 2
 
 
 def define_flags() -> None:
-    """The gin flags and the benchmark's own (call once, when run as a command)."""
-    configs.define_flags()
+    """The benchmark's own flags (call once, when run as a command; configs.run adds gin's)."""
     flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
     flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compilation.")
     flags.DEFINE_integer("seed", 0, "Seed of the parameters and the synthetic tokens.")
@@ -59,28 +57,6 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("sweep", [], "NAME=v1,v2: benchmark each value of the gin binding "
                               "NAME (repeat for a grid), e.g. train.micro_batch_size=1,2 or "
                               "create_mesh.fsdp=1,2; values are split at commas.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """What one train step processes, as the gin config (and the trainer) has it."""
-
-    model_config: BloomConfig
-    batch_size: int  # global sequences per optimizer step (after any ramp-up)
-    sequence_length: int
-    micro_batch_size: int | None  # sequences per data-parallel shard per micro-step
-
-    @classmethod
-    def from_gin(cls) -> Workload:
-        train = gin.get_bindings("train")  # references evaluated: model_config is a BloomConfig
-        return cls(model_config=train["model_config"],
-                   batch_size=optim.BatchRampUp().global_batch_size,
-                   sequence_length=gin.get_bindings("make_stream")["sequence_length"],
-                   micro_batch_size=train.get("micro_batch_size"))
-
-    @property
-    def tokens(self) -> int:
-        return self.batch_size * self.sequence_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +92,7 @@ def synthetic_batch(rng: np.random.Generator, micro_batches: int, micro_batch: i
 class JaxStep:
     """Our trainer's step on a synthetic batch, compiled ahead of time for the current mesh."""
 
-    def __init__(self, workload: Workload, seed: int):
+    def __init__(self, workload: configs.Workload, seed: int):
         mesh = mesh_lib.create_mesh()
         rules = rules_lib.logical_axis_rules()
         micro_batch = trainer.micro_batch_sequences(workload.batch_size,
@@ -149,7 +125,7 @@ class TorchStep:
     as ours).
     """
 
-    def __init__(self, workload: Workload, host_batch: dict[str, np.ndarray], seed: int):
+    def __init__(self, workload: configs.Workload, host_batch: dict[str, np.ndarray], seed: int):
         # libgomp's threads spin after each parallel region by default, taking the cores from
         # XLA's step that runs next (torch's step ran 2-25x slower interleaved than alone);
         # waiting passively keeps the alternation fair. Read when torch loads libgomp.
@@ -201,7 +177,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
     """
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"need steps >= 1 and warmup_steps >= 0; got {steps}, {warmup_steps}.")
-    workload = Workload.from_gin()
+    workload = configs.Workload.from_gin()
     ours = JaxStep(workload, seed)
     runners = {"ours": ours}
     if compare_torch:
@@ -217,7 +193,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
                      {name: statistics.median(t) for name, t in times.items()})
 
 
-def summarize(workload: Workload, compile_s: float, num_devices: int,
+def summarize(workload: configs.Workload, compile_s: float, num_devices: int,
               step_times: dict[str, float]) -> Result:
     """The figures from median step times ("ours", optionally "torch")."""
     cfg, step_time = workload.model_config, step_times["ours"]
@@ -243,7 +219,7 @@ def summarize(workload: Workload, compile_s: float, num_devices: int,
     return Result(**figures)
 
 
-def format_result(result: Result, workload: Workload) -> str:
+def format_result(result: Result, workload: configs.Workload) -> str:
     """The human-readable report of one configuration."""
     cfg = workload.model_config
     lines = [
@@ -352,7 +328,6 @@ def _as_json(result: Result) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    metrics.quiet_library_logs()
     options = dict(steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed,
                    compare_torch=FLAGS.compare_torch)
     if FLAGS.sweep:
@@ -367,9 +342,9 @@ def main(argv: Sequence[str]) -> None:
     configs.parse_flags()
     result = benchmark(**options)
     print(json.dumps(_as_json(result)) if FLAGS.json else format_result(result,
-                                                                        Workload.from_gin()))
+                                                                        configs.Workload.from_gin()))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=lambda argv: FLAGS(configs.rewrite_gin_args(argv)))
+    configs.run(main)

@@ -9,14 +9,16 @@ is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import pathlib
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 import gin
 from absl import app, flags
 
-from bloom_jax import metrics, model
+from bloom_jax import metrics, model, optim
 
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 
@@ -79,14 +81,56 @@ def parse_flags(require_file: bool = True) -> None:
     parse(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+# Errors that describe bad input (a binding, a path, a mesh, a checkpoint): reported as one line.
+# gin's own errors are ValueErrors and SyntaxErrors.
+REPORTED_ERRORS = (ValueError, SyntaxError, OSError)
+# What gin appends to an error raised under it: "\n  In call to configurable 'train' (...)".
+_GIN_CONTEXT = re.compile(r"\n  In (?:call to configurable|file|bindings string) ")
+
+
+def error_line(error: Exception) -> str:
+    """The error's own message, without the trail of configurables gin appends to it."""
+    return _GIN_CONTEXT.split(str(error), maxsplit=1)[0]
+
+
+def run(main: Callable[[list[str]], None],
+        reported: tuple[type[Exception], ...] = REPORTED_ERRORS) -> None:
     """Runs a command's `main` under absl with the gin flags (and their --gin.NAME=VALUE form)
-    defined, and the libraries' INFO chatter filtered from the console."""
+    defined and the libraries' INFO chatter filtered from the console. A `reported` error ends
+    the command with one line `error: ...` and exit status 1 (--verbose: the traceback)."""
     define_flags()
+    flags.DEFINE_bool("verbose", False, "On bad input, show the traceback, not just the error.")
 
-    def main_with_quiet_logs(argv: list[str]) -> None:
+    def reporting_main(argv: list[str]) -> None:
         metrics.quiet_library_logs()
-        main(argv)
+        try:
+            main(argv)
+        except reported as error:
+            if flags.FLAGS.verbose:
+                raise
+            sys.exit(f"error: {error_line(error)} (--verbose shows the traceback)")
 
-    app.run(main_with_quiet_logs,
-            flags_parser=lambda argv: flags.FLAGS(rewrite_gin_args(argv)))
+    app.run(reporting_main, flags_parser=lambda argv: flags.FLAGS(rewrite_gin_args(argv)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one train step processes, read from the parsed gin config as the trainer reads it;
+    the planner, benchmark and evaluation take their shapes from here."""
+
+    model_config: model.BloomConfig
+    batch_size: int  # global sequences per optimizer step (after any ramp-up)
+    sequence_length: int
+    micro_batch_size: int | None  # sequences per data-parallel shard per micro-step
+
+    @classmethod
+    def from_gin(cls) -> Workload:
+        train = gin.get_bindings("train")  # references evaluated: model_config is a BloomConfig
+        return cls(model_config=train["model_config"],
+                   batch_size=optim.BatchRampUp().global_batch_size,
+                   sequence_length=gin.get_bindings("make_stream")["sequence_length"],
+                   micro_batch_size=train.get("micro_batch_size"))
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.sequence_length

@@ -20,11 +20,9 @@ import functools
 import json
 import math
 import pathlib
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,11 +147,11 @@ def checkpoint_dir(path: str) -> pathlib.Path:
 def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results:
     """Evaluates the latest parameters in `ckpt_dir` as the parsed gin config says (model,
     mesh, rules, SEQUENCE_LENGTH, DATA_DIR, vocabulary, languages)."""
-    model_config = configs.BloomConfig()
+    workload = configs.Workload.from_gin()
+    model_config, sequence_length = workload.model_config, workload.sequence_length
     mesh = mesh_lib.create_mesh()
     rules = rules_lib.logical_axis_rules()
     batch_size = batch_size or mesh.shape["data"] * mesh.shape["fsdp"]
-    sequence_length = gin.query_parameter("%SEQUENCE_LENGTH")
     check_batch_size(mesh, rules, batch_size, sequence_length)
     vocabulary = vocabularies.load_vocabulary()
     vocabularies.check_fits_model(vocabulary, model_config.vocab_size)
@@ -174,11 +172,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.data_dir:
         FLAGS.gin_bindings = [*FLAGS.gin_bindings, f"DATA_DIR = {FLAGS.data_dir!r}"]
-    try:
-        configs.parse_flags()
-        results = evaluate_checkpoint(FLAGS.ckpt_dir, FLAGS.batch_size)
-    except (OSError, ValueError) as e:  # bad input: the message says what to do
-        sys.exit(f"error: {e}")
+    configs.parse_flags()
+    results = evaluate_checkpoint(FLAGS.ckpt_dir, FLAGS.batch_size)
     if jax.process_index() == 0:
         print(json.dumps(results) if FLAGS.json else format_table(results))
 

@@ -23,12 +23,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from bloom_jax import configs, flops, metrics, trainer
+from bloom_jax import configs, flops, trainer
 from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError, create_mesh, factorizations, format_shape
 from partitioning.rules import Rules, activation_sharding, logical_axis_rules
@@ -221,16 +220,6 @@ def largest_consumer(plan: Plan) -> str:
     return f"{name}: {parts[name] / GIB:.1f} GiB"
 
 
-def _micro_batch_size() -> int | None:
-    """--micro_batch_size, else the gin binding of train.micro_batch_size, else its default."""
-    if FLAGS.micro_batch_size is not None:
-        return FLAGS.micro_batch_size
-    try:
-        return gin.query_parameter("train.micro_batch_size")
-    except ValueError:  # not bound
-        return None
-
-
 def _simulate_devices(num_devices: int) -> None:
     """N CPU devices, compiling fast: the program is measured, never run."""
     os.environ["XLA_FLAGS"] = " ".join([
@@ -243,13 +232,14 @@ def _simulate_devices(num_devices: int) -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    metrics.quiet_library_logs()
     if FLAGS.num_devices:
         _simulate_devices(FLAGS.num_devices)
     configs.parse_flags()
-    config = gin.get_configurable(BloomConfig)()
-    batch_size = gin.query_parameter("%BATCH_SIZE")
-    seq_len = gin.query_parameter("%SEQUENCE_LENGTH")
+    workload = configs.Workload.from_gin()
+    config, batch_size, seq_len = (workload.model_config, workload.batch_size,
+                                   workload.sequence_length)
+    micro_batch_size = (workload.micro_batch_size if FLAGS.micro_batch_size is None
+                        else FLAGS.micro_batch_size)
     memory = int(FLAGS.memory_gib * GIB)
     if FLAGS.search:
         ranked = search(config, jax.device_count(), logical_axis_rules(), batch_size, seq_len,
@@ -264,7 +254,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         mesh = create_mesh()
         plan = plan_step(config, mesh, logical_axis_rules(), batch_size, seq_len,
-                         _micro_batch_size())
+                         micro_batch_size)
     except MeshError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_MESH)
@@ -277,5 +267,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    configs.define_flags()
-    app.run(main, flags_parser=lambda argv: FLAGS(configs.rewrite_gin_args(argv)))
+    configs.run(main)

@@ -12,38 +12,19 @@ command again resumes from its last checkpoint. Bad input (a misspelled binding,
 DATA_DIR, another model's checkpoint) ends with one line `error: ...` and exit status 1.
 """
 
-import re
-import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import app
 
 from bloom_jax import configs, trainer
-
-# Errors that describe bad input (a binding, a path, a mesh, a checkpoint) or a run that cannot go
-# on: reported as one line. gin's own errors are ValueErrors and SyntaxErrors.
-_REPORTED_ERRORS = (ValueError, SyntaxError, FileNotFoundError, trainer.TrainingError)
-# What gin appends to an error raised under it: "\n  In call to configurable 'train' (...)".
-_GIN_CONTEXT = re.compile(r"\n  In (?:call to configurable|file|bindings string) ")
-
-
-def _message(error: Exception) -> str:
-    """The error's own message, without the trail of configurables gin appends to it."""
-    return _GIN_CONTEXT.split(str(error), maxsplit=1)[0]
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        configs.parse_flags()
-        trainer.train()
-    except _REPORTED_ERRORS as error:
-        if flags.FLAGS.verbose:
-            raise
-        sys.exit(f"error: {_message(error)} (--verbose shows the traceback)")
+    configs.parse_flags()
+    trainer.train()
 
 
 if __name__ == "__main__":
-    flags.DEFINE_bool("verbose", False, "On bad input, show the traceback, not just the error.")
-    configs.run(main)
+    configs.run(main, reported=(*configs.REPORTED_ERRORS, trainer.TrainingError))

@@ -14,7 +14,7 @@ import dataclasses
 import pathlib
 import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import gin

@@ -16,6 +16,7 @@ from partitioning.rules import logical_axis_rules
 ROOT = pathlib.Path(__file__).parents[1]
 TINY = plan.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 TINY_GIN = """
+include 'base.gin'
 BloomConfig.vocab_size = 256
 BloomConfig.hidden_size = 64
 BloomConfig.n_layer = 2

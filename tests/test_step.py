@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import flax.linen as nn
 
 from bloom_jax import optim, step as step_lib
