@@ -1,6 +1,6 @@
 """`python -m bloom_jax.bench`: how fast is the real train step, and how does it compare?
 
-Times the trainer's own jitted step (forward, backward, optimizer update; `trainer.shard_training`)
+Times the trainer's own jitted step (forward, backward, optimizer update; `shard_training`)
 on synthetic packed batches of the configured shape, after a warm-up, and reports compile time,
 median step time, tokens/s, TFLOP/s per device and MFU (flops.py's formula, the planner's),
 in model FLOPs (K = 3) and, when activations are recomputed, BLOOM's hardware FLOPs (K = 4):
@@ -31,9 +31,9 @@ from typing import Any
 import gin
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from bloom_jax import configs, flops, trainer
+from bloom_jax import configs, convert, flops, sharded_step
 from bloom_jax.data import pipeline
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
@@ -55,7 +55,7 @@ def define_flags() -> None:
                       "torch.optim.AdamW on the same batches, alternating steps with ours.")
     flags.DEFINE_bool("json", False, "Print the figures as one JSON object (a list with --sweep).")
     flags.DEFINE_multi_string("sweep", [], "NAME=v1,v2: benchmark each value of the gin binding "
-                              "NAME (repeat for a grid), e.g. train.micro_batch_size=1,2 or "
+                              "NAME (repeat for a grid), e.g. MICRO_BATCH_SIZE=1,2 or "
                               "create_mesh.fsdp=1,2; values are split at commas.")
 
 
@@ -92,23 +92,18 @@ def synthetic_batch(rng: np.random.Generator, micro_batches: int, micro_batch: i
 class JaxStep:
     """Our trainer's step on a synthetic batch, compiled ahead of time for the current mesh."""
 
-    def __init__(self, workload: configs.Workload, seed: int):
+    def __init__(self, workload: sharded_step.Workload, seed: int):
         mesh = mesh_lib.create_mesh()
-        rules = rules_lib.logical_axis_rules()
-        micro_batch = trainer.micro_batch_sequences(workload.batch_size,
-                                                    workload.micro_batch_size, mesh)
-        micro_batches = -(-workload.batch_size // micro_batch)
-        training = trainer.shard_training(workload.model_config, mesh, rules, micro_batch,
-                                          workload.sequence_length)
+        training = sharded_step.shard_training(workload, mesh, rules_lib.logical_axis_rules())
         self.num_devices = mesh.devices.size
-        self.host_batch = synthetic_batch(np.random.default_rng(seed), micro_batches, micro_batch,
-                                          workload.sequence_length, workload.model_config.vocab_size)
+        self.host_batch = synthetic_batch(
+            np.random.default_rng(seed), training.micro_steps(workload.batch_size),
+            training.micro_batch, workload.sequence_length, workload.model_config.vocab_size)
         self._batch = shardings_lib.put_batch(self.host_batch, training.batch_sharding)
         self._batch_size = np.int32(workload.batch_size)
         self._state = training.init_state(seed)
         start = time.perf_counter()
-        with rules_lib.activation_sharding(mesh, rules):
-            self._step = training.step.lower(self._state, self._batch, self._batch_size).compile()
+        self._step = training.step.lower(self._state, self._batch, self._batch_size).compile()
         self.compile_s = time.perf_counter() - start
 
     def __call__(self) -> None:
@@ -125,7 +120,7 @@ class TorchStep:
     as ours).
     """
 
-    def __init__(self, workload: configs.Workload, host_batch: dict[str, np.ndarray], seed: int):
+    def __init__(self, workload: sharded_step.Workload, host_batch: dict[str, np.ndarray], seed: int):
         # libgomp's threads spin after each parallel region by default, taking the cores from
         # XLA's step that runs next (torch's step ran 2-25x slower interleaved than alone);
         # waiting passively keeps the alternation fair. Read when torch loads libgomp.
@@ -139,11 +134,8 @@ class TorchStep:
         self._torch = torch
         cfg = workload.model_config
         torch.manual_seed(seed)
-        self._model = transformers.BloomForCausalLM(transformers.BloomConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, layer_norm_epsilon=cfg.layer_norm_epsilon,
-            initializer_range=cfg.initializer_range, hidden_dropout=cfg.hidden_dropout,
-            attention_dropout=cfg.attention_dropout)).train()
+        self._model = transformers.BloomForCausalLM(
+            transformers.BloomConfig(**convert.hf_config_fields(cfg))).train()
         self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                             eps=1e-8, weight_decay=0.1, fused=True)
         self._autocast = torch.autocast("cpu", dtype=torch.bfloat16,
@@ -177,7 +169,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
     """
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"need steps >= 1 and warmup_steps >= 0; got {steps}, {warmup_steps}.")
-    workload = configs.Workload.from_gin()
+    workload = sharded_step.Workload()
     ours = JaxStep(workload, seed)
     runners = {"ours": ours}
     if compare_torch:
@@ -193,7 +185,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
                      {name: statistics.median(t) for name, t in times.items()})
 
 
-def summarize(workload: configs.Workload, compile_s: float, num_devices: int,
+def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: int,
               step_times: dict[str, float]) -> Result:
     """The figures from median step times ("ours", optionally "torch")."""
     cfg, step_time = workload.model_config, step_times["ours"]
@@ -204,7 +196,7 @@ def summarize(workload: configs.Workload, compile_s: float, num_devices: int,
         num_devices=num_devices, peak_flops=peak, model_flops_per_step=model_flops,
         tflops_per_device=flops.tflops_per_device(model_flops, step_time, num_devices),
         mfu=flops.mfu(model_flops, step_time, num_devices, peak))
-    if cfg.remat_policy != "none":
+    if cfg.recompute:
         hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
                                               recompute=True)
         figures.update(
@@ -219,7 +211,7 @@ def summarize(workload: configs.Workload, compile_s: float, num_devices: int,
     return Result(**figures)
 
 
-def format_result(result: Result, workload: configs.Workload) -> str:
+def format_result(result: Result, workload: sharded_step.Workload) -> str:
     """The human-readable report of one configuration."""
     cfg = workload.model_config
     lines = [
@@ -260,7 +252,7 @@ def parse_sweeps(sweeps: Sequence[str]) -> dict[str, list[str]]:
         name, sep, values = sweep.partition("=")
         if not sep or not name.strip() or not values.strip():
             raise ValueError(f"--sweep {sweep!r} is not NAME=v1,v2; e.g. "
-                             "--sweep train.micro_batch_size=1,2.")
+                             "--sweep MICRO_BATCH_SIZE=1,2.")
         parsed[name.strip()] = [v.strip() for v in values.split(",")]
     return parsed
 
@@ -285,7 +277,8 @@ def sweep(gin_files: Sequence[str], bindings: Sequence[str], sweeps: dict[str, l
         combination = dict(zip(sweeps, values))
         gin.clear_config()
         configs.parse(gin_files, [*bindings, *(configs.binding(name, value)
-                                               for name, value in combination.items())])
+                                               for name, value in combination.items())],
+                      skip_unknown=configs.LOOP_CONFIGURABLES)
         try:
             rows.append(SweepRow(combination, result=benchmark(**benchmark_kwargs)))
         except Exception as e:  # pylint: disable=broad-except  # only those that do not fit
@@ -326,8 +319,7 @@ def _as_json(result: Result) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    configs.no_arguments(argv)
     options = dict(steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed,
                    compare_torch=FLAGS.compare_torch)
     if FLAGS.sweep:
@@ -339,10 +331,10 @@ def main(argv: Sequence[str]) -> None:
         else:
             print(format_sweep(rows))
         return
-    configs.parse_flags()
+    configs.parse_flags(skip_unknown=configs.LOOP_CONFIGURABLES)
     result = benchmark(**options)
-    print(json.dumps(_as_json(result)) if FLAGS.json else format_result(result,
-                                                                        configs.Workload.from_gin()))
+    print(json.dumps(_as_json(result)) if FLAGS.json
+          else format_result(result, sharded_step.Workload()))
 
 
 if __name__ == "__main__":

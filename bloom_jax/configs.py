@@ -1,29 +1,36 @@
-"""gin wiring shared by every command: the --gin_file / --gin.NAME=VALUE flags and their parsing.
+"""Command wiring shared by every `python -m bloom_jax.*` command: flags, gin, one error line.
 
 Every config accepts the same macros (MODEL_DIR, DATA_DIR, TRAIN_STEPS, BATCH_SIZE,
-SEQUENCE_LENGTH, SEED, INIT_FROM; see gin_configs/base.gin). `--gin.NAME=VALUE` is t5x's
-shorthand for `--gin_bindings='NAME = VALUE'`; a VALUE that is not a gin literal (a bare path)
-is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
+SEQUENCE_LENGTH, MICRO_BATCH_SIZE, SEED, INIT_FROM, VOCABULARY; see gin_configs/base.gin).
+`--gin.NAME=VALUE` is t5x's shorthand for `--gin_bindings='NAME = VALUE'`; a VALUE that is not a
+gin literal (a bare path) is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
+
+This module imports nothing of the model, the step or the loop. Configurables are registered by
+the library modules that define them, which each command imports before it parses: the trainer
+registers every configurable a config binds and parses strictly (a misspelled name fails); a
+command that reads a training config without running the loop skips the loop's configurables
+by name (`LOOP_CONFIGURABLES`), and the data tools, which read only a config's data settings,
+skip every configurable they do not load (gin's `skip_unknown`).
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
+import logging as py_logging
 import pathlib
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import gin
 from absl import app, flags
 
-from bloom_jax import metrics, model, optim
-
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
-
-# gin's handle on the model config: calling it gives the BloomConfig the parsed files bind.
-BloomConfig = gin.external_configurable(model.BloomConfig, module="bloom_jax")
+BASE_CONFIG = "base.gin"  # the macros and defaults every size file includes
+# Configurables only the training loop registers; plan, bench and evaluate read a training
+# config without the loop and skip their bindings (tests/test_configs.py keeps this list true).
+LOOP_CONFIGURABLES = ("train", "CheckpointOptions", "initialize")
 flags.disclaim_key_flags()  # the gin flags are the command's own: its --help lists them
 
 
@@ -62,25 +69,57 @@ def _as_gin_value(value: str) -> str:
         return repr(value)
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
-    """Parses config files then bindings; unknown or misspelled names raise gin's error here,
-    before any work is done."""
-    # Every configurable must be registered before parsing, whichever command parses.
-    import bloom_jax.trainer  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
+          skip_unknown: bool | Sequence[str] = False) -> None:
+    """Parses config files then bindings, with the configurables registered so far.
 
+    Unknown or misspelled names raise gin's error here, before any work is done, except the
+    configurables `skip_unknown` names (True: every unregistered one).
+    """
     gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
     gin.add_config_file_search_path(str(GIN_CONFIGS_DIR.parent))
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
+    skip = skip_unknown if isinstance(skip_unknown, bool) else list(skip_unknown)
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), skip_unknown=skip)
 
 
-def parse_flags(require_file: bool = True) -> None:
-    """Parses the gin flags of the running command (after absl has parsed argv)."""
-    if require_file and not flags.FLAGS.gin_file:
+def parse_flags(skip_unknown: bool | Sequence[str] = False, default_file: str | None = None,
+                ) -> None:
+    """Parses the gin flags of the running command (after absl has parsed argv).
+
+    default_file: the config read when no --gin_file is given (None: --gin_file is required).
+    """
+    gin_files = flags.FLAGS.gin_file or ([default_file] if default_file else [])
+    if not gin_files:
         raise app.UsageError("No --gin_file given; pass one of the configs in "
                              f"{GIN_CONFIGS_DIR}, e.g. --gin_file=gin_configs/tiny.gin.")
-    parse(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings)
+    bindings = list(flags.FLAGS.gin_bindings)
+    if "data_dir" in flags.FLAGS and flags.FLAGS.data_dir:
+        bindings.append(binding("DATA_DIR", flags.FLAGS.data_dir))
+    parse(gin_files, bindings, skip_unknown)
 
 
+def macro(name: str, default: Any = None) -> Any:
+    """The value the parsed config binds to the macro `name` (e.g. "DATA_DIR"), else `default`."""
+    try:
+        return gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        return default
+
+
+def define_data_dir_flag() -> None:
+    """--data_dir, the data commands' shorthand for --gin.DATA_DIR (it is that binding)."""
+    flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder; the same as "
+                        "--gin.DATA_DIR=DIR (default: the config's DATA_DIR, else the corpus "
+                        "shipped with the package).")
+
+
+def no_arguments(argv: Sequence[str]) -> None:
+    """Raises a usage error for positional arguments (commands take flags only)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+
+EXIT_USAGE = 2  # a bad flag or argument
 # Errors that describe bad input (a binding, a path, a mesh, a checkpoint): reported as one line.
 # gin's own errors are ValueErrors and SyntaxErrors.
 REPORTED_ERRORS = (ValueError, SyntaxError, OSError)
@@ -94,43 +133,70 @@ def error_line(error: Exception) -> str:
 
 
 def run(main: Callable[[list[str]], None],
-        reported: tuple[type[Exception], ...] = REPORTED_ERRORS) -> None:
+        reported: tuple[type[Exception], ...] = REPORTED_ERRORS,
+        exit_codes: Mapping[type[Exception], int] | None = None, gin_flags: bool = True) -> None:
     """Runs a command's `main` under absl with the gin flags (and their --gin.NAME=VALUE form)
-    defined and the libraries' INFO chatter filtered from the console. A `reported` error ends
-    the command with one line `error: ...` and exit status 1 (--verbose: the traceback)."""
-    define_flags()
+    defined and the libraries' INFO chatter filtered from the console.
+
+    A `reported` error ends the command with one line `error: ...` on stderr and exit status 1,
+    or the status `exit_codes` gives its class (--verbose: the traceback); a bad flag or
+    argument is one such line too, with status 2. gin_flags: False for the commands that read
+    no gin config (convert, generate).
+    """
+    if gin_flags:
+        define_flags()
     flags.DEFINE_bool("verbose", False, "On bad input, show the traceback, not just the error.")
+    exit_codes = dict(exit_codes or {})
+    reported = (*reported, *exit_codes)
 
     def reporting_main(argv: list[str]) -> None:
-        metrics.quiet_library_logs()
+        quiet_library_logs()
         try:
             main(argv)
+        except app.UsageError as error:
+            _exit_with_error(f"{error} (--help lists the flags)", EXIT_USAGE)
         except reported as error:
             if flags.FLAGS.verbose:
                 raise
-            sys.exit(f"error: {error_line(error)} (--verbose shows the traceback)")
+            _exit_with_error(f"{error_line(error)} (--verbose shows the traceback)",
+                             next((code for kind, code in exit_codes.items()
+                                   if isinstance(error, kind)), 1))
 
-    app.run(reporting_main, flags_parser=lambda argv: flags.FLAGS(rewrite_gin_args(argv)))
+    app.run(reporting_main, flags_parser=_parse_argv)
 
 
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """What one train step processes, read from the parsed gin config as the trainer reads it;
-    the planner, benchmark and evaluation take their shapes from here."""
+def _parse_argv(argv: list[str]) -> list[str]:
+    """absl's parse of argv (after the --gin.NAME=VALUE rewrite); a bad flag is one line."""
+    try:
+        return flags.FLAGS(rewrite_gin_args(argv))
+    except flags.Error as error:
+        _exit_with_error(f"{error} (--help lists the flags)", EXIT_USAGE)
 
-    model_config: model.BloomConfig
-    batch_size: int  # global sequences per optimizer step (after any ramp-up)
-    sequence_length: int
-    micro_batch_size: int | None  # sequences per data-parallel shard per micro-step
 
-    @classmethod
-    def from_gin(cls) -> Workload:
-        train = gin.get_bindings("train")  # references evaluated: model_config is a BloomConfig
-        return cls(model_config=train["model_config"],
-                   batch_size=optim.BatchRampUp().global_batch_size,
-                   sequence_length=gin.get_bindings("make_stream")["sequence_length"],
-                   micro_batch_size=train.get("micro_batch_size"))
+def _exit_with_error(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
-    @property
-    def tokens(self) -> int:
-        return self.batch_size * self.sequence_length
+
+# Libraries whose INFO lines would drown the commands' own (orbax logs every file it writes).
+_CHATTY_LIBRARIES = ("/orbax/", "/jax/_src/xla_bridge.py")
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Drops the chatty libraries' records below WARNING, and gin's lookups of include paths."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if "/gin/resource_reader.py" in record.pathname:
+            return False  # "Path not found" while gin tries each search path in turn
+        chatty = any(part in record.pathname for part in _CHATTY_LIBRARIES)
+        return record.levelno >= py_logging.WARNING or not chatty
+
+
+def quiet_library_logs() -> None:
+    """Keeps the console to the command's lines (and every library's warnings and errors).
+
+    Call it after absl has set up logging (inside `app.run`'s main): the filter goes on the
+    root handlers, which every library's records reach.
+    """
+    for handler in py_logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())

@@ -1,7 +1,7 @@
 """Hugging Face BLOOM checkpoints <-> bloom_jax orbax checkpoints, streamed tensor by tensor.
 
-    python -m bloom_jax.convert from_hf --hf_dir DIR --out_dir CKPT
-    python -m bloom_jax.convert to_hf --ckpt_dir CKPT --out_dir DIR
+    python -m bloom_jax.convert from_hf --hf_dir=DIR --out_dir=CKPT
+    python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR
 
 `from_hf` reads safetensors or PyTorch `.bin` files (single or sharded with an index; keys with
 or without the `transformer.` prefix) and writes an orbax checkpoint (`bloom_jax.checkpoints`) at
@@ -13,12 +13,10 @@ HF -> bloom_jax -> HF reproduces every tensor bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 import tensorstore as ts
+from absl import app, flags
 
-from bloom_jax import checkpoints
+from bloom_jax import checkpoints, configs
 from bloom_jax.model import BloomConfig
 
 PREFIX = "transformer."
@@ -39,6 +38,18 @@ PYTORCH_INDEX = "pytorch_model.bin.index.json"
 CONFIG_ALIASES = {"n_embed": "hidden_size", "num_attention_heads": "n_head",
                   "num_hidden_layers": "n_layer"}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# The BloomConfig fields Hugging Face's config.json holds under the same names, with the default
+# transformers assumes when a file omits one (None: required).
+HF_FIELDS = {"vocab_size": None, "hidden_size": None, "n_layer": None, "n_head": None,
+             "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "hidden_dropout": 0.0,
+             "attention_dropout": 0.0}
+
+
+def config_from_hf(fields: dict, param_dtype: Any) -> BloomConfig:
+    """Our config of a Hugging Face `config.json` (old key names already renamed)."""
+    return BloomConfig(param_dtype=param_dtype, **{
+        name: fields[name] if default is None else fields.get(name, default)
+        for name, default in HF_FIELDS.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,18 +231,7 @@ class _HFReader:
         return handle.get_tensor(self.prefix + name)
 
     def config(self) -> BloomConfig:
-        f = self.fields
-        return BloomConfig(
-            vocab_size=f["vocab_size"],
-            hidden_size=f["hidden_size"],
-            n_layer=f["n_layer"],
-            n_head=f["n_head"],
-            layer_norm_epsilon=f.get("layer_norm_epsilon", 1e-5),
-            initializer_range=f.get("initializer_range", 0.02),
-            hidden_dropout=f.get("hidden_dropout", 0.0),
-            attention_dropout=f.get("attention_dropout", 0.0),
-            param_dtype=self.read("word_embeddings_layernorm.weight").dtype,
-        )
+        return config_from_hf(self.fields, self.read("word_embeddings_layernorm.weight").dtype)
 
 
 def _streamed_params(reader: _HFReader) -> tuple[BloomConfig, dict]:
@@ -289,18 +289,12 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> BloomConfig:
 # ------------------------------------------------------------------------- writing Hugging Face
 
 
-def _hf_config_fields(config: BloomConfig) -> dict:
+def hf_config_fields(config: BloomConfig) -> dict:
+    """Hugging Face's `config.json` of a BLOOM with `config`'s shape and numerics."""
     return {
         "architectures": ["BloomForCausalLM"],
         "model_type": "bloom",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "initializer_range": config.initializer_range,
-        "hidden_dropout": config.hidden_dropout,
-        "attention_dropout": config.attention_dropout,
+        **{name: getattr(config, name) for name in HF_FIELDS},
         "apply_residual_connection_post_layernorm": False,
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -361,7 +355,7 @@ def save_hf_checkpoint(
         index = {"metadata": {"total_size": sum(n for _, n, _ in _hf_tensors(config, params))},
                  "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(_hf_config_fields(config), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_fields(config), indent=2) + "\n")
 
 
 def to_hf(ckpt_dir: str | Path, out_dir: str | Path,
@@ -375,48 +369,41 @@ def to_hf(ckpt_dir: str | Path, out_dir: str | Path,
 # ------------------------------------------------------------------------- command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bloom_jax.convert",
-        description="Convert BLOOM checkpoints between Hugging Face and bloom_jax (orbax), "
-                    "streaming one tensor at a time.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    from_cmd = commands.add_parser(
-        "from_hf", help="Hugging Face directory -> bloom_jax checkpoint (step 0).",
-        description="Read a Hugging Face BLOOM directory (safetensors or .bin, single or "
-                    "sharded) and write a bloom_jax orbax checkpoint at step 0.")
-    from_cmd.add_argument("--hf_dir", required=True,
-                          help="directory written by save_pretrained (config.json + weights)")
-    from_cmd.add_argument("--out_dir", required=True,
-                          help="new checkpoint directory (CheckpointManager root)")
-    to_cmd = commands.add_parser(
-        "to_hf", help="bloom_jax checkpoint (latest step) -> Hugging Face directory.",
-        description="Read the latest step of a bloom_jax checkpoint (converted or written by "
-                    "the trainer) and write safetensors + config.json for transformers.")
-    to_cmd.add_argument("--ckpt_dir", required=True,
-                        help="checkpoint directory, e.g. MODEL_DIR/checkpoints")
-    to_cmd.add_argument("--out_dir", required=True, help="Hugging Face output directory")
-    to_cmd.add_argument("--max_shard_bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
-                        help="largest safetensors file to write (default: %(default)s)")
-    return parser
+FLAGS = flags.FLAGS
+USAGE = ("python -m bloom_jax.convert from_hf --hf_dir=DIR --out_dir=CKPT\n"
+         "python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    try:
-        _run(args)
-    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what to do
-        sys.exit(f"error: {e}")
+def define_flags() -> None:
+    """The converter's flags (configs.run adds --verbose)."""
+    flags.DEFINE_string("hf_dir", None, "from_hf: a Hugging Face BLOOM directory, as "
+                        "save_pretrained writes it (config.json + safetensors or .bin weights).")
+    flags.DEFINE_string("ckpt_dir", None, "to_hf: a bloom_jax checkpoint directory (converted, or "
+                        "a training run's MODEL_DIR or its checkpoints/ folder); its latest step "
+                        "is converted.")
+    flags.DEFINE_string("out_dir", None, "The directory to write: a new checkpoint (from_hf, at "
+                        "step 0) or a Hugging Face directory (to_hf).")
+    flags.DEFINE_integer("max_shard_bytes", DEFAULT_MAX_SHARD_BYTES,
+                         "to_hf: the largest safetensors file to write.")
 
 
-def _run(args: argparse.Namespace) -> None:
-    if args.command == "from_hf":
-        config = from_hf(args.hf_dir, args.out_dir)
-        print(f"Wrote {args.out_dir} (step 0) from {args.hf_dir}: {config}")
+def main(argv: Sequence[str]) -> None:
+    command = argv[1:]
+    needed = {"from_hf": ("hf_dir", "out_dir"), "to_hf": ("ckpt_dir", "out_dir")}
+    if len(command) != 1 or command[0] not in needed:
+        raise app.UsageError(f"Give one command, from_hf or to_hf:\n{USAGE}")
+    missing = [f"--{name}" for name in needed[command[0]] if not FLAGS[name].value]
+    if missing:
+        raise app.UsageError(f"{command[0]} needs {' and '.join(missing)}:\n{USAGE}")
+    if command[0] == "from_hf":
+        config = from_hf(FLAGS.hf_dir, FLAGS.out_dir)
+        print(f"Wrote {FLAGS.out_dir} (step 0) from {FLAGS.hf_dir}: {config}")
     else:
-        config = to_hf(args.ckpt_dir, args.out_dir, args.max_shard_bytes)
-        print(f"Wrote {args.out_dir} from {args.ckpt_dir}: {config}")
+        config = to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, FLAGS.max_shard_bytes)
+        print(f"Wrote {FLAGS.out_dir} from {FLAGS.ckpt_dir}: {config}")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    # ImportError: a .bin checkpoint without torch installed (the message says what to install).
+    configs.run(main, reported=(*configs.REPORTED_ERRORS, ImportError), gin_flags=False)

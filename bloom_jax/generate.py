@@ -4,24 +4,24 @@ The prompt is prefilled in one forward pass that fills the cache; each new token
 cached step of a jitted `jax.lax.while_loop`. Greedy output is token for token that of Hugging
 Face's `generate` (left-padded prompts included: ALiBi positions skip the padding, as there).
 
-    python -m bloom_jax.generate --hf_dir DIR --prompt "Hello" [--prompt ...] \\
-        [--max_new_tokens 32] [--temperature 0.8 --top_k 50 --top_p 0.95] [--seed 0]
+    python -m bloom_jax.generate --hf_dir=DIR --prompt="Hello" [--prompt=...] \\
+        [--max_new_tokens=32] [--temperature=0.8 --top_k=50 --top_p=0.95] [--seed=0]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import pathlib
-import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from bloom_jax import configs
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 
 Array = jax.Array
@@ -200,70 +200,64 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask
 
 
-def _load(args: argparse.Namespace) -> tuple[BloomConfig, Any, Any]:
-    """(config, params, vocabulary) from --hf_dir or --ckpt_dir and --tokenizer."""
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (configs.run adds --verbose)."""
+    flags.DEFINE_string("ckpt_dir", None, "A bloom_jax checkpoint directory, or a training run's "
+                        "MODEL_DIR (its latest step).")
+    flags.DEFINE_string("hf_dir", None, "A Hugging Face BLOOM directory (config.json, weights, "
+                        "tokenizer.json), as save_pretrained writes it.")
+    flags.DEFINE_multi_string("prompt", None, "Text to continue; repeat the flag for a batch.",
+                              required=True)
+    flags.DEFINE_string("vocabulary", None, "tokenizer.json or SentencePiece .model, as the "
+                        "trainer's VOCABULARY (default: HF_DIR/tokenizer.json with --hf_dir, the "
+                        "embedded SentencePiece model with --ckpt_dir).")
+    flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy (default when "
+                       "sampling: 1.0).")
+    flags.DEFINE_integer("top_k", None, "Sample among the K most likely tokens only.")
+    flags.DEFINE_float("top_p", None, "Sample among the most likely tokens holding probability "
+                       "P only.")
+    flags.DEFINE_integer("seed", 0, "Seed of the draws.")
+    flags.register_multi_flags_validator(
+        ["ckpt_dir", "hf_dir"], lambda values: bool(values["ckpt_dir"]) != bool(values["hf_dir"]),
+        "Give exactly one of --ckpt_dir and --hf_dir.")
+
+
+def _load() -> tuple[BloomConfig, Any, Any]:
+    """(config, params, vocabulary) from --hf_dir or --ckpt_dir and --vocabulary."""
     # Imported here: they bring in orbax, safetensors and TensorFlow, which generate_ids needs not.
     from bloom_jax import checkpoints, convert
     from bloom_jax.data import vocabularies
 
-    if args.hf_dir:
-        config, params = convert.load_hf_checkpoint(args.hf_dir)
-        tokenizer = args.tokenizer or pathlib.Path(args.hf_dir) / "tokenizer.json"
+    if FLAGS.hf_dir:
+        config, params = convert.load_hf_checkpoint(FLAGS.hf_dir)
+        vocabulary = FLAGS.vocabulary or pathlib.Path(FLAGS.hf_dir) / "tokenizer.json"
     else:
-        config, params = checkpoints.load_params(args.ckpt_dir)
-        tokenizer = args.tokenizer
-    vocabulary = vocabularies.load_vocabulary(tokenizer)
+        config, params = checkpoints.load_params(FLAGS.ckpt_dir)
+        vocabulary = FLAGS.vocabulary
+    vocabulary = vocabularies.load_vocabulary(vocabulary)
     vocabularies.check_fits_model(vocabulary, config.vocab_size)
     return config, params, vocabulary
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bloom_jax.generate",
-        description="Continue one or more prompts with a BLOOM model: greedy by default, "
-                    "sampled when --temperature, --top_k or --top_p is given. Each prompt's "
-                    "text is printed followed by its continuation.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_dir", help="bloom_jax checkpoint directory (its latest step)")
-    source.add_argument("--hf_dir", help="Hugging Face BLOOM directory (config.json, weights, "
-                                         "tokenizer.json), as save_pretrained writes it")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="text to continue; repeat the flag to generate for a batch")
-    parser.add_argument("--tokenizer", help="tokenizer.json or SentencePiece .model (default: "
-                                            "HF_DIR/tokenizer.json; with --ckpt_dir, the default "
-                                            "corpus's SentencePiece model)")
-    parser.add_argument("--max_new_tokens", type=int, default=32,
-                        help="tokens to generate per prompt (default: %(default)s)")
-    parser.add_argument("--temperature", type=float,
-                        help="sampling temperature; 0 is greedy (default when sampling: 1.0)")
-    parser.add_argument("--top_k", type=int, help="sample among the K most likely tokens only")
-    parser.add_argument("--top_p", type=float,
-                        help="sample among the most likely tokens holding probability P only")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    try:
-        _run(args)
-    except (OSError, ValueError) as e:  # bad input: the message says what to do
-        sys.exit(f"error: {e}")
-
-
-def _run(args: argparse.Namespace) -> None:
-    config, params, vocabulary = _load(args)
-    prompts = [vocabulary.encode(text) for text in args.prompt]
+def main(argv: Sequence[str]) -> None:
+    configs.no_arguments(argv)
+    config, params, vocabulary = _load()
+    prompts = [vocabulary.encode(text) for text in FLAGS.prompt]
     if not all(prompts):
         raise ValueError("a --prompt encodes to no tokens; give it some text.")
     ids, mask = left_pad(prompts, vocabulary.pad_id)
-    out = generate_ids(config, params, ids, args.max_new_tokens, attention_mask=mask,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed, eos_token_id=vocabulary.eos_id,
+    out = generate_ids(config, params, ids, FLAGS.max_new_tokens, attention_mask=mask,
+                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                       seed=FLAGS.seed, eos_token_id=vocabulary.eos_id,
                        pad_token_id=vocabulary.pad_id)
-    for text, new_ids in zip(args.prompt, np.asarray(out)[:, ids.shape[1]:]):
+    for text, new_ids in zip(FLAGS.prompt, np.asarray(out)[:, ids.shape[1]:]):
         print(text + vocabulary.decode(new_ids.tolist()))  # decode stops at EOS
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    configs.run(main, gin_flags=False)

@@ -10,7 +10,6 @@ Any other key (e.g. `eval/loss/fr`) follows, in name order.
 """
 
 from collections.abc import Callable, Mapping
-import logging as py_logging
 import os
 from typing import Any
 
@@ -18,30 +17,6 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-
-# Libraries whose INFO lines would drown the trainer's own (orbax logs every file it writes).
-_CHATTY_LIBRARIES = ("/orbax/", "/jax/_src/xla_bridge.py", "/gin/resource_reader.py")
-
-
-class _QuietLibraries(py_logging.Filter):
-    """Drops the chatty libraries' records below WARNING, and gin's lookups of include paths."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        if "/gin/resource_reader.py" in record.pathname:
-            return False  # "Path not found" while gin tries each search path in turn
-        chatty = any(part in record.pathname for part in _CHATTY_LIBRARIES)
-        return record.levelno >= py_logging.WARNING or not chatty
-
-
-def quiet_library_logs() -> None:
-    """Keeps the console to the trainer's lines (and every library's warnings and errors).
-
-    Call it after absl has set up logging (inside `app.run`'s main): the filter goes on the
-    root handlers, which every library's records reach.
-    """
-    for handler in py_logging.getLogger().handlers:
-        handler.addFilter(_QuietLibraries())
-
 
 # Known keys in display order, each with its console format.
 CONSOLE_FIELDS: dict[str, Callable[[float], str]] = {

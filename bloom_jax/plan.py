@@ -25,24 +25,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from bloom_jax import configs, flops, trainer
+from bloom_jax import configs, flops, sharded_step
+from bloom_jax.data import pipeline
 from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError, create_mesh, factorizations, format_shape
-from partitioning.rules import Rules, activation_sharding, logical_axis_rules
+from partitioning.rules import Rules, logical_axis_rules
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_devices", None,
-                     "Simulate this many CPU devices (default: the real ones).")
-flags.DEFINE_integer("micro_batch_size", None, "Sequences per data-parallel shard per micro-step "
-                     "(default: gin's train.micro_batch_size; unset: the whole batch at once).")
-flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
-flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at.")
-flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies that "
-                  "divide and fit, and rank them by predicted step time.")
-flags.DEFINE_string("gpu", "A100", f"GPU the search ranks for: one of {sorted(flops.PEAK_FLOPS)}.")
-flags.DEFINE_integer("devices_per_host", 8, "GPUs per host: `tensor` stays inside one (search).")
+
+
+def define_flags() -> None:
+    """The planner's own flags (configs.run adds the gin flags and --verbose)."""
+    flags.DEFINE_integer("num_devices", None,
+                         "Simulate this many CPU devices (default: the real ones).")
+    flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
+    flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at.")
+    flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies "
+                      "that divide and fit, and rank them by predicted step time.")
+    flags.DEFINE_string("gpu", "A100", "GPU the search ranks for: one of "
+                        f"{sorted(flops.PEAK_FLOPS)}.")
+    flags.DEFINE_integer("devices_per_host", 8, "GPUs per host: `tensor` stays inside one "
+                         "(search).")
+
 
 GIB = 2**30
 EXIT_DOES_NOT_FIT = 3
@@ -54,8 +60,6 @@ LINKS = {"A100": (300e9, 6.25e9), "H100-SXM": (450e9, 50e9), "H100-PCIe": (64e9,
          "H200": (450e9, 50e9)}
 SEARCH_MICRO_BATCH_SIZES = (1, 2)
 SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims")
-BATCH_KEYS = {"input_ids": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-              "positions": jnp.int32, "loss_weights": jnp.float32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,35 +86,28 @@ def _shard_bytes(tree: Any, shardings: Any, dtype: Any = None) -> int:
     return sum(jax.tree.leaves(sizes))
 
 
-def plan_step(
-    config: BloomConfig, mesh: jax.sharding.Mesh, rules: Rules, batch_size: int,
-    seq_len: int, micro_batch_size: int | None,
-) -> Plan:
+def plan_step(workload: sharded_step.Workload, mesh: jax.sharding.Mesh, rules: Rules) -> Plan:
     """Compiles the trainer's step for `mesh` on abstract arrays and measures it per device.
 
-    micro_batch_size: as `train.micro_batch_size` (None: the whole batch in one micro-step).
     Raises MeshError, before compiling, when the mesh does not divide the model or micro-batch.
     """
-    micro_batch = (batch_size if micro_batch_size is None
-                   else micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"])
-    micro_batches = -(-batch_size // micro_batch)  # the step masks the surplus rows
-    training = trainer.shard_training(config, mesh, rules, micro_batch, seq_len)
-    batch = {k: jax.ShapeDtypeStruct((micro_batches, micro_batch, seq_len), dtype,
+    training = sharded_step.shard_training(workload, mesh, rules)
+    micro_batches = training.micro_steps(workload.batch_size)
+    batch = {k: jax.ShapeDtypeStruct((micro_batches, training.micro_batch,
+                                      workload.sequence_length), dtype,
                                      sharding=training.batch_sharding)
-             for k, dtype in BATCH_KEYS.items()}
+             for k, dtype in pipeline.BATCH_FEATURES.items()}
     start = time.perf_counter()
-    with activation_sharding(mesh, rules):
-        lowered = training.step.lower(training.abstract_state, batch,
-                                      jax.ShapeDtypeStruct((), jnp.int32))
-        compiled = lowered.compile()
+    compiled = training.step.lower(training.abstract_state, batch,
+                                   jax.ShapeDtypeStruct((), jnp.int32)).compile()
     compile_s = time.perf_counter() - start
 
-    memory = compiled.memory_analysis()
+    memory = compiled.fn.memory_analysis()
     state, shardings = training.abstract_state, training.state_shardings
     params, param_shardings = state.params, shardings.params
     return Plan(
         mesh=dict(mesh.shape),
-        micro_batch=micro_batch,
+        micro_batch=training.micro_batch,
         micro_batches=micro_batches,
         shardings=[(jax.tree_util.keystr(path, simple=True, separator="/"), x.shape, s.spec)
                    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
@@ -125,11 +122,11 @@ def plan_step(
     )
 
 
-def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
-                mfu: float) -> str:
+def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
     """The report: counts, mesh, shardings, memory, FLOPs and predicted speed."""
+    config, batch_size, seq_len = (workload.model_config, workload.batch_size,
+                                   workload.sequence_length)
     num_devices = math.prod(plan.mesh.values())
-    recompute = config.remat_policy != "none"
     model_flops = flops.flops_per_step(config, batch_size, seq_len)
     lines = [
         f"parameters: {flops.param_count(config)}",
@@ -148,7 +145,7 @@ def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
         f"per_device_peak_bytes: {plan.peak_bytes}",
         f"model FLOPs per step: {model_flops:.4g} (per token: "
         f"{flops.flops_per_token(config, seq_len):.4g}; with recomputation: "
-        f"{flops.flops_per_token(config, seq_len, recompute):.4g})",
+        f"{flops.flops_per_token(config, seq_len, config.recompute):.4g})",
         f"predicted at {mfu:.0%} MFU (bfloat16 dense peak):",
     ]
     for gpu in GPUS:
@@ -159,7 +156,8 @@ def format_plan(plan: Plan, config: BloomConfig, batch_size: int, seq_len: int,
     return "\n".join(lines)
 
 
-def predicted_step_s(plan: Plan, config: BloomConfig, seq_len: int, gpu: str, mfu: float) -> float:
+def predicted_step_s(plan: Plan, config: BloomConfig, seq_len: int, gpu: str, mfu: float,
+                     devices_per_host: int) -> float:
     """Compute at `mfu` of the bfloat16 peak (hardware FLOPs: recomputation and padded rows
     count) plus the collectives of FSDP and tensor parallelism at LINKS bandwidth.
 
@@ -169,47 +167,51 @@ def predicted_step_s(plan: Plan, config: BloomConfig, seq_len: int, gpu: str, mf
     """
     mesh, devices = plan.mesh, math.prod(plan.mesh.values())
     rows = plan.micro_batches * plan.micro_batch
-    recompute = config.remat_policy != "none"
-    compute_s = (flops.flops_per_step(config, rows, seq_len, recompute)
+    compute_s = (flops.flops_per_step(config, rows, seq_len, config.recompute)
                  / (devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * mfu))
     nvlink, network = LINKS[gpu]
     params = flops.param_count(config) / mesh["tensor"]
     ring = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731  (fraction a ring moves)
-    gathers = 3 if recompute else 2
+    gathers = 3 if config.recompute else 2
     fsdp_bytes = params * (2 * gathers + 4) * ring(mesh["fsdp"]) * plan.micro_batches
     activation = plan.micro_batch / (mesh["data"] * mesh["fsdp"]) * seq_len * config.hidden_size
     tensor_bytes = (4 * activation * 2 * 2 * config.n_layer * ring(mesh["tensor"])
                     * plan.micro_batches)
-    fsdp_link = nvlink if mesh["fsdp"] * mesh["tensor"] <= FLAGS.devices_per_host else network
+    fsdp_link = nvlink if mesh["fsdp"] * mesh["tensor"] <= devices_per_host else network
     grads_allreduce = 2 * 4 * params / mesh["fsdp"] * ring(mesh["data"])
     return compute_s + fsdp_bytes / fsdp_link + tensor_bytes / nvlink + grads_allreduce / network
 
 
-def search(config: BloomConfig, num_devices: int, rules: Rules, batch_size: int, seq_len: int,
-           memory: int, mfu: float) -> list[tuple[float, Plan, BloomConfig, int]]:
+def search(workload: sharded_step.Workload, num_devices: int, rules: Rules, memory: int,
+           mfu: float, gpu: str, devices_per_host: int,
+           ) -> list[tuple[float, Plan, sharded_step.Workload]]:
     """Every (mesh, micro-batch size, remat) whose mesh divides and whose step fits `memory`,
-    fastest first; meshes whose float32 state alone cannot fit are not compiled."""
+    fastest first (predicted on `gpu` at `mfu`); meshes whose float32 state alone cannot fit,
+    or whose `tensor` axis spans hosts, are not compiled."""
     devices = jax.devices()[:num_devices]
-    state_bytes = 16 * flops.param_count(config)  # parameters, gradients, Adam's mu and nu
+    state_bytes = 16 * flops.param_count(workload.model_config)  # params, grads, Adam's mu, nu
     results = []
     for shape in factorizations(num_devices):
-        if shape["tensor"] > FLAGS.devices_per_host or (
+        if shape["tensor"] > devices_per_host or (
                 state_bytes / (shape["fsdp"] * shape["tensor"]) > memory):
             continue
         mesh = create_mesh(**shape, devices=devices)
         for micro_batch_size in SEARCH_MICRO_BATCH_SIZES:
             for remat in SEARCH_REMAT_POLICIES:
-                candidate = dataclasses.replace(config, remat_policy=remat)
+                candidate = dataclasses.replace(
+                    workload, micro_batch_size=micro_batch_size,
+                    model_config=dataclasses.replace(workload.model_config, remat_policy=remat))
                 try:
-                    result = plan_step(candidate, mesh, rules, batch_size, seq_len,
-                                       micro_batch_size)
+                    result = plan_step(candidate, mesh, rules)
                 except MeshError:
                     break  # the same for every remat policy
                 print(f"  tried {format_shape(shape)}, micro_batch_size={micro_batch_size}, "
                       f"remat={remat}: {result.peak_bytes / GIB:.1f} GiB", flush=True)
                 if result.peak_bytes <= memory:
-                    step_s = predicted_step_s(result, candidate, seq_len, FLAGS.gpu, mfu)
-                    results.append((step_s, result, candidate, micro_batch_size))
+                    step_s = predicted_step_s(result, candidate.model_config,
+                                              workload.sequence_length, gpu, mfu,
+                                              devices_per_host)
+                    results.append((step_s, result, candidate))
     return sorted(results, key=lambda r: r[0])
 
 
@@ -230,35 +232,24 @@ def _simulate_devices(num_devices: int) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    configs.no_arguments(argv)
     if FLAGS.num_devices:
         _simulate_devices(FLAGS.num_devices)
-    configs.parse_flags()
-    workload = configs.Workload.from_gin()
-    config, batch_size, seq_len = (workload.model_config, workload.batch_size,
-                                   workload.sequence_length)
-    micro_batch_size = (workload.micro_batch_size if FLAGS.micro_batch_size is None
-                        else FLAGS.micro_batch_size)
+    configs.parse_flags(skip_unknown=configs.LOOP_CONFIGURABLES)
+    workload = sharded_step.Workload()
     memory = int(FLAGS.memory_gib * GIB)
     if FLAGS.search:
-        ranked = search(config, jax.device_count(), logical_axis_rules(), batch_size, seq_len,
-                        memory, FLAGS.mfu)
+        ranked = search(workload, jax.device_count(), logical_axis_rules(), memory, FLAGS.mfu,
+                        FLAGS.gpu, FLAGS.devices_per_host)
         print(f"{len(ranked)} configurations fit {FLAGS.memory_gib} GiB; fastest first "
               f"(predicted on {FLAGS.gpu} at {FLAGS.mfu:.0%} MFU):")
-        for step_s, result, candidate, micro_batch_size in ranked:
+        for step_s, result, candidate in ranked:
             print(f"  {step_s:8.1f} s/step  {format_shape(result.mesh)}  micro_batch_size="
-                  f"{micro_batch_size}  remat={candidate.remat_policy}  "
+                  f"{candidate.micro_batch_size}  remat={candidate.model_config.remat_policy}  "
                   f"peak={result.peak_bytes / GIB:.1f} GiB")
         sys.exit(0 if ranked else EXIT_DOES_NOT_FIT)
-    try:
-        mesh = create_mesh()
-        plan = plan_step(config, mesh, logical_axis_rules(), batch_size, seq_len,
-                         micro_batch_size)
-    except MeshError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_MESH)
-    print(format_plan(plan, config, batch_size, seq_len, FLAGS.mfu))
+    plan = plan_step(workload, create_mesh(), logical_axis_rules())
+    print(format_plan(plan, workload, FLAGS.mfu))
     if plan.peak_bytes > memory:
         print(f"does not fit: {plan.peak_bytes / GIB:.1f} GiB per device > {FLAGS.memory_gib} GiB; "
               f"largest consumer: {largest_consumer(plan)}", file=sys.stderr)
@@ -267,4 +258,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    configs.run(main)
+    define_flags()
+    configs.run(main, exit_codes={MeshError: EXIT_BAD_MESH})

@@ -1,6 +1,8 @@
 """Measures the data pipeline: one-time tokenization and packed tokens per second.
 
-  python -m bloom_jax.data.bench [--data_dir DIR] [--sequence_length 2048] [--batch_size 64]
+  python -m bloom_jax.data.bench [--gin_file=FILE] [--data_dir=DIR] [--batch_size=64]
+
+Rows are as long as the config's SEQUENCE_LENGTH (gin_configs/base.gin's without --gin_file).
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from absl import app
 from absl import flags
 
 from bloom_jax import configs
@@ -19,22 +20,17 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a command, so modules import freely)."""
-    flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
-                                          "corpus shipped with the package).")
-    flags.DEFINE_integer("sequence_length", 2048, "Tokens per packed row.")
+    configs.define_data_dir_flag()
     flags.DEFINE_integer("batch_size", 64, "Rows per batch (one process).")
     flags.DEFINE_integer("num_batches", 50, "Batches to time.")
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    configs.parse(FLAGS.gin_file, FLAGS.gin_bindings)
-    overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
+    configs.no_arguments(argv)
+    # The data settings of a training config; the rest of it is not loaded here.
+    configs.parse_flags(skip_unknown=True, default_file=configs.BASE_CONFIG)
     start = time.perf_counter()
-    stream = pipeline.make_stream(sequence_length=FLAGS.sequence_length,
-                                  batch_size=FLAGS.batch_size, process_index=0, process_count=1,
-                                  **overrides)
+    stream = pipeline.make_stream(batch_size=FLAGS.batch_size, process_index=0, process_count=1)
     built = time.perf_counter() - start
     corpus_tokens = sum(task.num_tokens for task in stream.tasks)
     print(f"tokenized {corpus_tokens:,} tokens of {len(stream.tasks)} tasks in {built:.1f} s "
@@ -44,9 +40,9 @@ def main(argv: Sequence[str]) -> None:
     for _ in range(FLAGS.num_batches):
         next(stream)
     elapsed = time.perf_counter() - start
-    packed = FLAGS.num_batches * FLAGS.batch_size * FLAGS.sequence_length
+    packed = FLAGS.num_batches * FLAGS.batch_size * stream.sequence_length
     print(f"packed {packed:,} tokens in {elapsed:.2f} s: {packed / elapsed:,.0f} tokens/s "
-          f"(batch {FLAGS.batch_size} x {FLAGS.sequence_length})")
+          f"(batch {FLAGS.batch_size} x {stream.sequence_length})")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import pathlib
 import zlib
@@ -21,6 +22,9 @@ from bloom_jax.data.languages import Language
 DEFAULT_CORPUS_DIR = pathlib.Path(__file__).parent / "default_corpus"  # shipped with the package
 VALIDATION_DIR = "validation"
 _TEXT_SUFFIXES = (".jsonl", ".parquet")
+# In the default corpus, the Python task also reads the package's own sources.
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent
+_DEFAULT_CORPUS_SOURCES = {"code/python": _PACKAGE_DIR}
 
 
 class Skipped(collections.Counter):
@@ -31,7 +35,10 @@ class Skipped(collections.Counter):
 
 
 def language_files(data_dir: pathlib.Path, language: Language, split: str) -> list[pathlib.Path]:
-    """The files holding `language` for `split` ("train" or "validation"), sorted; [] if absent."""
+    """The files holding `language` for `split` ("train" or "validation"), sorted; [] if absent.
+
+    In the default corpus, the Python task also reads the package's own sources.
+    """
     suffixes = _TEXT_SUFFIXES + language.extensions
     folder = data_dir / language.directory
     if split == "validation" and (folder / VALIDATION_DIR).is_dir():
@@ -41,6 +48,9 @@ def language_files(data_dir: pathlib.Path, language: Language, split: str) -> li
     if folder.is_dir():
         files += [f for f in _files_under(folder, suffixes) if VALIDATION_DIR not in
                   f.relative_to(folder).parts[:-1]]
+    extra = _DEFAULT_CORPUS_SOURCES.get(language.directory)
+    if extra and data_dir.resolve() == DEFAULT_CORPUS_DIR.resolve():
+        files += sorted(f for f in extra.rglob("*.py") if f.stat().st_size)  # not empty __init__
     return sorted(files)
 
 
@@ -124,3 +134,34 @@ def _source_file_text(path: pathlib.Path, skipped: Skipped) -> Iterator[str | No
         yield path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         skipped["source files of invalid UTF-8"] += 1
+
+
+def resolve_data_dir(data_dir: str | pathlib.Path | None) -> pathlib.Path:
+    """`data_dir` as a checked path; None means the default corpus shipped with the package."""
+    path = pathlib.Path(data_dir) if data_dir else DEFAULT_CORPUS_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Corpus folder {path} does not exist; set DATA_DIR (--gin.DATA_DIR=... for the "
+            "trainer, --data_dir for the data tools) to a ROOTS-style folder "
+            "(<data_dir>/<language>.jsonl or <data_dir>/<language>/*.jsonl|*.parquet).")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PermissionError(f"Cannot read corpus folder {path}: check its permissions.")
+    return path
+
+
+def language_documents(data_dir: pathlib.Path, language: Language, split: str,
+                       validation_fraction: float) -> Iterator[str]:
+    """The texts of one language and split in file order; skipped input is counted and logged."""
+    held_out_by_hash = not has_validation_dir(data_dir, language)
+    files = language_files(data_dir, language, "train" if held_out_by_hash else split)
+    want_held_out = split == "validation"
+    skipped = Skipped()
+    count = 0
+    for text in read_documents(files, skipped):
+        if held_out_by_hash and is_held_out(text, validation_fraction) != want_held_out:
+            continue
+        count += 1
+        yield text
+    log = logging.warning if skipped else logging.info
+    log("%s/%s: read %d documents from %d files; skipped: %s.", language.task_name, split, count,
+        len(files), skipped.summary())

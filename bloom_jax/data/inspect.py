@@ -1,9 +1,10 @@
 """Shows what the `roots` mixture reads: per task its documents, tokens, rate and observed share.
 
-  python -m bloom_jax.data.inspect --gin_file=FILE --data_dir=DIR [--num_examples=N] [--json]
+  python -m bloom_jax.data.inspect [--gin_file=FILE] [--data_dir=DIR] [--num_examples=N] [--json]
 
 The observed share is each task's share of scored tokens in N packed examples drawn from the
-same stream the trainer reads (same gin bindings, seed and sequence length).
+same stream the trainer reads: the config's data settings, seed and sequence length (without
+--gin_file, those of gin_configs/base.gin; e.g. --gin.SEQUENCE_LENGTH=512 --gin.SEED=1).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -24,11 +24,8 @@ _SAMPLE_CHARS = 160  # characters of each task's first document shown
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a command, so modules import freely)."""
-    flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: "
-                                          "make_stream.data_dir, else the shipped corpus).")
+    configs.define_data_dir_flag()
     flags.DEFINE_integer("num_examples", 1000, "Packed examples to sample.")
-    flags.DEFINE_integer("sequence_length", 512, "Tokens per packed example.")
-    flags.DEFINE_integer("seed", 42, "Seed of the stream.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 
@@ -49,13 +46,11 @@ def _sample(stream: pipeline.PackedStream, task: pipeline.TokenizedTask) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    configs.parse(FLAGS.gin_file, FLAGS.gin_bindings)
-    overrides = {"data_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
-    stream = pipeline.make_stream(sequence_length=FLAGS.sequence_length,
-                                  batch_size=FLAGS.num_examples, seed=FLAGS.seed,
-                                  process_index=0, process_count=1, **overrides)
+    configs.no_arguments(argv)
+    # The data settings of a training config; the rest of it is not loaded here.
+    configs.parse_flags(skip_unknown=True, default_file=configs.BASE_CONFIG)
+    stream = pipeline.make_stream(batch_size=FLAGS.num_examples, process_index=0,
+                                  process_count=1)
     summary = summarize(stream)  # the stream's batch is num_examples rows
     if FLAGS.json:
         print(json.dumps(summary))

@@ -11,13 +11,17 @@ file merges them into one dataset each:
   * the 22 Niger-Congo languages share 0.0316 %, split in proportion to their bytes in ROOTS;
   * the 13 programming languages share 13.03 %, split in proportion to their file counts on the
     BLOOM model card (the per-language byte counts were not published).
+`mixture_rates` turns the shares (or token counts, or given rates) into the mixture's rates.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Mapping
+
+import gin
 
 _NIGER_CONGO_SHARE = 0.0316  # percent, one merged dataset in the ratio file
 _CODE_SHARE = 13.03  # percent, one merged dataset in the ratio file
@@ -144,3 +148,30 @@ def lookup(key: str) -> Language:
             f"bloom_jax/data/languages.py, e.g. 'en', 'zh-Hant', 'code/python', or a task name "
             f"such as 'roots_en'. Known: {', '.join(BY_DIRECTORY)}.")
     return language
+
+
+@gin.configurable
+def mixture_rates(sizes: Mapping[str, float], rates: Mapping[str, float] | None = None,
+                  alpha: float | None = None) -> dict[str, float]:
+    """Normalized sampling rates for the tasks in `sizes` (task name -> tokens or bytes).
+
+    Default: BLOOM's shares. `rates`: explicit weights keyed by directory or task name (tasks
+    without one are left out). `alpha`: weight = size ** alpha (1 = proportional, < 1 up-samples
+    small languages). Gin: `mixture_rates.alpha = 0.3` or `mixture_rates.rates = {"en": 2, ...}`.
+    """
+    if rates is not None and alpha is not None:
+        raise ValueError("Give mixture_rates either `rates` or `alpha`, not both.")
+    if rates is not None:
+        by_task = {lookup(key).task_name: float(rate) for key, rate in rates.items()}
+        missing = sorted(set(by_task) - set(sizes))
+        if missing:
+            logging.warning("Rates given for tasks with no data, dropped: %s", ", ".join(missing))
+        weights = {name: by_task.get(name, 0.0) for name in sizes}
+    elif alpha is not None:
+        weights = {name: float(size) ** alpha if size > 0 else 0.0 for name, size in sizes.items()}
+    else:
+        weights = {name: BY_TASK_NAME[name].share for name in sizes}
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"Mixture rates must be non-negative with a positive sum; got {weights}.")
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items() if w > 0}

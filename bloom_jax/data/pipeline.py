@@ -26,6 +26,7 @@ import gin
 import numpy as np
 import seqio
 
+from bloom_jax.data import languages
 from bloom_jax.data import tasks as tasks_lib
 from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
@@ -72,6 +73,12 @@ class _EndlessTokens:
         return np.concatenate(pieces)
 
 
+# The features of a batch and their dtypes, each [batch, length] (a train step stacks them
+# [micro_steps, batch, length]); `pack` builds them, the planner compiles the step for them.
+BATCH_FEATURES = {"input_ids": np.int32, "targets": np.int32, "segment_ids": np.int32,
+                  "positions": np.int32, "loss_weights": np.float32}
+
+
 def pack(rows: np.ndarray, valid: np.ndarray, eos_id: int) -> Batch:
     """Batch features from token rows [b, length + 1] whose first `valid[i] + 1` tokens are real.
 
@@ -83,13 +90,14 @@ def pack(rows: np.ndarray, valid: np.ndarray, eos_id: int) -> Batch:
     is_eos = (inputs == eos_id) & real
     segment_ids = 1 + np.cumsum(is_eos, axis=1) - is_eos[:, :1]
     segment_start = np.maximum.accumulate(np.where(is_eos, index, 0), axis=1)
-    return {
-        "input_ids": np.where(real, inputs, 0).astype(np.int32),
-        "targets": np.where(real, targets, 0).astype(np.int32),
-        "segment_ids": np.where(real, segment_ids, 0).astype(np.int32),
-        "positions": np.where(real, index - segment_start, 0).astype(np.int32),
-        "loss_weights": real.astype(np.float32),
+    features = {
+        "input_ids": np.where(real, inputs, 0),
+        "targets": np.where(real, targets, 0),
+        "segment_ids": np.where(real, segment_ids, 0),
+        "positions": np.where(real, index - segment_start, 0),
+        "loss_weights": real,
     }
+    return {name: features[name].astype(dtype) for name, dtype in BATCH_FEATURES.items()}
 
 
 def _process_rows(global_batch_size: int, process_index: int | None,
@@ -205,7 +213,7 @@ def make_stream(split: str = "train", *, data_dir: str | pathlib.Path | None = N
     """
     vocabulary = _vocabulary(vocabulary)
     seqio_tasks, loaded = tokenized.load_tasks(split, data_dir, vocabulary)
-    rates = tasks_lib.mixture_rates({t.name: t.num_tokens for t in loaded})
+    rates = languages.mixture_rates({t.name: t.num_tokens for t in loaded})
     tasks_lib.roots_mixture(seqio_tasks, rates)
     return PackedStream(loaded, rates, vocabulary,
                         sequence_length=sequence_length, batch_size=batch_size, seed=seed,

@@ -18,6 +18,7 @@ import gin
 import numpy as np
 import seqio
 
+from bloom_jax.data import documents
 from bloom_jax.data import tasks as tasks_lib
 from bloom_jax.data import vocabularies
 
@@ -50,8 +51,8 @@ def _fingerprint(task: seqio.Task, split: str) -> str:
     """A digest of everything the task's tokens depend on."""
     source = task.source
     vocabulary = task.output_features["targets"].vocabulary
-    files = sorted({*tasks_lib.language_files(source.data_dir, source.language, "train"),
-                    *tasks_lib.language_files(source.data_dir, source.language, "validation")})
+    files = sorted({*documents.language_files(source.data_dir, source.language, "train"),
+                    *documents.language_files(source.data_dir, source.language, "validation")})
     digest = hashlib.sha256(json.dumps(
         [split, source.validation_fraction, vocabularies.vocabulary_file(vocabulary),
          [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]).encode())

@@ -1,6 +1,6 @@
 """Trains a SentencePiece byte-fallback BPE vocabulary on a ROOTS-style corpus.
 
-  python -m bloom_jax.data.tokenizer train --data_dir DIR --vocab_size N --out FILE.model
+  python -m bloom_jax.data.tokenizer train --data_dir=DIR --vocab_size=N --out=FILE.model
 
 Each language contributes characters in proportion to its mixture rate over its byte count
 (`mixture_rates`; `--alpha` overrides, as BLOOM's tokenizer used alpha-weighting), up to
@@ -20,16 +20,15 @@ from absl import logging
 import sentencepiece as spm
 
 from bloom_jax import configs
+from bloom_jax.data import documents
 from bloom_jax.data import languages
-from bloom_jax.data import tasks as tasks_lib
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a command, so modules import freely)."""
-    flags.DEFINE_string("data_dir", None, "ROOTS-style corpus folder (default: the "
-                                          "corpus shipped with the package).")
+    configs.define_data_dir_flag()
     flags.DEFINE_integer("vocab_size", 2000, "Number of pieces, including 256 bytes.")
     flags.DEFINE_string("out", None, "Output SentencePiece model file, ending in .model.")
     flags.DEFINE_float("alpha", None, "Weight languages by bytes ** alpha (default: the "
@@ -43,14 +42,14 @@ def training_text(data_dir: pathlib.Path, max_chars: int, alpha: float | None,
                   validation_fraction: float = 0.05) -> dict[str, list[str]]:
     """Per task, the train documents taken in file order up to its share of `max_chars`."""
     present = [lang for lang in languages.LANGUAGES
-               if tasks_lib.language_files(data_dir, lang, _TRAIN_SPLIT)]
+               if documents.language_files(data_dir, lang, _TRAIN_SPLIT)]
     if not present:
         raise FileNotFoundError(f"No ROOTS language found in {data_dir}.")
-    texts = {lang.task_name: list(tasks_lib.language_documents(
+    texts = {lang.task_name: list(documents.language_documents(
         data_dir, lang, _TRAIN_SPLIT, validation_fraction)) for lang in present}
     sizes = {name: sum(len(t.encode("utf-8")) for t in docs) for name, docs in texts.items()}
-    rates = (tasks_lib.mixture_rates(sizes, alpha=alpha) if alpha is not None
-             else tasks_lib.mixture_rates(sizes))
+    rates = (languages.mixture_rates(sizes, alpha=alpha) if alpha is not None
+             else languages.mixture_rates(sizes))
     chosen = {}
     for name, rate in rates.items():
         budget, chosen[name] = rate * max_chars, []
@@ -68,7 +67,7 @@ def train(data_dir: str | pathlib.Path | None, vocab_size: int, out: str | pathl
     out = pathlib.Path(out)
     if out.suffix != ".model":
         raise ValueError(f"--out {out}: a SentencePiece model file must end in '.model'.")
-    data_dir = tasks_lib.resolve_data_dir(data_dir)
+    data_dir = documents.resolve_data_dir(data_dir)
     chosen = training_text(data_dir, max_chars, alpha)
     for name, docs in chosen.items():
         logging.info("%s: %d documents, %d characters.", name, len(docs), sum(map(len, docs)))
@@ -96,8 +95,10 @@ def main(argv: Sequence[str]) -> None:
                              "--vocab_size N --out FILE.model")
     if not FLAGS.out:
         raise app.UsageError("--out is required (e.g. --out /tmp/roots.model).")
-    configs.parse(FLAGS.gin_file, FLAGS.gin_bindings)
-    path = train(FLAGS.data_dir, FLAGS.vocab_size, FLAGS.out, FLAGS.alpha, FLAGS.max_chars)
+    # The corpus and mixture settings of a training config; the rest of it is not loaded here.
+    configs.parse_flags(skip_unknown=True, default_file=configs.BASE_CONFIG)
+    path = train(configs.macro("DATA_DIR"), FLAGS.vocab_size, FLAGS.out, FLAGS.alpha,
+                 FLAGS.max_chars)
     print(f"Wrote {path} ({FLAGS.vocab_size} pieces).")
 
 

@@ -1,0 +1,207 @@
+"""The train and eval steps jitted on a device mesh, and the workload they are shaped for.
+
+`Workload` is what one optimizer step processes (model, global batch, sequence length,
+micro-batch), as gin binds it; `shard_training` lays the train state and batches out on a mesh
+and jits the step for them, `shard_eval` does the same for the eval step. The loop, the planner,
+the benchmark and the evaluation all take their steps from here.
+
+Every jitted callable carries its mesh and logical-axis rules (`MeshFunction`): the model's
+`nn.with_logical_constraint` calls only shard inside that context, and a step traced outside it
+would run silently unconstrained, so no caller enters it by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from bloom_jax import model as model_lib
+from bloom_jax import optim
+from bloom_jax import step as step_lib
+from partitioning import mesh as mesh_lib
+from partitioning import rules as rules_lib
+from partitioning import shardings as shardings_lib
+from partitioning import validation
+
+# gin's handle on the model config (the model itself knows nothing of gin):
+# `Workload.model_config = @BloomConfig()` with `BloomConfig.n_layer = 70`, ...
+BloomConfig = gin.external_configurable(model_lib.BloomConfig, module="bloom_jax")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one optimizer step processes; gin binds it from the macros (see base.gin).
+
+    micro_batch_size: sequences per data-parallel shard per micro-step (Megatron's MBS); a
+      global batch is accumulated over ceil(batch / (micro_batch_size x data x fsdp))
+      micro-steps, rows beyond the batch masked out. None: one micro-step holds the whole batch.
+    batch_ramp: the global batch size over the run; `batch_size` is its final size.
+    """
+
+    model_config: model_lib.BloomConfig = gin.REQUIRED
+    sequence_length: int = gin.REQUIRED
+    micro_batch_size: int | None = None
+    batch_ramp: optim.BatchRampUp = dataclasses.field(default_factory=optim.BatchRampUp)
+
+    @property
+    def batch_size(self) -> int:
+        """Global sequences per optimizer step once the ramp is over."""
+        return self.batch_ramp.global_batch_size
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.sequence_length
+
+    def micro_batch(self, mesh: jax.sharding.Mesh) -> int:
+        """Global sequences per micro-step on `mesh`."""
+        if self.micro_batch_size is None:
+            return self.batch_size
+        return self.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def micro_steps(batch_size: int, micro_batch: int) -> int:
+    """Micro-steps that hold `batch_size` sequences; the last one's surplus rows are masked."""
+    return -(-batch_size // micro_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshFunction:
+    """A jitted function that traces, compiles and runs inside its own mesh-and-rules context.
+
+    jit does not key its cache on the rules a trace ran under, so each MeshFunction owns its
+    jitted function: one per (mesh, rules).
+    """
+
+    fn: Any  # a jax.jit function, or its compiled form (`.lower(...).compile()`)
+    mesh: jax.sharding.Mesh
+    rules: rules_lib.Rules
+
+    def __call__(self, *args):
+        with rules_lib.activation_sharding(self.mesh, self.rules):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with rules_lib.activation_sharding(self.mesh, self.rules):
+            return _MeshLowered(self.fn.lower(*args), self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeshLowered:
+    """A lowered MeshFunction whose `compile()` gives a callable that runs in the same context."""
+
+    lowered: Any
+    function: MeshFunction
+
+    def compile(self) -> MeshFunction:
+        with rules_lib.activation_sharding(self.function.mesh, self.function.rules):
+            compiled = self.lowered.compile()
+        return dataclasses.replace(self.function, fn=compiled)
+
+    def as_text(self) -> str:
+        return self.lowered.as_text()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedTraining:
+    """The train step jitted for a mesh, with the shapes and shardings of what it consumes."""
+
+    workload: Workload
+    mesh: jax.sharding.Mesh
+    rules: rules_lib.Rules
+    model: model_lib.BloomForCausalLM
+    optimizer: optax.GradientTransformation
+    micro_batch: int  # global sequences per micro-step
+    abstract_state: step_lib.TrainState  # jax.ShapeDtypeStruct leaves carrying their shardings
+    state_shardings: step_lib.TrainState
+    batch_sharding: jax.sharding.NamedSharding  # of [micro_steps, micro_batch, length] arrays
+    step: MeshFunction  # (state, batch, batch_size) -> (state, metrics); donates the state
+
+    def micro_steps(self, batch_size: int) -> int:
+        return micro_steps(batch_size, self.micro_batch)
+
+    def init_state(self, seed: int) -> step_lib.TrainState:
+        """A fresh state, each device creating only its own shards."""
+        ids = jnp.zeros((1, 1), jnp.int32)
+
+        def init():
+            params = self.model.init(jax.random.PRNGKey(seed), ids)["params"]
+            return step_lib.create_train_state(params, self.optimizer, seed)
+        return shardings_lib.init_sharded(init, self.state_shardings)
+
+
+def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib.Rules,
+                   skip_policy: step_lib.SkipPolicy | None = None) -> ShardedTraining:
+    """Lays the train state and batches out on `mesh` and jits the step for them.
+
+    Raises partitioning's MeshError, naming each array the mesh does not divide and meshes that
+    would, before anything is compiled.
+    """
+    model = model_lib.BloomForCausalLM(workload.model_config)
+    optimizer = optim.make_optimizer()
+    micro_batch = workload.micro_batch(mesh)
+    boxed_params = abstract_params(model)
+    validation.check_mesh(mesh.shape, boxed_params, rules,
+                          (micro_batch, workload.sequence_length))
+    boxed_state = jax.eval_shape(
+        lambda p: step_lib.create_train_state(p, optimizer, seed=0), boxed_params)
+    state_shardings = shardings_lib.logical_shardings(boxed_state, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.unbox(boxed_state), state_shardings)
+    batch_sharding = shardings_lib.batch_sharding(mesh, rules, micro_batch_axis=True)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(
+        step_lib.make_train_step(model, optimizer, skip_policy or step_lib.SkipPolicy()),
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    return ShardedTraining(workload, mesh, rules, model, optimizer, micro_batch, abstract_state,
+                           state_shardings, batch_sharding, MeshFunction(step, mesh, rules))
+
+
+def abstract_params(model: model_lib.BloomForCausalLM) -> Any:
+    """The model's parameters, boxed with their logical axis names, as shapes only."""
+    return shardings_lib.abstract_params(model, jax.ShapeDtypeStruct((1, 1), jnp.int32))
+
+
+def param_shardings(model: model_lib.BloomForCausalLM, mesh: jax.sharding.Mesh,
+                    rules: rules_lib.Rules) -> Any:
+    """Where each parameter lives on `mesh`, as training places it."""
+    return shardings_lib.logical_shardings(abstract_params(model), mesh, rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedEval:
+    """The eval step jitted for a mesh: (params, [batch, length] batch) -> replicated
+    (summed token losses, summed loss weights)."""
+
+    model: model_lib.BloomForCausalLM
+    batch_sharding: jax.sharding.NamedSharding  # of [batch, length] arrays
+    step: MeshFunction
+
+
+def shard_eval(model: model_lib.BloomForCausalLM, mesh: jax.sharding.Mesh,
+               rules: rules_lib.Rules, batch_size: int, sequence_length: int) -> ShardedEval:
+    """The eval step on `mesh`; raises MeshError if the mesh does not divide the eval batches."""
+    axes = validation.sharded_axes({}, rules, (batch_size, sequence_length))
+    problems = validation.mesh_problems(mesh.shape, axes)
+    if problems:
+        raise mesh_lib.MeshError(
+            f"Eval batches of {batch_size} sequences of {sequence_length} tokens do not fit the "
+            f"mesh: {'; '.join(problems)}. Choose an eval batch size the mesh divides "
+            "(--batch_size, or train.eval_batch_size in gin).")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(functools.partial(step_lib.eval_step, model),
+                   out_shardings=(replicated, replicated))
+    return ShardedEval(model, shardings_lib.batch_sharding(mesh, rules),
+                       MeshFunction(step, mesh, rules))
+
