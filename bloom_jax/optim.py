@@ -104,20 +104,6 @@ def _check_ramp(start: int, increment: int, rampup_samples: int, global_batch_si
             f"increments of {increment}; change one of them (Megatron's --rampup-batch-size rule).")
 
 
-def num_micro_batches(batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
-    """Gradient-accumulation steps for a global batch: batch / (micro_batch_size x data_parallel)."""
-    per_micro_step = micro_batch_size * data_parallel_size
-    if micro_batch_size < 1 or data_parallel_size < 1:
-        raise ValueError(f"micro_batch_size and data_parallel_size must be >= 1; got "
-                         f"{micro_batch_size} and {data_parallel_size}.")
-    if batch_size % per_micro_step:
-        raise ValueError(
-            f"global batch size {batch_size} is not divisible by micro_batch_size "
-            f"({micro_batch_size}) x data-parallel size ({data_parallel_size}) = {per_micro_step}; "
-            f"pick a micro-batch size or mesh whose product divides every batch size of the ramp.")
-    return batch_size // per_micro_step
-
-
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class BatchRampUp:
@@ -139,21 +125,6 @@ class BatchRampUp:
         """Global batch size (sequences) of the step that starts after `consumed_samples`."""
         return batch_size_at(consumed_samples, self.start, self.increment, self.rampup_samples,
                              self.global_batch_size)
-
-    def batch_sizes(self) -> range:
-        """Every batch size the ramp can produce, smallest first."""
-        return range(self.start, self.global_batch_size + 1, self.increment)
-
-    def micro_batches_at(self, consumed_samples: int, micro_batch_size: int,
-                         data_parallel_size: int) -> int:
-        """Gradient-accumulation steps of the step that starts after `consumed_samples`."""
-        return num_micro_batches(self.batch_size_at(consumed_samples), micro_batch_size,
-                                 data_parallel_size)
-
-    def check_divisible(self, micro_batch_size: int, data_parallel_size: int) -> None:
-        """Fail at start-up, not hours into the ramp, when some batch size does not divide."""
-        for batch_size in self.batch_sizes():
-            num_micro_batches(batch_size, micro_batch_size, data_parallel_size)
 
 
 # ------------------------------------------------------------------------------------------------
