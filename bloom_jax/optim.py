@@ -1,11 +1,13 @@
 """BLOOM's optimizer recipe: AdamW, its weight-decay mask, the token-driven learning-rate schedule
 and Megatron's batch-size ramp-up.
 
-Every run of BLOOM used (reference facts §3): gradients clipped to global L2 norm 1.0, then Adam
-(b1 0.9, b2 0.95, eps 1e-8) with decoupled weight decay 0.1 on matrices only, at a learning rate
-that warms up linearly from 0 and then decays along a cosine to a floor. Megatron measures that
-schedule in consumed samples rather than steps because the global batch ramps up; here it is a
-function of consumed tokens (samples x sequence length), which the train state carries.
+Every run of BLOOM used (BigScience's tr11 scripts in bigscience-workshop/bigscience:
+train/tr11-176B-ml/tr11-176B-ml.slurm and smaller_models/tr11{b,c,d,e,f}-*.slurm): gradients
+clipped to global L2 norm 1.0, then Adam (b1 0.9, b2 0.95, eps 1e-8) with decoupled weight decay
+0.1 on matrices only, at a learning rate that warms up linearly from 0 and then decays along a
+cosine to a floor. Megatron measures that schedule in consumed samples rather than steps
+because the global batch ramps up; here it is a function of consumed tokens (samples x sequence
+length), which the train state carries.
 
 Defaults are BLOOM-176B's; each gin file binds its size's values, e.g.
 

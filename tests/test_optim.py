@@ -1,4 +1,5 @@
-"""BLOOM's optimizer recipe against its published numbers (reference facts §3) and hand-written AdamW."""
+"""BLOOM's optimizer recipe against its published numbers (BigScience's tr11 slurm scripts) and
+hand-written AdamW."""
 
 import math
 
@@ -14,7 +15,8 @@ from bloom_jax import optim
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 
 SEQ = 2048
-# BLOOM-176B, in Megatron's units (samples), from the slurm script (facts §3.1-3.2).
+# BLOOM-176B, in Megatron's units (samples), from bigscience-workshop/bigscience
+# train/tr11-176B-ml/tr11-176B-ml.slurm.
 PEAK, MIN = 6e-5, 6e-6
 WARMUP_SAMPLES, DECAY_SAMPLES = 183_105, 200_000_000
 RAMP_176B = optim.BatchRampUp(global_batch_size=2048, start=192, increment=16,
