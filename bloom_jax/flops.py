@@ -1,6 +1,7 @@
 """Parameter count, FLOPs per token and MFU: the one formula the planner, benchmark and trainer share.
 
-FLOPs follow Megatron-LM as BigScience logged them for BLOOM (reference facts §5):
+FLOPs follow Megatron-LM as BigScience logged them for BLOOM (megatron/training.py of
+bigscience-workshop/Megatron-DeepSpeed; Narayanan et al. 2021, arXiv:2104.04473, eq. 3):
     F = 24 K B s l h^2 (1 + s / (6 h) + V / (16 l h))   per iteration,
 with K = 3 for model FLOPs (forward + backward) and K = 4 for "hardware" FLOPs when activations
 are recomputed (BLOOM's logged ~150 TFLOP/s per A100 used K = 4). LayerNorm, GELU, softmax and the

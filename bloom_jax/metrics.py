@@ -129,11 +129,6 @@ class MetricsLogger:
         logging.info(line)
         return line
 
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """Records the run's hyperparameters (TensorBoard's HPARAMS tab)."""
-        if self.is_primary:
-            self._writer.write_hparams(dict(hparams))
-
     def progress(self, step: int, t: float | None = None) -> str | None:
         """Call after every step; returns the progress line when one was due (else None)."""
         if self._progress is None or not self._progress(step, t):

@@ -1,11 +1,13 @@
 """BLOOM's optimizer recipe: AdamW, its weight-decay mask, the token-driven learning-rate schedule
 and Megatron's batch-size ramp-up.
 
-Every run of BLOOM used (reference facts §3): gradients clipped to global L2 norm 1.0, then Adam
-(b1 0.9, b2 0.95, eps 1e-8) with decoupled weight decay 0.1 on matrices only, at a learning rate
-that warms up linearly from 0 and then decays along a cosine to a floor. Megatron measures that
-schedule in consumed samples rather than steps because the global batch ramps up; here it is a
-function of consumed tokens (samples x sequence length), which the train state carries.
+Every run of BLOOM used (BigScience's tr11 scripts in bigscience-workshop/bigscience:
+train/tr11-176B-ml/tr11-176B-ml.slurm and smaller_models/tr11{b,c,d,e,f}-*.slurm): gradients
+clipped to global L2 norm 1.0, then Adam (b1 0.9, b2 0.95, eps 1e-8) with decoupled weight decay
+0.1 on matrices only, at a learning rate that warms up linearly from 0 and then decays along a
+cosine to a floor. Megatron measures that schedule in consumed samples rather than steps
+because the global batch ramps up; here it is a function of consumed tokens (samples x sequence
+length), which the train state carries.
 
 Defaults are BLOOM-176B's; each gin file binds its size's values, e.g.
 
@@ -104,20 +106,6 @@ def _check_ramp(start: int, increment: int, rampup_samples: int, global_batch_si
             f"increments of {increment}; change one of them (Megatron's --rampup-batch-size rule).")
 
 
-def num_micro_batches(batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
-    """Gradient-accumulation steps for a global batch: batch / (micro_batch_size x data_parallel)."""
-    per_micro_step = micro_batch_size * data_parallel_size
-    if micro_batch_size < 1 or data_parallel_size < 1:
-        raise ValueError(f"micro_batch_size and data_parallel_size must be >= 1; got "
-                         f"{micro_batch_size} and {data_parallel_size}.")
-    if batch_size % per_micro_step:
-        raise ValueError(
-            f"global batch size {batch_size} is not divisible by micro_batch_size "
-            f"({micro_batch_size}) x data-parallel size ({data_parallel_size}) = {per_micro_step}; "
-            f"pick a micro-batch size or mesh whose product divides every batch size of the ramp.")
-    return batch_size // per_micro_step
-
-
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class BatchRampUp:
@@ -139,21 +127,6 @@ class BatchRampUp:
         """Global batch size (sequences) of the step that starts after `consumed_samples`."""
         return batch_size_at(consumed_samples, self.start, self.increment, self.rampup_samples,
                              self.global_batch_size)
-
-    def batch_sizes(self) -> range:
-        """Every batch size the ramp can produce, smallest first."""
-        return range(self.start, self.global_batch_size + 1, self.increment)
-
-    def micro_batches_at(self, consumed_samples: int, micro_batch_size: int,
-                         data_parallel_size: int) -> int:
-        """Gradient-accumulation steps of the step that starts after `consumed_samples`."""
-        return num_micro_batches(self.batch_size_at(consumed_samples), micro_batch_size,
-                                 data_parallel_size)
-
-    def check_divisible(self, micro_batch_size: int, data_parallel_size: int) -> None:
-        """Fail at start-up, not hours into the ramp, when some batch size does not divide."""
-        for batch_size in self.batch_sizes():
-            num_micro_batches(batch_size, micro_batch_size, data_parallel_size)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 from bloom_jax import checkpoints, configs, flops
 from bloom_jax.model import BloomConfig
 
-# Reference facts 2: the released models' parameter counts.
+# The released models' parameter counts (model cards of bigscience/bloom-560m ... bloom on the
+# Hugging Face Hub).
 RELEASED_PARAMS = {
     "bloom560m": 559_214_592,
     "bloom1b1": 1_065_314_304,

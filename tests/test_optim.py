@@ -1,4 +1,5 @@
-"""BLOOM's optimizer recipe against its published numbers (reference facts §3) and hand-written AdamW."""
+"""BLOOM's optimizer recipe against its published numbers (BigScience's tr11 slurm scripts) and
+hand-written AdamW."""
 
 import math
 
@@ -14,7 +15,8 @@ from bloom_jax import optim
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 
 SEQ = 2048
-# BLOOM-176B, in Megatron's units (samples), from the slurm script (facts §3.1-3.2).
+# BLOOM-176B, in Megatron's units (samples), from bigscience-workshop/bigscience
+# train/tr11-176B-ml/tr11-176B-ml.slurm.
 PEAK, MIN = 6e-5, 6e-6
 WARMUP_SAMPLES, DECAY_SAMPLES = 183_105, 200_000_000
 RAMP_176B = optim.BatchRampUp(global_batch_size=2048, start=192, increment=16,
@@ -105,8 +107,6 @@ def test_176b_ramp_matches_megatron_arithmetic():
     assert RAMP_176B.batch_size_at(9_765_624) == 2032
     assert RAMP_176B.batch_size_at(9_765_626) == 2048
     assert RAMP_176B.batch_size_at(400_000_000) == 2048
-    assert list(RAMP_176B.batch_sizes()) == list(range(192, 2049, 16))
-    assert len(RAMP_176B.batch_sizes()) - 1 == 116  # increments of 16
 
 
 def test_176b_ramp_reaches_full_batch_after_20b_tokens_near_step_12_7k():
@@ -127,19 +127,7 @@ def test_module_function_is_the_same_rule():
     assert optim.batch_size_at(10, 256, 32, 0, 256) == 256  # no ramp
 
 
-def test_micro_batches_follow_the_ramp():
-    # 176B at the end: MBS 2 on 8 data-parallel replicas -> 128 micro-batches of 16 sequences.
-    assert RAMP_176B.micro_batches_at(0, micro_batch_size=1, data_parallel_size=8) == 24
-    assert RAMP_176B.micro_batches_at(10**9, micro_batch_size=2, data_parallel_size=8) == 128
-    RAMP_176B.check_divisible(micro_batch_size=2, data_parallel_size=8)
-
-
-def test_indivisible_batches_fail_with_the_numbers():
-    with pytest.raises(ValueError, match=r"208 is not divisible by micro_batch_size \(4\) x "
-                                         r"data-parallel size \(8\) = 32"):
-        RAMP_176B.micro_batches_at(84_187, micro_batch_size=4, data_parallel_size=8)
-    with pytest.raises(ValueError, match="not divisible"):
-        RAMP_176B.check_divisible(micro_batch_size=1, data_parallel_size=3)
+def test_inconsistent_ramps_fail_with_the_numbers():
     with pytest.raises(ValueError, match="whole number of increments"):
         optim.BatchRampUp(global_batch_size=2040, start=192, increment=16)
     with pytest.raises(ValueError, match="start >= 1"):

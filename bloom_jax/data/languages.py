@@ -5,10 +5,11 @@ language in (`<data_dir>/<directory>/` or `<data_dir>/<directory>.jsonl`, follow
 the ROOTS sample: `en`, `zh`, `zh-Hant`, ..., `code/python`) and its share of BLOOM's training
 mix in percent.
 
-Shares (reference facts, section 4): natural languages use the sampling ratios of BigScience's
-`training_dataset_ratios_merged_nigercongo_v3.json`. Two shares are derived, because the ratio
-file merges them into one dataset each:
-  * the 22 Niger-Congo languages share 0.0316 %, split in proportion to their bytes in ROOTS;
+Shares: natural languages use the sampling ratios of the file every tr11 run read,
+bigscience-workshop/bigscience `data/catalogue/training_dataset_ratios_merged_nigercongo_v3.json`.
+Two shares are derived, because the ratio file merges them into one dataset each:
+  * the 22 Niger-Congo languages share 0.0316 %, split in proportion to their bytes in ROOTS
+    (the BLOOM paper's language table, arXiv:2211.05100, Table 1);
   * the 13 programming languages share 13.03 %, split in proportion to their file counts on the
     BLOOM model card (the per-language byte counts were not published).
 `mixture_rates` turns the shares (or token counts, or given rates) into the mixture's rates.

@@ -132,7 +132,6 @@ class PackedStream:
         self.seed = seed
         self._probabilities = np.array(list(self.rates.values()))
         self._streams = [_EndlessTokens(t, seed, i) for i, t in enumerate(self.tasks)]
-        self._process = (process_index, process_count)
         self._rows = _process_rows(batch_size, process_index, process_count)
         self._step = 0
         self._rows_drawn = np.zeros(len(self.tasks), np.int64)
@@ -157,14 +156,6 @@ class PackedStream:
         self._rows_drawn += picked.sum(axis=0)
         valid = np.full(len(rows), length)
         return pack(rows, valid, self.vocabulary.eos_id), choices[self._rows]
-
-    def set_batch_size(self, batch_size: int) -> None:
-        """Changes the global batch size from the next batch on (batch-size ramp-up).
-
-        The state does not depend on it: a run may resume with another batch size.
-        """
-        self._rows = _process_rows(batch_size, *self._process)
-        self.batch_size = batch_size
 
     def get_state(self) -> dict:
         """The stream's position: JSON-serialisable, independent of the process count."""

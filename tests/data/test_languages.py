@@ -1,4 +1,4 @@
-"""The ROOTS table: 46 + 13 languages, shares from the reference facts, unique names."""
+"""The ROOTS table: 46 + 13 languages, shares from BLOOM's v3 ratio file, unique names."""
 
 import re
 

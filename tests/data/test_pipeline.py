@@ -121,19 +121,6 @@ def test_restore_far_into_the_run_is_immediate(train_tasks, vocabulary):
     assert batch["input_ids"].shape == (8, LENGTH)
 
 
-def test_batch_size_may_change_between_batches_and_restarts(train_tasks, vocabulary):
-    """Batch-size ramp-up: the state is the same whatever batch size drew the earlier rows."""
-    stream = stream_of(train_tasks, vocabulary, batch_size=4)
-    next(stream)
-    stream.set_batch_size(8)
-    state = stream.get_state()
-    want = next(stream)
-    assert want["input_ids"].shape == (8, LENGTH)
-    restarted = stream_of(train_tasks, vocabulary, batch_size=8)
-    restarted.set_state(state)
-    np.testing.assert_array_equal(next(restarted)["input_ids"], want["input_ids"])
-
-
 def test_state_from_another_setup_is_refused(train_tasks, vocabulary):
     state = stream_of(train_tasks, vocabulary, seed=1).get_state()
     with pytest.raises(ValueError, match="seed=1 but this stream has 2"):
