@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bloom_jax import bench, configs, flops
+from bloom_jax import bench, configs, flops, sharded_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The tiny config at a test-sized workload.
@@ -28,8 +28,8 @@ def clean_gin():
 
 def tiny_model_config():
     """The tiny config's BloomConfig as gin builds it."""
-    configs.parse(TINY)
-    return gin.get_bindings("train")["model_config"]
+    configs.parse(TINY, skip_unknown=configs.LOOP_CONFIGURABLES)
+    return sharded_step.Workload().model_config
 
 
 def test_synthetic_batches_are_packed_like_the_data_stream():
@@ -96,11 +96,11 @@ def test_sweep_table_is_sorted_by_tokens_per_second():
         result = bench.Result(compile_s=1.0, step_time_s=1.0, tokens_per_s=tokens_per_s,
                               num_devices=1, peak_flops=1e12, model_flops_per_step=1e9,
                               tflops_per_device=0.001, mfu=0.001)
-        return bench.SweepRow({"train.micro_batch_size": mbs}, result=result)
-    rows = [row("1", 10.0), bench.SweepRow({"train.micro_batch_size": "8"}, does_not_fit="x"),
+        return bench.SweepRow({"MICRO_BATCH_SIZE": mbs}, result=result)
+    rows = [row("1", 10.0), bench.SweepRow({"MICRO_BATCH_SIZE": "8"}, does_not_fit="x"),
             row("2", 30.0)]
     ordered = bench.sort_rows(rows)
-    assert [r.bindings["train.micro_batch_size"] for r in ordered] == ["2", "1", "8"]
+    assert [r.bindings["MICRO_BATCH_SIZE"] for r in ordered] == ["2", "1", "8"]
 
 
 def test_only_mesh_and_memory_errors_count_as_not_fitting():
@@ -111,7 +111,7 @@ def test_only_mesh_and_memory_errors_count_as_not_fitting():
     assert bench.does_not_fit(ValueError("a bug")) is None
 
 
-@pytest.mark.parametrize("sweep", ["train.micro_batch_size", "=1,2", "create_mesh.fsdp="])
+@pytest.mark.parametrize("sweep", ["MICRO_BATCH_SIZE", "=1,2", "create_mesh.fsdp="])
 def test_malformed_sweeps_name_the_expected_form(sweep):
     with pytest.raises(ValueError, match="is not NAME=v1,v2"):
         bench.parse_sweeps([sweep])

@@ -1,13 +1,24 @@
 """gin configs: every file parses and takes the shared macros, each released size is the released
-model to the parameter, and the `--gin.NAME=VALUE` shorthand."""
+model to the parameter, and the `--gin.NAME=VALUE` shorthand; every command speaks the same
+dialect (--help, one `error:` line for a bad flag)."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import gin
 import jax
 import numpy as np
 import pytest
 
-from bloom_jax import checkpoints, configs, flops
+from bloom_jax import checkpoints, configs, flops, sharded_step
+from bloom_jax import trainer  # noqa: F401  registers every configurable a training config binds
 from bloom_jax.model import BloomConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMANDS = ["train", "evaluate", "plan", "bench", "convert", "generate", "data.inspect",
+            "data.bench", "data.tokenizer"]
 
 # The released models' parameter counts (model cards of bigscience/bloom-560m ... bloom on the
 # Hugging Face Hub).
@@ -23,16 +34,9 @@ GIN_FILES = sorted(configs.GIN_CONFIGS_DIR.glob("*.gin"))
 RUN_CONFIGS = [path.stem for path in GIN_FILES if path.stem != "base"]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def model_config() -> BloomConfig:
     """The BloomConfig the parsed gin config builds."""
-    return configs.BloomConfig()
+    return sharded_step.Workload().model_config
 
 
 def test_every_released_size_has_a_config():
@@ -62,14 +66,17 @@ def test_every_gin_file_parses(path):
 def test_every_config_takes_the_shared_macros(name):
     configs.parse([f"{name}.gin"], [
         "MODEL_DIR = '/runs/x'", "DATA_DIR = '/data/roots'", "TRAIN_STEPS = 7",
-        "BATCH_SIZE = 48", "SEQUENCE_LENGTH = 64", "SEED = 5", "INIT_FROM = '/ckpt/hf'"])
+        "BATCH_SIZE = 48", "SEQUENCE_LENGTH = 64", "SEED = 5", "INIT_FROM = '/ckpt/hf'",
+        "MICRO_BATCH_SIZE = 3", "BatchRampUp.start = 48"])  # 176B's ramp starts at 192
     train = gin.get_bindings("train")
     assert (train["model_dir"], train["train_steps"], train["seed"], train["init_from"]) == (
         "/runs/x", 7, 5, "/ckpt/hf")
     stream = gin.get_bindings("make_stream")
     assert (stream["data_dir"], stream["sequence_length"], stream["seed"]) == (
         "/data/roots", 64, 5)
-    assert gin.get_bindings("BatchRampUp")["global_batch_size"] == 48
+    workload = sharded_step.Workload()
+    assert (workload.batch_size, workload.sequence_length, workload.micro_batch_size) == (
+        48, 64, 3)
 
 
 @pytest.mark.parametrize("arg, binding", [
@@ -83,7 +90,7 @@ def test_every_config_takes_the_shared_macros(name):
     ("--gin.CheckpointOptions.keep_every=None", "CheckpointOptions.keep_every = None"),
     ("--gin.CheckpointOptions.async_save=False", "CheckpointOptions.async_save = False"),
     ("--gin.initialize.local_device_ids=[0, 1]", "initialize.local_device_ids = [0, 1]"),
-    ("--gin.train.model_config=@BloomConfig()", "train.model_config = @BloomConfig()"),
+    ("--gin.Workload.model_config=@BloomConfig()", "Workload.model_config = @BloomConfig()"),
     ("--gin.make_stream.seed=%SEED", "make_stream.seed = %SEED"),
     ("--gin.x=a=b", "x = 'a=b'"),
 ])
@@ -110,3 +117,55 @@ def test_misspelled_binding_fails_at_parse_with_gins_message():
         configs.parse(["tiny.gin"], ["trian.train_steps = 3"])
     with pytest.raises(ValueError, match="doesn't have a parameter named 'train_step'"):
         configs.parse(["tiny.gin"], ["train.train_step = 3"])
+
+
+def registered(names, *modules) -> dict[str, bool]:
+    """Which of `names` are gin configurables once `modules` are imported, in a fresh process."""
+    code = ("import importlib, sys, gin\n"
+            f"for m in {list(modules)}: importlib.import_module(m)\n"
+            f"print({{n: bool(gin.config._REGISTRY.matching_selectors(n)) for n in {list(names)}}})")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    return eval(done.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used
+
+
+@pytest.mark.slow
+def test_loop_configurables_are_exactly_those_the_readers_do_not_register():
+    """plan, bench and evaluate skip configs.LOOP_CONFIGURABLES: each is the loop's own, and every
+    other configurable a training config binds is registered by the rooms they import."""
+    bound = {line.split(".")[0] for path in GIN_FILES for line in path.read_text().splitlines()
+             if "." in line.split("=")[0] and not line.startswith(("#", "include"))}
+    readers = registered(bound | set(configs.LOOP_CONFIGURABLES), "bloom_jax.plan",
+                         "bloom_jax.bench", "bloom_jax.evaluation")
+    assert {name for name, found in readers.items() if not found} == set(
+        configs.LOOP_CONFIGURABLES)
+    assert all(registered(configs.LOOP_CONFIGURABLES, "bloom_jax.trainer").values())
+
+
+def run_command(command: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"bloom_jax.{command}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_and_reports_a_bad_flag_in_one_line(command):
+    helped = run_command(command, "--help")  # absl's --help exits with status 1
+    assert "verbose: On bad input" in helped.stdout, helped.stderr[-2000:]
+    bad = run_command(command, "--no_such_flag=1")
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == configs.EXIT_USAGE
+    assert errors == ["error: Unknown command line flag 'no_such_flag' (--help lists the flags)"]
+    assert "Traceback" not in bad.stderr
+
+
+def test_the_tokenizer_command_loads_neither_flax_nor_the_model():
+    code = ("import runpy, sys\nsys.argv = ['tokenizer', '--help']\n"
+            "try:\n    runpy.run_module('bloom_jax.data.tokenizer', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flax' or m in "
+            "('bloom_jax.model', 'bloom_jax.trainer')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

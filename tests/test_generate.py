@@ -2,6 +2,10 @@
 and the CLI."""
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 import tempfile
 
 import flax.linen as nn
@@ -14,7 +18,7 @@ import torch
 import transformers
 from transformers.generation import logits_process
 
-from bloom_jax import convert, generate
+from bloom_jax import configs, convert
 from bloom_jax.generate import EOS_ID, PAD_ID, Sampling, generate_ids, left_pad
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 
@@ -158,32 +162,44 @@ def word_tokenizer(path, vocab_size):
     return tokenizer
 
 
-@pytest.mark.parametrize("source", ["hf_dir", "ckpt_dir"])
-def test_cli_continues_prompts_as_hugging_face_does(source, tmp_path, capsys):
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "bloom_jax.generate", *args], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["hf_dir", "ckpt_dir", "model_dir"])
+def test_cli_continues_prompts_as_hugging_face_does(source, tmp_path):
+    """From a Hugging Face directory, a converted checkpoint, or a run's MODEL_DIR (whose
+    checkpoints/ folder holds it)."""
     model, config, _ = hf_model_and_params("6_heads")
-    hf_dir, ckpt_dir = tmp_path / "hf", tmp_path / "ckpt"
+    hf_dir = tmp_path / "hf"
     model.save_pretrained(hf_dir)
     tokenizer = word_tokenizer(hf_dir / "tokenizer.json", config.vocab_size)
     if source == "hf_dir":
-        flags = ["--hf_dir", str(hf_dir)]
+        flags = [f"--hf_dir={hf_dir}"]
     else:
-        convert.from_hf(hf_dir, ckpt_dir)
-        flags = ["--ckpt_dir", str(ckpt_dir), "--tokenizer", str(hf_dir / "tokenizer.json")]
+        convert.from_hf(hf_dir, tmp_path / "run" / "checkpoints")
+        ckpt_dir = tmp_path / "run" if source == "model_dir" else tmp_path / "run" / "checkpoints"
+        flags = [f"--ckpt_dir={ckpt_dir}", f"--vocabulary={hf_dir / 'tokenizer.json'}"]
     prompts = ["w10 w200 w31 w7", "w99"]
-    generate.main(flags + ["--prompt", prompts[0], "--prompt", prompts[1],
-                           "--max_new_tokens", str(NEW_TOKENS)])
+    done = run_cli(*flags, f"--prompt={prompts[0]}", f"--prompt={prompts[1]}",
+                   f"--max_new_tokens={NEW_TOKENS}")
+    assert done.returncode == 0, done.stderr[-3000:]
     ids, mask = left_pad([tokenizer.encode(p).ids for p in prompts], PAD_ID)
     new_ids = hf_generate(model, ids, mask, eos_token_id=EOS_ID)[:, ids.shape[1]:].tolist()
     expected = [row[:row.index(EOS_ID) + 1] if EOS_ID in row else row for row in new_ids]
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [p + tokenizer.decode(row, skip_special_tokens=False)
-                     for p, row in zip(prompts, expected)]
+    assert done.stdout.splitlines() == [p + tokenizer.decode(row, skip_special_tokens=False)
+                                        for p, row in zip(prompts, expected)]
 
 
-def test_cli_help_and_bad_flags(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        generate.main(["--help"])
-    assert exit_.value.code == 0 and "--top_p" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_:
-        generate.main(["--prompt", "hello"])  # neither --ckpt_dir nor --hf_dir
-    assert exit_.value.code == 2 and "--hf_dir" in capsys.readouterr().err
+@pytest.mark.slow
+def test_cli_help_and_bad_flags():
+    helped = run_cli("--help")
+    assert "--top_p" in helped.stdout and "Traceback" not in helped.stderr
+    done = run_cli("--prompt=hello")  # neither --ckpt_dir nor --hf_dir
+    assert done.returncode == configs.EXIT_USAGE
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: flags ckpt_dir=None, hf_dir=None: Give exactly one of --ckpt_dir and --hf_dir.")

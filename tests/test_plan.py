@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from bloom_jax import flops, plan
+from bloom_jax import flops, optim, plan, sharded_step
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules
 
@@ -27,8 +27,10 @@ SEQUENCE_LENGTH = 32
 
 
 def test_one_device_plan_counts_the_float32_state_it_holds():
-    result = plan.plan_step(TINY, create_mesh(devices=jax.devices()[:1]), logical_axis_rules(),
-                            batch_size=16, seq_len=32, micro_batch_size=4)
+    workload = sharded_step.Workload(TINY, sequence_length=32, micro_batch_size=4,
+                                     batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
+    result = plan.plan_step(workload, create_mesh(devices=jax.devices()[:1]),
+                            logical_axis_rules())
     params = flops.param_count(TINY)
     assert result.param_bytes == result.grad_bytes == 4 * params
     assert 2 * 4 * params <= result.optimizer_bytes < 2 * 4 * params + 1024  # mu, nu, scalars

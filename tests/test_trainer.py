@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bloom_jax import checkpoints, configs, trainer
+from bloom_jax import checkpoints, configs, sharded_step, trainer
 from bloom_jax.model import BloomForCausalLM
 from tests.test_metrics import read_scalars
 
@@ -52,7 +52,7 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(tmp_path):
 @pytest.mark.slow
 def test_init_from_starts_from_the_converted_parameters(tmp_path):
     parse_tiny(tmp_path / "run", "TRAIN_STEPS = 1", f"INIT_FROM = '{tmp_path / 'converted'}'")
-    config = configs.BloomConfig()
+    config = sharded_step.Workload().model_config
     params = BloomForCausalLM(config).init(jax.random.PRNGKey(7), np.zeros([1, 1], np.int32))
     converted = jax.tree.map(np.asarray, nn.unbox(params["params"]))
     checkpoints.save_params(tmp_path / "converted", config, converted)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from bloom_jax.data import inspect
+from bloom_jax.data import languages
 from bloom_jax.data import pipeline
-from bloom_jax.data import tasks
 
 
 def test_summary_counts_and_shares(train_tasks, vocabulary):
-    rates = tasks.mixture_rates({t.name: t.num_tokens for t in train_tasks})
+    rates = languages.mixture_rates({t.name: t.num_tokens for t in train_tasks})
     stream = pipeline.PackedStream(train_tasks, rates, vocabulary, sequence_length=8,
                                    batch_size=2000, seed=0, process_index=0, process_count=1)
     summary = inspect.summarize(stream)
@@ -29,11 +29,12 @@ def test_summary_counts_and_shares(train_tasks, vocabulary):
 @pytest.mark.slow
 def test_command_line_json(tmp_path):
     gin_file = tmp_path / "data.gin"
-    gin_file.write_text("mixture_rates.alpha = 0.3\n"
+    gin_file.write_text("include 'base.gin'\n"
+                        "mixture_rates.alpha = 0.3\n"
                         "roots_tasks.languages_subset = ['en', 'fr', 'zh', 'sw']\n")
     result = subprocess.run(
         [sys.executable, "-m", "bloom_jax.data.inspect", f"--gin_file={gin_file}",
-         "--num_examples=400", "--sequence_length=16", "--json"],
+         "--num_examples=400", "--gin.SEQUENCE_LENGTH=16", "--json"],
         capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)

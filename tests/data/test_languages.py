@@ -1,5 +1,7 @@
-"""The ROOTS table: 46 + 13 languages, shares from BLOOM's v3 ratio file, unique names."""
+"""The ROOTS table: 46 + 13 languages, shares from BLOOM's v3 ratio file, unique names; the
+mixture rates drawn from it."""
 
+import logging
 import re
 
 import pytest
@@ -44,3 +46,33 @@ def test_roots_sample_names_are_in_the_table():
     assert len(names) == 52
     for name in names:
         languages.lookup(name)
+
+
+def test_default_rates_are_bloom_shares_renormalized():
+    rates = languages.mixture_rates({"roots_en": 10, "roots_fr": 1, "roots_sw": 5})
+    shares = {n: languages.BY_TASK_NAME[n].share for n in rates}
+    assert rates == pytest.approx({n: s / sum(shares.values()) for n, s in shares.items()})
+
+
+def test_alpha_rates():
+    sizes = {"roots_en": 1000.0, "roots_fr": 10.0}
+    assert languages.mixture_rates(sizes, alpha=1.0) == pytest.approx(
+        {"roots_en": 1000 / 1010, "roots_fr": 10 / 1010})
+    assert languages.mixture_rates(sizes, alpha=0.0) == pytest.approx({"roots_en": .5, "roots_fr": .5})
+    low = languages.mixture_rates(sizes, alpha=0.3)
+    assert low["roots_fr"] == pytest.approx(10**0.3 / (10**0.3 + 1000**0.3))
+
+
+def test_explicit_rates_by_directory_name_choose_the_tasks(caplog):
+    sizes = {"roots_en": 1, "roots_zh_hant": 1, "roots_fr": 1}
+    with caplog.at_level(logging.WARNING):
+        rates = languages.mixture_rates(sizes, rates={"en": 3, "zh-Hant": 1, "code/rust": 5})
+    assert rates == {"roots_en": 0.75, "roots_zh_hant": 0.25}
+    assert "roots_code_rust" in caplog.text
+
+
+def test_bad_rates_are_errors():
+    with pytest.raises(ValueError, match="either `rates` or `alpha`"):
+        languages.mixture_rates({"roots_en": 1}, rates={"en": 1}, alpha=0.5)
+    with pytest.raises(ValueError, match="positive sum"):
+        languages.mixture_rates({"roots_en": 1}, rates={"en": 0})

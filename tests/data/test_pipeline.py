@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from bloom_jax.data import languages
 from bloom_jax.data import pipeline
 from bloom_jax.data import tasks
 from tests.data.helpers import SHARED_ROOTS_SAMPLE
@@ -14,7 +15,7 @@ LENGTH = 16
 
 
 def stream_of(train_tasks, vocabulary, rates=None, batch_size=8, seed=0, **kwargs):
-    rates = rates or tasks.mixture_rates({t.name: t.num_tokens for t in train_tasks})
+    rates = rates or languages.mixture_rates({t.name: t.num_tokens for t in train_tasks})
     return pipeline.PackedStream(train_tasks, rates, vocabulary, sequence_length=LENGTH,
                                  batch_size=batch_size, seed=seed, process_index=0,
                                  process_count=1, **kwargs)
@@ -72,8 +73,8 @@ def test_observed_shares_match_rates(train_tasks, vocabulary, alpha):
     (a false failure about once in 150,000 runs per task).
     """
     sizes = {t.name: t.num_tokens for t in train_tasks}
-    rates = (tasks.mixture_rates(sizes) if alpha is None
-             else tasks.mixture_rates(sizes, alpha=alpha))
+    rates = (languages.mixture_rates(sizes) if alpha is None
+             else languages.mixture_rates(sizes, alpha=alpha))
     stream = stream_of(train_tasks, vocabulary, rates=rates, batch_size=256)
     observed, n = _observed_row_shares(stream, 16)
     expected = np.array([rates[t.name] for t in stream.tasks])
@@ -133,7 +134,7 @@ def test_state_from_another_setup_is_refused(train_tasks, vocabulary):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_are_disjoint_and_cover_the_global_batch(train_tasks, vocabulary,
                                                                 process_count):
-    rates = tasks.mixture_rates({t.name: t.num_tokens for t in train_tasks})
+    rates = languages.mixture_rates({t.name: t.num_tokens for t in train_tasks})
     make = lambda index, count: pipeline.PackedStream(
         train_tasks, rates, vocabulary, sequence_length=LENGTH, batch_size=8, seed=5,
         process_index=index, process_count=count)

@@ -1,4 +1,4 @@
-"""seqio tasks per language found in a corpus, and the rates of the `roots` mixture."""
+"""seqio tasks per language found in a corpus, and the `roots` mixture."""
 
 import logging
 import os
@@ -75,36 +75,6 @@ def test_skipped_input_is_logged_per_task(tmp_path, vocabulary, caplog):
         assert len(list(tasks.encoded_documents(found["roots_sw"], "train"))) == 1
     assert "roots_sw/train: read 1 documents from 1 files; skipped: 1 malformed JSON lines" in (
         caplog.text)
-
-
-def test_default_rates_are_bloom_shares_renormalized():
-    rates = tasks.mixture_rates({"roots_en": 10, "roots_fr": 1, "roots_sw": 5})
-    shares = {n: languages.BY_TASK_NAME[n].share for n in rates}
-    assert rates == pytest.approx({n: s / sum(shares.values()) for n, s in shares.items()})
-
-
-def test_alpha_rates():
-    sizes = {"roots_en": 1000.0, "roots_fr": 10.0}
-    assert tasks.mixture_rates(sizes, alpha=1.0) == pytest.approx(
-        {"roots_en": 1000 / 1010, "roots_fr": 10 / 1010})
-    assert tasks.mixture_rates(sizes, alpha=0.0) == pytest.approx({"roots_en": .5, "roots_fr": .5})
-    low = tasks.mixture_rates(sizes, alpha=0.3)
-    assert low["roots_fr"] == pytest.approx(10**0.3 / (10**0.3 + 1000**0.3))
-
-
-def test_explicit_rates_by_directory_name_choose_the_tasks(caplog):
-    sizes = {"roots_en": 1, "roots_zh_hant": 1, "roots_fr": 1}
-    with caplog.at_level(logging.WARNING):
-        rates = tasks.mixture_rates(sizes, rates={"en": 3, "zh-Hant": 1, "code/rust": 5})
-    assert rates == {"roots_en": 0.75, "roots_zh_hant": 0.25}
-    assert "roots_code_rust" in caplog.text
-
-
-def test_bad_rates_are_errors():
-    with pytest.raises(ValueError, match="either `rates` or `alpha`"):
-        tasks.mixture_rates({"roots_en": 1}, rates={"en": 1}, alpha=0.5)
-    with pytest.raises(ValueError, match="positive sum"):
-        tasks.mixture_rates({"roots_en": 1}, rates={"en": 0})
 
 
 def test_roots_mixture_is_registered_with_rates(tiny_corpus, vocabulary):

@@ -1,4 +1,5 @@
-"""Evaluation: the training loss, per-task figures, bits per byte, the trainer hook, the CLI."""
+"""Evaluation: the training loss, per-task figures, bits per byte, the trainer hook, and the
+`python -m bloom_jax.evaluate` command."""
 
 import json
 import math
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from bloom_jax import configs, evaluate, optim, trainer
+from bloom_jax import configs, evaluation, optim, sharded_step, trainer
 from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline, tokenized, vocabularies
 from bloom_jax.model import BloomConfig, BloomForCausalLM
@@ -44,8 +45,10 @@ def mesh():
     return mesh_lib.create_mesh()
 
 
-def run_evaluate(params, streams, mesh):
-    return evaluate.evaluate(MODEL, params, streams, mesh=mesh, rules=RULES)
+def run_evaluate(params, streams, mesh, model=MODEL):
+    # One device: the mesh divides every batch shape, so the evaluator's check passes for all.
+    evaluator = sharded_step.shard_eval(model, mesh, RULES, batch_size=1, sequence_length=1)
+    return evaluation.evaluate(evaluator, params, streams)
 
 
 def test_eval_loss_equals_the_training_loss_of_the_same_batch(vocabulary, params, mesh):
@@ -76,7 +79,7 @@ def test_default_corpus_figures_hang_together(vocabulary, params, mesh):
                                            process_count=1)
     by_four, by_one = streams(4), streams(1)
     results = run_evaluate(params, by_four, mesh)
-    assert set(results) == {*by_four, evaluate.ALL} and "roots_en" in results
+    assert set(results) == {*by_four, evaluation.ALL} and "roots_en" in results
     for name, batches in by_four.items():
         r = results[name]
         assert r["tokens"] == batches.task.num_tokens - 1  # every token but the first is scored
@@ -86,7 +89,7 @@ def test_default_corpus_figures_hang_together(vocabulary, params, mesh):
             r["loss"] * r["tokens"] / math.log(2) / r["bytes"], rel=1e-12)
         assert abs(r["loss"] - math.log(1024)) < 0.1  # a fresh model is nearly uniform
 
-    blend = results[evaluate.ALL]
+    blend = results[evaluation.ALL]
     tasks = [results[name] for name in by_four]
     assert blend["tokens"] == sum(r["tokens"] for r in tasks)
     assert blend["loss"] == pytest.approx(
@@ -136,14 +139,14 @@ def test_no_validation_documents_is_a_clear_error(params, mesh):
 
 def test_eval_batch_size_the_mesh_does_not_divide_is_a_clear_error():
     mesh = jax.sharding.AbstractMesh((2, 2, 2), mesh_lib.MESH_AXES)
-    evaluate.check_batch_size(mesh, RULES, 8, 32)
+    sharded_step.shard_eval(MODEL, mesh, RULES, 8, 32)
     with pytest.raises(mesh_lib.MeshError, match=r"6 sequences.*data=2 x fsdp=2.*--batch_size"):
-        evaluate.check_batch_size(mesh, RULES, 6, 32)
+        sharded_step.shard_eval(MODEL, mesh, RULES, 6, 32)
 
 
 def test_table_has_a_line_per_task_and_the_blend():
-    figures = evaluate.summarize(loss_sum=20.0, tokens=10, num_bytes=40)
-    table = evaluate.format_table({"roots_en": figures, evaluate.ALL: figures})
+    figures = evaluation.summarize(loss_sum=20.0, tokens=10, num_bytes=40)
+    table = evaluation.format_table({"roots_en": figures, evaluation.ALL: figures})
     header, en, blend = table.splitlines()
     assert header.split()[:4] == ["task", "loss", "perplexity", "bits/byte"]
     assert en.split()[:4] == ["roots_en", "2.0000", "7.389", "0.7213"]
@@ -176,7 +179,7 @@ def trained_run(tmp_path_factory):
 def test_trainer_logs_eval_figures_of_its_parameters(trained_run, mesh):
     model_dir, state = trained_run
     scalars = read_scalars(model_dir)
-    tasks = ["roots_en", "roots_fr", "roots_hi", evaluate.ALL]
+    tasks = ["roots_en", "roots_fr", "roots_hi", evaluation.ALL]
     for task in tasks:
         for figure in ("loss", "perplexity", "bits_per_byte"):
             assert [step for step, _ in scalars[f"eval/{figure}/{task}"]] == [2, 3]
@@ -185,8 +188,7 @@ def test_trainer_logs_eval_figures_of_its_parameters(trained_run, mesh):
     tiny = BloomForCausalLM(BloomConfig(vocab_size=1024, hidden_size=64, n_layer=2, n_head=4))
     streams = pipeline.validation_streams(sequence_length=32, batch_size=2, process_index=0,
                                           process_count=1)
-    expected = evaluate.evaluate(tiny, state.params, {t: streams[t] for t in tasks[:3]},
-                                 mesh=mesh, rules=RULES)
+    expected = run_evaluate(state.params, {t: streams[t] for t in tasks[:3]}, mesh, tiny)
     for task in tasks:
         for figure in ("loss", "perplexity", "bits_per_byte"):
             np.testing.assert_allclose(scalars[f"eval/{figure}/{task}"][-1][1],
@@ -209,7 +211,7 @@ def test_command_evaluates_the_run_checkpoint_on_a_sharded_mesh(trained_run):
     results = json.loads(done.stdout)
 
     scalars = read_scalars(model_dir)
-    assert set(results) == {"roots_en", "roots_fr", "roots_hi", evaluate.ALL}
+    assert set(results) == {"roots_en", "roots_fr", "roots_hi", evaluation.ALL}
     for task, figures in results.items():
         assert set(figures) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
         for figure in ("loss", "perplexity", "bits_per_byte"):  # the trainer's last eval
