@@ -347,6 +347,7 @@ def plan_budget(flops_budget: float) -> None:
     step_s, result, config, micro_batch_size = found
     tokens_per_s = plan_recipe.batch_size * seq_len / step_s
     train_s = plan_recipe.tokens / tokens_per_s
+    compute_s = flops_budget / (num_devices * flops.PEAK_FLOPS[device.name]["bfloat16"] * mfu)
     every = min(recipe.checkpoint_every(step_s), plan_recipe.train_steps)
     saves = -(-plan_recipe.train_steps // every)
     checkpoint_bytes = recipe.checkpoint_bytes(config)
@@ -354,16 +355,19 @@ def plan_budget(flops_budget: float) -> None:
     print("\n".join([
         f"chosen: {config.n_layer} layers, hidden {config.hidden_size}, {config.n_head} heads: "
         f"{best.params:,} parameters on {short(best.tokens)} tokens, predicted loss "
-        f"{best.loss:.3f} ({law.name})",
+        f"{best.loss:.3f} ({law.name}; BLOOM-176B on {short(budget.BLOOM_176B_TOKENS)} tokens: "
+        f"{law.loss(flops.param_count(budget.BLOOM_176B), budget.BLOOM_176B_TOKENS):.3f})",
         f"  mesh {format_shape(result.mesh)}, micro_batch_size={micro_batch_size}, "
         f"remat={config.remat_policy}: {result.peak_bytes / GIB:.1f} of {memory_gib:g} GiB",
         f"  {plan_recipe.train_steps:,} steps; predicted {step_s:.2f} s/step at full batch "
         f"({utilization:.1%} of peak in hardware FLOPs, plus collectives), "
         f"{tokens_per_s:,.0f} tokens/s",
-        f"  {train_s / 86400:.1f} days to train ({metrics.format_duration(train_s)}) = "
+        f"  {metrics.format_duration(train_s)} to train by the planner = "
         f"{train_s / 3600 * num_devices:,.0f} GPU-hours"
         + (f" ({train_s / 3600 * num_devices / FLAGS.budget:.0%} of the budget)"
-           if FLAGS.budget is not None else ""),
+           if FLAGS.budget is not None else "")
+        + f"; {metrics.format_duration(compute_s)} at {mfu:.1%} MFU with no time lost to "
+        "collectives",
         f"  checkpoints: {saves:,} saves, every {every:,} steps ({every * step_s / 3600:.1f} h), "
         f"{checkpoint_bytes / GIB:,.1f} GiB each (float32 parameters and Adam moments); the "
         f"last {keep} kept: {keep * checkpoint_bytes / GIB:,.1f} GiB on disk",
