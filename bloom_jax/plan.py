@@ -11,6 +11,15 @@ the configuration would reach at a given MFU on A100s and H100s.
 
 Exits 0 when the peak fits `--memory_gib`, 3 (naming the largest consumer) when it does not, and
 2 when the mesh does not divide the model or the devices (with meshes that would).
+
+Before a model is chosen, `--budget` (GPU-hours; or `--budget_flops`) says what a compute budget
+buys by the scaling laws (scaling.py): the compute-optimal split, BLOOM shapes ranked by predicted
+loss (budget.py), and for the best one the mesh, micro-batch and remat that fit, the days to
+train, the checkpoints, and (`--write_gin`) the config with BLOOM's recipe scaled (recipe.py):
+
+    python -m bloom_jax.plan --budget=1.08e6 --gpu=a100-80gb --num_devices=384 --write_gin=x.gin
+
+`--fit RUN_DIR...` fits L(N, D) to finished runs (their final eval loss) and predicts a budget's.
 """
 
 from __future__ import annotations
@@ -18,16 +27,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import flags
+import numpy as np
+from absl import app, flags
 
-from bloom_jax import configs, flops, sharded_step
+from bloom_jax import (budget, checkpoints, configs, flops, metrics, recipe, runs, scaling,
+                       sharded_step)
+from bloom_jax.budget import short
 from bloom_jax.data import pipeline
 from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError, create_mesh, factorizations, format_shape
@@ -40,14 +53,27 @@ def define_flags() -> None:
     """The planner's own flags (configs.run adds the gin flags and --verbose)."""
     flags.DEFINE_integer("num_devices", None,
                          "Simulate this many CPU devices (default: the real ones).")
-    flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80).")
-    flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at.")
+    flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80; "
+                       "--budget: default the --gpu's).")
+    flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at "
+                       f"(--budget and --fit: default BLOOM-176B's measured {budget.BLOOM_MFU:.1%}).")
     flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies "
                       "that divide and fit, and rank them by predicted step time.")
-    flags.DEFINE_string("gpu", "A100", "GPU the search ranks for: one of "
-                        f"{sorted(flops.PEAK_FLOPS)}.")
+    flags.DEFINE_string("gpu", "A100", "GPU the search and --budget plan for, any case: one of "
+                        f"{', '.join(budget.GPUS)}.")
     flags.DEFINE_integer("devices_per_host", 8, "GPUs per host: `tensor` stays inside one "
                          "(search).")
+    flags.DEFINE_float("budget", None, "Compute budget in GPU-hours of --gpu at --mfu on "
+                       "--num_devices GPUs: plan the model, tokens, mesh and days it buys.")
+    flags.DEFINE_float("budget_flops", None, "The compute budget in model FLOPs (6ND-like, no "
+                       "recomputation), instead of --budget.")
+    flags.DEFINE_enum("law", scaling.DEFAULT_LAW, list(scaling.LAWS),
+                      "Chinchilla constants that rank the shapes (see bloom_jax/scaling.py).")
+    flags.DEFINE_string("write_gin", None, "--budget: write the chosen model's gin config here.")
+    flags.DEFINE_bool("fit", False, "Fit L(N, D) to the runs (MODEL_DIRs) given as arguments.")
+    flags.DEFINE_string("fit_task", "all", "--fit: the eval task whose loss is fitted "
+                        "(eval/loss/<task>).")
+    flags.DEFINE_integer("bootstrap", 100, "--fit: bootstrap resamples for the uncertainty.")
 
 
 GIB = 2**30
@@ -60,6 +86,10 @@ LINKS = {"A100": (300e9, 6.25e9), "H100-SXM": (450e9, 50e9), "H100-PCIe": (64e9,
          "H200": (450e9, 50e9)}
 SEARCH_MICRO_BATCH_SIZES = (1, 2)
 SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims")
+# --budget: hidden sizes a multiple of 128 (tensor-core tiles; any power-of-two fsdp up to 128
+# divides them), and BLOOM's training dropout.
+HIDDEN_MULTIPLE = 128
+TRAINING_DROPOUT = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,37 +212,72 @@ def predicted_step_s(plan: Plan, config: BloomConfig, seq_len: int, gpu: str, mf
     return compute_s + fsdp_bytes / fsdp_link + tensor_bytes / nvlink + grads_allreduce / network
 
 
-def search(workload: sharded_step.Workload, num_devices: int, rules: Rules, memory: int,
-           mfu: float, gpu: str, devices_per_host: int,
-           ) -> list[tuple[float, Plan, sharded_step.Workload]]:
-    """Every (mesh, micro-batch size, remat) whose mesh divides and whose step fits `memory`,
-    fastest first (predicted on `gpu` at `mfu`); meshes whose float32 state alone cannot fit,
-    or whose `tensor` axis spans hosts, are not compiled."""
-    devices = jax.devices()[:num_devices]
+def search_space(workload: sharded_step.Workload, num_devices: int, memory: int,
+                 devices_per_host: int) -> Iterator[tuple[dict[str, int], sharded_step.Workload]]:
+    """The (mesh shape, workload with a micro-batch size and remat policy) the search tries:
+    `tensor` inside one host, and only meshes over which the float32 state alone can fit."""
     state_bytes = 16 * flops.param_count(workload.model_config)  # params, grads, Adam's mu, nu
-    results = []
     for shape in factorizations(num_devices):
         if shape["tensor"] > devices_per_host or (
                 state_bytes / (shape["fsdp"] * shape["tensor"]) > memory):
             continue
-        mesh = create_mesh(**shape, devices=devices)
         for micro_batch_size in SEARCH_MICRO_BATCH_SIZES:
             for remat in SEARCH_REMAT_POLICIES:
-                candidate = dataclasses.replace(
+                yield shape, dataclasses.replace(
                     workload, micro_batch_size=micro_batch_size,
                     model_config=dataclasses.replace(workload.model_config, remat_policy=remat))
-                try:
-                    result = plan_step(candidate, mesh, rules)
-                except MeshError:
-                    break  # the same for every remat policy
-                print(f"  tried {format_shape(shape)}, micro_batch_size={micro_batch_size}, "
-                      f"remat={remat}: {result.peak_bytes / GIB:.1f} GiB", flush=True)
-                if result.peak_bytes <= memory:
-                    step_s = predicted_step_s(result, candidate.model_config,
-                                              workload.sequence_length, gpu, mfu,
-                                              devices_per_host)
-                    results.append((step_s, result, candidate))
+
+
+def _try(candidate: sharded_step.Workload, shape: dict[str, int], rules: Rules) -> Plan | None:
+    """The compiled plan of one point of the search space; None when the mesh does not divide."""
+    mesh = create_mesh(**shape, devices=jax.devices()[:math.prod(shape.values())])
+    try:
+        result = plan_step(candidate, mesh, rules)
+    except MeshError:
+        return None
+    print(f"  tried {format_shape(shape)}, micro_batch_size={candidate.micro_batch_size}, "
+          f"remat={candidate.model_config.remat_policy}: {result.peak_bytes / GIB:.1f} GiB",
+          flush=True)
+    return result
+
+
+def search(workload: sharded_step.Workload, num_devices: int, rules: Rules, memory: int,
+           mfu: float, gpu: str, devices_per_host: int,
+           ) -> list[tuple[float, Plan, sharded_step.Workload]]:
+    """Every (mesh, micro-batch size, remat) whose mesh divides and whose step fits `memory`,
+    fastest first (predicted on `gpu` at `mfu`)."""
+    results = []
+    for shape, candidate in search_space(workload, num_devices, memory, devices_per_host):
+        result = _try(candidate, shape, rules)
+        if result is not None and result.peak_bytes <= memory:
+            step_s = predicted_step_s(result, candidate.model_config, workload.sequence_length,
+                                      gpu, mfu, devices_per_host)
+            results.append((step_s, result, candidate))
     return sorted(results, key=lambda r: r[0])
+
+
+def fastest_fit(workload: sharded_step.Workload, num_devices: int, rules: Rules, memory: int,
+                mfu: float, gpu: str, devices_per_host: int,
+                ) -> tuple[float, Plan, sharded_step.Workload] | None:
+    """What `search` would rank first, in a few compiles: the search space in order of
+    predicted step time (which depends only on the mesh and micro-batches), compiled until one
+    fits. None when nothing fits."""
+    def predicted(point: tuple[dict[str, int], sharded_step.Workload]) -> float:
+        shape, candidate = point
+        micro_batch = candidate.micro_batch_size * shape["data"] * shape["fsdp"]
+        layout = Plan(mesh=shape, micro_batch=micro_batch,
+                      micro_batches=sharded_step.micro_steps(candidate.batch_size, micro_batch),
+                      shardings=[], param_bytes=0, grad_bytes=0, optimizer_bytes=0,
+                      temp_bytes=0, peak_bytes=0, compile_s=0.0)
+        return predicted_step_s(layout, candidate.model_config, candidate.sequence_length, gpu,
+                                mfu, devices_per_host)
+
+    for point in sorted(search_space(workload, num_devices, memory, devices_per_host),
+                        key=predicted):
+        result = _try(point[1], point[0], rules)
+        if result is not None and result.peak_bytes <= memory:
+            return predicted(point), result, point[1]
+    return None
 
 
 def largest_consumer(plan: Plan) -> str:
@@ -231,16 +296,154 @@ def _simulate_devices(num_devices: int) -> None:
     jax.config.update("jax_num_cpu_devices", num_devices)
 
 
+def _budget_flops() -> float | None:
+    """The budget of --budget_flops or --budget, or None when neither is given."""
+    if FLAGS.budget is not None and FLAGS.budget_flops is not None:
+        raise app.UsageError("Give --budget (GPU-hours) or --budget_flops, not both.")
+    if FLAGS.budget_flops is not None:
+        if FLAGS.budget_flops <= 0:
+            raise ValueError(f"--budget_flops must be > 0; got {FLAGS.budget_flops}.")
+        return FLAGS.budget_flops
+    if FLAGS.budget is None:
+        return None
+    mfu = FLAGS.mfu if FLAGS["mfu"].present else budget.BLOOM_MFU
+    return budget.budget_flops(FLAGS.budget, budget.gpu(FLAGS.gpu), mfu)
+
+
+def plan_budget(flops_budget: float) -> None:
+    """--budget: the laws' split, the ranked shapes, and the best one's mesh, days, checkpoints
+    and (--write_gin) config."""
+    device, num_devices = budget.gpu(FLAGS.gpu), jax.device_count()
+    mfu = FLAGS.mfu if FLAGS["mfu"].present else budget.BLOOM_MFU
+    memory_gib = FLAGS.memory_gib if FLAGS["memory_gib"].present else device.memory_gib
+    seq_len, law = budget.BLOOM_SEQUENCE_LENGTH, scaling.LAWS[FLAGS.law]
+    where = (f"{FLAGS.budget:.4g} GPU-hours of {device.name} ({memory_gib:g} GiB) at {mfu:.1%} "
+             "MFU = " if FLAGS.budget is not None else "")
+    print(f"budget: {where}{flops_budget:.4g} model FLOPs on {num_devices} GPUs")
+    print(budget.format_laws(flops_budget))
+    candidates = budget.rank_shapes(flops_budget, law, seq_len,
+                                    heads_multiple=math.gcd(FLAGS.devices_per_host, num_devices),
+                                    hidden_multiple=HIDDEN_MULTIPLE)
+    print(budget.format_candidates(candidates, law))
+
+    best = candidates[0]
+    shape = best.shape
+    plan_recipe = recipe.bloom_recipe(best.params, best.tokens, seq_len)
+    configs.parse([configs.BASE_CONFIG], [
+        f"BloomConfig.n_layer = {shape.n_layer}", f"BloomConfig.hidden_size = {shape.hidden_size}",
+        f"BloomConfig.n_head = {shape.n_head}",
+        f"BloomConfig.hidden_dropout = {TRAINING_DROPOUT}",
+        f"BloomConfig.attention_dropout = {TRAINING_DROPOUT}",
+        f"BATCH_SIZE = {plan_recipe.batch_size}", f"SEQUENCE_LENGTH = {seq_len}"],
+        skip_unknown=configs.LOOP_CONFIGURABLES)
+    print(f"planning {shape.n_layer} x {shape.hidden_size} ({shape.n_head} heads), batch "
+          f"{plan_recipe.batch_size} x {seq_len}, on {num_devices} devices:")
+    # The planner charges hardware FLOPs (recomputation included) at the rate BLOOM's GPUs ran:
+    # its MFU x 4/3, as BLOOM recomputed every activation.
+    utilization = mfu * budget.RECOMPUTE_FACTOR
+    found = fastest_fit(sharded_step.Workload(), num_devices, logical_axis_rules(),
+                        int(memory_gib * GIB), utilization, device.name, FLAGS.devices_per_host)
+    if found is None:
+        print(f"does not fit: no mesh, micro-batch size and remat policy fits {memory_gib:g} GiB "
+              "per device; add devices or pick a smaller shape.", file=sys.stderr)
+        sys.exit(EXIT_DOES_NOT_FIT)
+    step_s, result, workload = found
+    config, micro_batch_size = workload.model_config, workload.micro_batch_size
+    tokens_per_s = plan_recipe.batch_size * seq_len / step_s
+    train_s = plan_recipe.tokens / tokens_per_s
+    compute_s = flops_budget / (num_devices * flops.PEAK_FLOPS[device.name]["bfloat16"] * mfu)
+    every = min(recipe.checkpoint_every(step_s), plan_recipe.train_steps)
+    saves = -(-plan_recipe.train_steps // every)
+    checkpoint_bytes = recipe.checkpoint_bytes(config)
+    keep = checkpoints.CheckpointOptions().keep
+    print("\n".join([
+        f"chosen: {config.n_layer} layers, hidden {config.hidden_size}, {config.n_head} heads: "
+        f"{best.params:,} parameters on {short(best.tokens)} tokens, predicted loss "
+        f"{best.loss:.3f} ({law.name}; BLOOM-176B on {short(budget.BLOOM_176B_TOKENS)} tokens: "
+        f"{law.loss(flops.param_count(budget.BLOOM_176B), budget.BLOOM_176B_TOKENS):.3f})",
+        f"  mesh {format_shape(result.mesh)}, micro_batch_size={micro_batch_size}, "
+        f"remat={config.remat_policy}: {result.peak_bytes / GIB:.1f} of {memory_gib:g} GiB",
+        f"  {plan_recipe.train_steps:,} steps; predicted {step_s:.2f} s/step at full batch "
+        f"({utilization:.1%} of peak in hardware FLOPs, plus collectives), "
+        f"{tokens_per_s:,.0f} tokens/s",
+        f"  {metrics.format_duration(train_s)} to train by the planner = "
+        f"{train_s / 3600 * num_devices:,.0f} GPU-hours"
+        + (f" ({train_s / 3600 * num_devices / FLAGS.budget:.0%} of the budget)"
+           if FLAGS.budget is not None else "")
+        + f"; {metrics.format_duration(compute_s)} at {mfu:.1%} MFU with no time lost to "
+        "collectives",
+        f"  checkpoints: {saves:,} saves, every {every:,} steps ({every * step_s / 3600:.1f} h), "
+        f"{checkpoint_bytes / GIB:,.1f} GiB each (float32 parameters and Adam moments); the "
+        f"last {keep} kept: {keep * checkpoint_bytes / GIB:,.1f} GiB on disk",
+        f"  recipe: batch ramp {plan_recipe.ramp.start} -> {plan_recipe.batch_size} "
+        f"(+{plan_recipe.ramp.increment}) over {plan_recipe.ramp.rampup_samples:,} samples, "
+        f"warmup {short(plan_recipe.warmup_tokens)} tokens, cosine decay to "
+        f"{short(plan_recipe.decay_tokens)} tokens, lr {plan_recipe.peak_lr:.3g} -> "
+        f"{plan_recipe.min_lr:.3g}",
+    ]))
+    if FLAGS.write_gin:
+        header = (f"BLOOM-style {config.n_layer} x {config.hidden_size} for {flops_budget:.4g} "
+                  f"model FLOPs on {num_devices} x {device.name}, written by\n"
+                  f"python -m bloom_jax.plan {' '.join(sys.argv[1:])}")
+        pathlib.Path(FLAGS.write_gin).write_text(recipe.gin_config(
+            config, plan_recipe, result.mesh, micro_batch_size, every, header))
+        print(f"wrote {FLAGS.write_gin}")
+
+
+def fit_runs(run_dirs: Sequence[str], flops_budget: float | None) -> None:
+    """--fit: the law of the runs, its bootstrap uncertainty, and its prediction at the budget
+    (default: BLOOM-176B's compute)."""
+    if not run_dirs:
+        raise app.UsageError("--fit needs the runs' MODEL_DIRs as arguments.")
+    found = [runs.read_run(run_dir, FLAGS.fit_task) for run_dir in run_dirs]
+    print(f"{len(found)} runs (final eval/loss/{FLAGS.fit_task}):")
+    for run in found:
+        print(f"  {run.model_dir}: {run.params:,} parameters, {short(run.tokens)} tokens, "
+              f"loss {run.loss:.4f} at step {run.step}")
+    data = [np.array([getattr(run, field) for run in found], np.float64)
+            for field in ("params", "tokens", "loss")]
+    law = scaling.fit(*data)
+    resampled = scaling.bootstrap(*data, resamples=FLAGS.bootstrap)
+    if flops_budget is None:
+        flops_budget = 6 * budget.BLOOM_176B_TOKENS * flops.param_count(budget.BLOOM_176B)
+        print(f"(no --budget: predicting at BLOOM-176B's compute, 6ND = {flops_budget:.3g})")
+
+    def interval(values: list[float]) -> str:
+        low, high = np.percentile(values, [5, 95])
+        return f"[{low:.4g}, {high:.4g}]"
+
+    predictions = [(*fitted.optimum(flops_budget),) for fitted in resampled]
+    params, tokens = law.optimum(flops_budget)
+    print("\n".join([
+        f"L(N, D) = E + A / N^alpha + B / D^beta, Huber fit on log-loss; 90% bootstrap "
+        f"intervals over {len(resampled)} resamples of the runs:",
+        *(f"  {name:5s} = {getattr(law, name):.4g}  "
+          f"{interval([getattr(fitted, name) for fitted in resampled])}"
+          for name in ("E", "A", "B", "alpha", "beta")),
+        f"at {flops_budget:.4g} FLOPs: {short(params)} parameters "
+        f"{interval([p for p, _ in predictions])}, {short(tokens)} tokens "
+        f"{interval([d for _, d in predictions])}, loss {law.loss(params, tokens):.4f} "
+        f"{interval([fitted.loss(*p) for fitted, p in zip(resampled, predictions)])}",
+    ]))
+
+
 def main(argv: Sequence[str]) -> None:
+    flops_budget = _budget_flops()
+    if FLAGS.fit:
+        fit_runs(argv[1:], flops_budget)
+        return
     configs.no_arguments(argv)
     if FLAGS.num_devices:
         _simulate_devices(FLAGS.num_devices)
+    if flops_budget is not None:
+        plan_budget(flops_budget)
+        return
     configs.parse_flags(skip_unknown=configs.LOOP_CONFIGURABLES)
     workload = sharded_step.Workload()
     memory = int(FLAGS.memory_gib * GIB)
     if FLAGS.search:
         ranked = search(workload, jax.device_count(), logical_axis_rules(), memory, FLAGS.mfu,
-                        FLAGS.gpu, FLAGS.devices_per_host)
+                        budget.gpu(FLAGS.gpu).name, FLAGS.devices_per_host)
         print(f"{len(ranked)} configurations fit {FLAGS.memory_gib} GiB; fastest first "
               f"(predicted on {FLAGS.gpu} at {FLAGS.mfu:.0%} MFU):")
         for step_s, result, candidate in ranked:

@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
-from bloom_jax import flops, optim, plan, sharded_step
+from bloom_jax import flops, optim, plan, scaling, sharded_step
+from tests.test_runs import write_run
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules
 
@@ -72,3 +74,66 @@ def test_cli_refuses_a_mesh_that_does_not_divide_the_heads(tmp_path):
     assert result.returncode == plan.EXIT_BAD_MESH
     assert "'heads' / 'activation_heads' (size 8" in result.stderr
     assert "compiled" not in result.stdout
+
+
+def plan_command(*args, devices: int | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
+    """`python -m bloom_jax.plan ARGS` (or another module, as `-m MODULE` first) as a user runs it."""
+    command = list(args) if args[0] == "-m" else ["-m", "bloom_jax.plan", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run([sys.executable, *command], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_budget_writes_a_config_that_trains_and_plans(tmp_path):
+    gin_file, model_dir = tmp_path / "planned.gin", tmp_path / "run"
+    result = plan_command("--budget_flops=1e17", "--num_devices=1", f"--write_gin={gin_file}")
+    assert result.returncode == 0, result.stderr
+    chosen = re.search(r"chosen: (\d+) layers, hidden (\d+), (\d+) heads: ([\d,]+) parameters",
+                       result.stdout)
+    layers, hidden, heads, params = (int(g.replace(",", "")) for g in chosen.groups())
+    assert params == flops.param_count(plan.BloomConfig(n_layer=layers, hidden_size=hidden,
+                                                        n_head=heads))
+    assert f"BloomConfig.hidden_size = {hidden}\n" in gin_file.read_text()
+
+    # Trained for 2 steps at a CPU-sized batch (the planned one is 256 x 2048 tokens).
+    result = plan_command("-m", "bloom_jax.train", f"--gin_file={gin_file}",
+                          f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=2",
+                          "--gin.BATCH_SIZE=2", "--gin.BatchRampUp.start=2",
+                          "--gin.SEQUENCE_LENGTH=32", "--gin.train.eval_every=0", devices=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/2 | loss" in result.stderr
+    assert (model_dir / "checkpoints" / "2").is_dir()
+
+    result = plan_command(f"--gin_file={gin_file}", "--num_devices=1")
+    assert result.returncode == 0, result.stderr
+    assert f"parameters: {params}\n" in result.stdout and "fits: " in result.stdout
+
+
+@pytest.mark.slow
+def test_cli_fit_recovers_the_law_of_synthetic_runs(tmp_path):
+    truth, rng = scaling.BESIROGLU2024, np.random.default_rng(0)
+    run_dirs = []
+    for n_layer, hidden, n_head in ((2, 128, 2), (6, 512, 8), (12, 1024, 16), (24, 2048, 16)):
+        config = plan.BloomConfig(n_layer=n_layer, hidden_size=hidden, n_head=n_head)
+        for tokens in (1e9, 1e10, 1e11):
+            loss = truth.loss(flops.param_count(config), tokens) * np.exp(rng.normal(0, 0.003))
+            run_dirs.append(tmp_path / f"{hidden}_{tokens:.0e}")
+            write_run(run_dirs[-1], config, tokens_per_step=tokens / 10, eval_losses={10: loss})
+    result = plan_command("--fit", "--bootstrap=10", "--budget_flops=5.76e23", *map(str, run_dirs))
+    assert result.returncode == 0, result.stderr
+    assert "12 runs (final eval/loss/all):" in result.stdout
+    fitted = {name: float(re.search(rf"  {name} *= ([\d.e+]+)", result.stdout).group(1))
+              for name in ("E", "alpha", "beta")}
+    assert fitted["E"] == pytest.approx(truth.E, abs=0.03)
+    assert fitted["alpha"] == pytest.approx(truth.alpha, abs=0.02)
+    assert fitted["beta"] == pytest.approx(truth.beta, abs=0.02)
+    assert re.search(r"at 5.76e\+23 FLOPs: 7\d.\dB parameters", result.stdout), result.stdout
+
+
+def test_cli_budget_reports_an_unknown_gpu_in_one_line():
+    result = plan_command("--budget=1000", "--gpu=v100")
+    assert result.returncode == 1
+    assert "error: unknown GPU 'v100'; use one of a100-40gb, a100-80gb" in result.stderr
