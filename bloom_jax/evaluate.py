@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from bloom_jax import checkpoints, configs
+from bloom_jax import configs, param_store
 from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline, vocabularies
 from bloom_jax.model import BloomForCausalLM
@@ -139,7 +139,7 @@ def checkpoint_dir(path: str) -> pathlib.Path:
     """`path`, or its checkpoints/ folder when `path` is a training run's MODEL_DIR."""
     path = pathlib.Path(path)
     run_checkpoints = path / "checkpoints"
-    if not (path / checkpoints.CONFIG_FILE).is_file() and run_checkpoints.is_dir():
+    if not (path / param_store.CONFIG_FILE).is_file() and run_checkpoints.is_dir():
         return run_checkpoints
     return path
 
@@ -158,7 +158,7 @@ def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results
 
     model = BloomForCausalLM(model_config)
     boxed = shardings_lib.abstract_params(model, jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    _, params = checkpoints.load_params(checkpoint_dir(ckpt_dir), model_config,
+    _, params = param_store.load_params(checkpoint_dir(ckpt_dir), model_config,
                                         shardings_lib.logical_shardings(boxed, mesh, rules))
     streams = pipeline.validation_streams(vocabulary=vocabulary, batch_size=batch_size,
                                           sequence_length=sequence_length)

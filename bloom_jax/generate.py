@@ -203,14 +203,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 def _load(args: argparse.Namespace) -> tuple[BloomConfig, Any, Any]:
     """(config, params, vocabulary) from --hf_dir or --ckpt_dir and --tokenizer."""
     # Imported here: they bring in orbax, safetensors and TensorFlow, which generate_ids needs not.
-    from bloom_jax import checkpoints, convert
+    from bloom_jax import convert, param_store
     from bloom_jax.data import vocabularies
 
     if args.hf_dir:
         config, params = convert.load_hf_checkpoint(args.hf_dir)
         tokenizer = args.tokenizer or pathlib.Path(args.hf_dir) / "tokenizer.json"
     else:
-        config, params = checkpoints.load_params(args.ckpt_dir)
+        config, params = param_store.load_params(args.ckpt_dir)
         tokenizer = args.tokenizer
     vocabulary = vocabularies.load_vocabulary(tokenizer)
     vocabularies.check_fits_model(vocabulary, config.vocab_size)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from bloom_jax import checkpoints, distributed, flops, metrics, optim
+from bloom_jax import checkpoints, distributed, flops, metrics, optim, param_store
 from bloom_jax import evaluate as evaluate_lib
 from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline, vocabularies
@@ -121,7 +121,7 @@ def restore_or_init(training: ShardedTraining, checkpointer: checkpoints.TrainCh
         return state
     state = training.init_state(seed)
     if init_from:
-        _, params = checkpoints.load_params(init_from, training.model.config,
+        _, params = param_store.load_params(init_from, training.model.config,
                                             training.state_shardings.params)
         state = state.replace(params=params)
         logging.info("Parameters initialized from %s.", init_from)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bloom_jax import checkpoints, configs, trainer
+from bloom_jax import configs, param_store, trainer
 from bloom_jax.model import BloomForCausalLM
 from tests.test_metrics import read_scalars
 
@@ -55,11 +55,11 @@ def test_init_from_starts_from_the_converted_parameters(tmp_path):
     config = configs.BloomConfig()
     params = BloomForCausalLM(config).init(jax.random.PRNGKey(7), np.zeros([1, 1], np.int32))
     converted = jax.tree.map(np.asarray, nn.unbox(params["params"]))
-    checkpoints.save_params(tmp_path / "converted", config, converted)
+    param_store.save_params(tmp_path / "converted", config, converted)
 
     state = trainer.train()
     # The first step's learning rate is 0 (warmup starts there): the parameters stay the converted
     # ones, in the state and in the step-1 checkpoint.
-    _, saved = checkpoints.load_params(tmp_path / "run" / "checkpoints", config)
+    _, saved = param_store.load_params(tmp_path / "run" / "checkpoints", config)
     for got in (state.params, saved):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), converted)
