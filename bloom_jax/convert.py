@@ -394,7 +394,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Read the latest step of a bloom_jax checkpoint (converted or written by "
                     "the trainer) and write safetensors + config.json for transformers.")
     to_cmd.add_argument("--ckpt_dir", required=True,
-                        help="checkpoint directory, e.g. MODEL_DIR/checkpoints")
+                        help="checkpoint directory, or a training run's MODEL_DIR")
     to_cmd.add_argument("--out_dir", required=True, help="Hugging Face output directory")
     to_cmd.add_argument("--max_shard_bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
                         help="largest safetensors file to write (default: %(default)s)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -135,15 +134,6 @@ def define_flags() -> None:
                       "bits_per_byte, tokens, bytes}} instead of a table.")
 
 
-def checkpoint_dir(path: str) -> pathlib.Path:
-    """`path`, or its checkpoints/ folder when `path` is a training run's MODEL_DIR."""
-    path = pathlib.Path(path)
-    run_checkpoints = path / "checkpoints"
-    if not (path / param_store.CONFIG_FILE).is_file() and run_checkpoints.is_dir():
-        return run_checkpoints
-    return path
-
-
 def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results:
     """Evaluates the latest parameters in `ckpt_dir` as the parsed gin config says (model,
     mesh, rules, SEQUENCE_LENGTH, DATA_DIR, vocabulary, languages)."""
@@ -158,7 +148,7 @@ def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results
 
     model = BloomForCausalLM(model_config)
     boxed = shardings_lib.abstract_params(model, jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    _, params = param_store.load_params(checkpoint_dir(ckpt_dir), model_config,
+    _, params = param_store.load_params(ckpt_dir, model_config,
                                         shardings_lib.logical_shardings(boxed, mesh, rules))
     streams = pipeline.validation_streams(vocabulary=vocabulary, batch_size=batch_size,
                                           sequence_length=sequence_length)

@@ -224,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
                     "sampled when --temperature, --top_k or --top_p is given. Each prompt's "
                     "text is printed followed by its continuation.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_dir", help="bloom_jax checkpoint directory (its latest step)")
+    source.add_argument("--ckpt_dir", help="bloom_jax checkpoint directory, or a training run's "
+                                           "MODEL_DIR (its latest step)")
     source.add_argument("--hf_dir", help="Hugging Face BLOOM directory (config.json, weights, "
                                          "tokenizer.json), as save_pretrained writes it")
     parser.add_argument("--prompt", action="append", required=True,

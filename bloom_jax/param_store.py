@@ -1,10 +1,11 @@
-"""The parameter store: BLOOM parameters in orbax checkpoints, their config file, and streamed
-save / open.
+"""The parameter store: BLOOM parameters in orbax checkpoints, their config file, streamed save /
+open, and which directory a command's --ckpt_dir means.
 
 A checkpoint directory is the root of an `orbax.checkpoint.CheckpointManager`. The root holds
 `config.json` (the `BloomConfig` fields, dtypes as names); each step directory holds the item
 "params" (the parameter pytree; the trainer's checkpoints, `bloom_jax.checkpoints`, add other
-items). A converted Hugging Face checkpoint is step 0 with only "params".
+items). A converted Hugging Face checkpoint is step 0 with only "params". A training run's
+MODEL_DIR holds its checkpoint directory as `checkpoints/`; loading accepts either.
 
 Parameters may be saved from arrays or from `StreamedArray`s, which are written slab by slab
 through orbax's own tensorstore specs, so a model larger than host memory can be saved; and they
@@ -53,8 +54,19 @@ def load_config(directory: str | Path) -> BloomConfig:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a bloom_jax checkpoint directory (its root "
-            "holds config.json). For a Hugging Face directory use `bloom_jax.convert from_hf`.")
+            "holds config.json) nor a training run's MODEL_DIR (it holds checkpoints/). For a "
+            "Hugging Face directory use `bloom_jax.convert from_hf`.")
     return BloomConfig(**json.loads(path.read_text()))
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory `path` means: `path` itself when it holds config.json, else its
+    checkpoints/ folder when it has one (a training run's MODEL_DIR), else `path` unchanged."""
+    path = Path(path)
+    run_checkpoints = path / "checkpoints"
+    if not (path / CONFIG_FILE).is_file() and run_checkpoints.is_dir():
+        return run_checkpoints
+    return path
 
 
 def abstract_params(config: BloomConfig) -> Any:
@@ -200,7 +212,9 @@ def load_params(
     config: the model the caller expects (defaults to the checkpoint's own); its architecture
     must match the checkpoint's. shardings: a tree of `jax.sharding.Sharding` matching the params,
     to restore each array directly onto its devices (default: the default device).
+    directory: a checkpoint directory or a training run's MODEL_DIR (see `checkpoint_dir`).
     """
+    directory = checkpoint_dir(directory)
     config = checkpoint_config(directory, config)
     target = abstract_params(config)
     if shardings is not None:
@@ -214,7 +228,9 @@ def load_params(
 
 
 def open_params(directory: str | Path) -> tuple[BloomConfig, Any]:
-    """Opens the latest step's "params" as unread `ts.TensorStore`s (index, then `.read()`)."""
+    """Opens the latest step's "params" as unread `ts.TensorStore`s (index, then `.read()`);
+    `directory` as `load_params` takes it."""
+    directory = checkpoint_dir(directory)
     config = load_config(directory)
     target = abstract_params(config)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=ts.TensorStore), target)
