@@ -30,7 +30,8 @@ DATA = "data"
 class CheckpointOptions:
     """When the trainer saves and what it keeps.
 
-    every_steps: save every N steps (and always at the end and on preemption).
+    every_steps: save every N steps (and always a new directory's first save, the end and a
+      preemption).
     keep: the last K checkpoints are kept; keep_every: every M-th step is also kept forever.
     async_save: write in the background while training goes on (errors surface at the next save).
     """
