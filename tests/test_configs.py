@@ -22,13 +22,6 @@ GIN_FILES = sorted(configs.GIN_CONFIGS_DIR.glob("*.gin"))
 RUN_CONFIGS = [path.stem for path in GIN_FILES if path.stem != "base"]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def model_config() -> BloomConfig:
     """The BloomConfig the parsed gin config builds."""
     return configs.BloomConfig()

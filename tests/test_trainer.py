@@ -1,10 +1,7 @@
 """The training loop in this process on the tiny config: a run of skipped steps stops it, and
 INIT_FROM starts it from a converted checkpoint. (The command's processes: test_train.py.)"""
 
-import signal
-
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 import pytest
@@ -12,18 +9,6 @@ import pytest
 from bloom_jax import configs, param_store, trainer
 from bloom_jax.model import BloomForCausalLM
 from tests.test_metrics import read_scalars
-
-
-@pytest.fixture(autouse=True)
-def clean_gin_and_signals():
-    """The loop installs SIGTERM / SIGINT handlers (distributed.initialize): give pytest its own
-    back, and forget the gin config."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    gin.clear_config()
-    yield
-    gin.clear_config()
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
 
 
 def parse_tiny(model_dir, *bindings: str) -> None:

@@ -1,0 +1,18 @@
+"""Fixtures for every test: each starts and ends with an empty gin config and pytest's own
+SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs)."""
+
+import signal
+
+import gin
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def clean_gin_and_signals():
+    """Clears gin before and after the test; puts back the SIGTERM / SIGINT handlers it found."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    gin.clear_config()
+    yield
+    gin.clear_config()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
