@@ -4,7 +4,7 @@
     python -m bloom_jax.convert to_hf --ckpt_dir CKPT --out_dir DIR
 
 `from_hf` reads safetensors or PyTorch `.bin` files (single or sharded with an index; keys with
-or without the `transformer.` prefix) and writes an orbax checkpoint (`bloom_jax.checkpoints`) at
+or without the `transformer.` prefix) and writes an orbax checkpoint (`bloom_jax.param_store`) at
 step 0, one Hugging Face tensor at a time. `to_hf` reads the latest step of a checkpoint (a
 converted one or a trainer's) layer slice by layer slice and writes sharded safetensors plus a
 `config.json` that `transformers.BloomForCausalLM.from_pretrained` loads. Dtypes are kept, so
