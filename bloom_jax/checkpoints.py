@@ -33,7 +33,8 @@ class CheckpointOptions:
     every_steps: save every N steps (and always a new directory's first save, the end and a
       preemption).
     keep: the last K checkpoints are kept; keep_every: every M-th step is also kept forever.
-    async_save: write in the background while training goes on (errors surface at the next save).
+    async_save: write in the background while training goes on (a failure raises at the next
+      save or at close).
     """
 
     every_steps: int = 1000
