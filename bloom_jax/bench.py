@@ -120,7 +120,8 @@ class TorchStep:
     as ours).
     """
 
-    def __init__(self, workload: sharded_step.Workload, host_batch: dict[str, np.ndarray], seed: int):
+    def __init__(self, workload: sharded_step.Workload, host_batch: dict[str, np.ndarray],
+                 seed: int):
         # libgomp's threads spin after each parallel region by default, taking the cores from
         # XLA's step that runs next (torch's step ran 2-25x slower interleaved than alone);
         # waiting passively keeps the alternation fair. Read when torch loads libgomp.

@@ -4,7 +4,7 @@
     python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR
 
 `from_hf` reads safetensors or PyTorch `.bin` files (single or sharded with an index; keys with
-or without the `transformer.` prefix) and writes an orbax checkpoint (`bloom_jax.checkpoints`) at
+or without the `transformer.` prefix) and writes an orbax checkpoint (`bloom_jax.param_store`) at
 step 0, one Hugging Face tensor at a time. `to_hf` reads the latest step of a checkpoint (a
 converted one or a trainer's) layer slice by layer slice and writes sharded safetensors plus a
 `config.json` that `transformers.BloomForCausalLM.from_pretrained` loads. Dtypes are kept, so
@@ -28,7 +28,7 @@ import safetensors.numpy
 import tensorstore as ts
 from absl import app, flags
 
-from bloom_jax import checkpoints, configs
+from bloom_jax import configs, param_store
 from bloom_jax.model import BloomConfig
 
 PREFIX = "transformer."
@@ -240,7 +240,7 @@ def _streamed_params(reader: _HFReader) -> tuple[BloomConfig, dict]:
     Checks every tensor's shape first, from file metadata only; dtypes as each tensor is read.
     """
     config = reader.config()
-    abstract = checkpoints.abstract_params(config)
+    abstract = param_store.abstract_params(config)
     leaves = {}
     for tensor in _tensors(config):
         names = _layer_names(tensor, config)
@@ -262,7 +262,7 @@ def _streamed_params(reader: _HFReader) -> tuple[BloomConfig, dict]:
             return value[None] if tensor.stacked else value
 
         slabs = [functools.partial(slab, name) for name in names]
-        leaves[tensor.path] = checkpoints.StreamedArray(
+        leaves[tensor.path] = param_store.StreamedArray(
             tuple(target.shape), np.dtype(config.param_dtype), slabs)
     return config, _tree_from_paths(leaves)
 
@@ -272,7 +272,7 @@ def load_hf_checkpoint(directory: str | Path) -> tuple[BloomConfig, Any]:
     config, streamed = _streamed_params(_HFReader(directory))
     params = jax.tree.map(
         lambda s: jnp.asarray(np.concatenate([slab() for slab in s.slabs])), streamed,
-        is_leaf=lambda x: isinstance(x, checkpoints.StreamedArray))
+        is_leaf=lambda x: isinstance(x, param_store.StreamedArray))
     return config, params
 
 
@@ -282,7 +282,7 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> BloomConfig:
         raise FileExistsError(f"{out_dir} is not empty; from_hf writes a new checkpoint "
                               "directory: choose another --out_dir or remove this one.")
     config, streamed = _streamed_params(_HFReader(hf_dir))
-    checkpoints.save_params(out_dir, config, streamed, step=0)
+    param_store.save_params(out_dir, config, streamed, step=0)
     return config
 
 
@@ -330,7 +330,7 @@ def save_hf_checkpoint(
 ) -> None:
     """Writes `params` as a Hugging Face BLOOM directory (safetensors shards, index, config.json).
 
-    params: arrays or `ts.TensorStore`s (from `checkpoints.open_params`); a shard of at most
+    params: arrays or `ts.TensorStore`s (from `param_store.open_params`); a shard of at most
     `max_shard_bytes` (or one tensor, if larger) is the most held in memory at once.
     """
     shards: list[list[tuple[str, Callable]]] = [[]]
@@ -361,7 +361,7 @@ def save_hf_checkpoint(
 def to_hf(ckpt_dir: str | Path, out_dir: str | Path,
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> BloomConfig:
     """Converts the latest step of a bloom_jax checkpoint to a Hugging Face directory, streamed."""
-    config, stores = checkpoints.open_params(ckpt_dir)
+    config, stores = param_store.open_params(ckpt_dir)
     save_hf_checkpoint(config, stores, out_dir, max_shard_bytes)
     return config
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bloom_jax import checkpoints, sharded_step
+from bloom_jax import param_store, sharded_step
 from bloom_jax.data import pipeline, vocabularies
 from bloom_jax.model import BloomForCausalLM
 from partitioning import mesh as mesh_lib
@@ -94,9 +94,8 @@ def evaluate_checkpoint(ckpt_dir: str, batch_size: int | None = None) -> Results
                                         sequence_length)
     vocabulary = vocabularies.load_vocabulary()
     vocabularies.check_fits_model(vocabulary, model_config.vocab_size)
-    _, params = checkpoints.load_params(
-        checkpoints.checkpoint_dir(ckpt_dir), model_config,
-        sharded_step.param_shardings(evaluator.model, mesh, rules))
+    _, params = param_store.load_params(
+        ckpt_dir, model_config, sharded_step.param_shardings(evaluator.model, mesh, rules))
     streams = pipeline.validation_streams(vocabulary=vocabulary, batch_size=batch_size,
                                           sequence_length=sequence_length)
     logging.info("Evaluating %s on mesh %s, %d sequences of %d tokens per batch.", ckpt_dir,

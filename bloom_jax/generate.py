@@ -229,14 +229,14 @@ def define_flags() -> None:
 def _load() -> tuple[BloomConfig, Any, Any]:
     """(config, params, vocabulary) from --hf_dir or --ckpt_dir and --vocabulary."""
     # Imported here: they bring in orbax, safetensors and TensorFlow, which generate_ids needs not.
-    from bloom_jax import checkpoints, convert
+    from bloom_jax import convert, param_store
     from bloom_jax.data import vocabularies
 
     if FLAGS.hf_dir:
         config, params = convert.load_hf_checkpoint(FLAGS.hf_dir)
         vocabulary = FLAGS.vocabulary or pathlib.Path(FLAGS.hf_dir) / "tokenizer.json"
     else:
-        config, params = checkpoints.load_params(FLAGS.ckpt_dir)
+        config, params = param_store.load_params(FLAGS.ckpt_dir)
         vocabulary = FLAGS.vocabulary
     vocabulary = vocabularies.load_vocabulary(vocabulary)
     vocabularies.check_fits_model(vocabulary, config.vocab_size)

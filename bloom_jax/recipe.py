@@ -11,14 +11,13 @@ and final learning rates are interpolated log-log in parameters between BLOOM's 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 
 import jax
 import numpy as np
 
-from bloom_jax import checkpoints, optim, step
+from bloom_jax import optim, param_store, step
 from bloom_jax.model import BloomConfig
 
 BLOOM_TRAIN_TOKENS = 220_000_000 * optim.BLOOM_SEQUENCE_LENGTH  # the run BLOOM's schedule planned
@@ -102,7 +101,7 @@ def checkpoint_bytes(config: BloomConfig) -> int:
     hundred bytes of JSON more."""
     state = jax.eval_shape(
         lambda params: step.create_train_state(params, optim.make_optimizer(), seed=0),
-        checkpoints.abstract_params(config))
+        param_store.abstract_params(config))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 

@@ -14,7 +14,7 @@ import pathlib
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from bloom_jax import checkpoints, flops
+from bloom_jax import flops, param_store
 
 TOKENS_TAG = "tokens_seen"
 
@@ -46,7 +46,7 @@ def read_run(model_dir: str | pathlib.Path, task: str = "all") -> Run:
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} is not a directory (give a run's MODEL_DIR).")
-    params = flops.param_count(checkpoints.load_config(model_dir / "checkpoints"))
+    params = flops.param_count(param_store.load_config(model_dir / "checkpoints"))
     reader = event_accumulator.EventAccumulator(str(model_dir), size_guidance={"tensors": 0})
     reader.Reload()
     step, loss = _scalars(model_dir, f"eval/loss/{task}", reader)[-1]

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, sharded_step
+from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, param_store
+from bloom_jax import sharded_step
 from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline, vocabularies
 from partitioning import mesh as mesh_lib
@@ -37,7 +38,8 @@ def stacked_batches(stream: Iterator[dict], micro_steps: int) -> dict[str, np.nd
     return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
 
-def restore_or_init(training: sharded_step.ShardedTraining, checkpointer: checkpoints.TrainCheckpointer,
+def restore_or_init(training: sharded_step.ShardedTraining,
+                    checkpointer: checkpoints.TrainCheckpointer,
                     stream: pipeline.PackedStream, seed: int,
                     init_from: str | None) -> step_lib.TrainState:
     """The latest checkpoint's state (and the stream moved to its data position), else a fresh
@@ -51,7 +53,7 @@ def restore_or_init(training: sharded_step.ShardedTraining, checkpointer: checkp
         return state
     state = training.init_state(seed)
     if init_from:
-        _, params = checkpoints.load_params(init_from, training.model.config,
+        _, params = param_store.load_params(init_from, training.model.config,
                                             training.state_shardings.params)
         state = state.replace(params=params)
         logging.info("Parameters initialized from %s.", init_from)

@@ -1,5 +1,5 @@
-"""State every test starts from: no gin config, and pytest's own signal handlers (the trainer
-installs SIGTERM / SIGINT handlers for preemption)."""
+"""Fixtures for every test: each starts and ends with an empty gin config and pytest's own
+SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs)."""
 
 import signal
 
@@ -9,6 +9,7 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def clean_gin_and_signals():
+    """Clears gin before and after the test; puts back the SIGTERM / SIGINT handlers it found."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     gin.clear_config()
     yield

@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -17,13 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The tiny config at a test-sized workload.
 TINY = ["gin_configs/tiny.gin"]
 SMALL_BATCH = ["BATCH_SIZE = 4", "BatchRampUp.start = 4", "SEQUENCE_LENGTH = 32"]
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def tiny_model_config():
@@ -49,7 +41,7 @@ def test_synthetic_batches_are_packed_like_the_data_stream():
 
 
 @pytest.mark.slow
-def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch(clean_gin):
+def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch():
     """Two steps of the tiny config with recomputation, and torch's step alternating with ours."""
     command = [sys.executable, "-m", "bloom_jax.bench", *(f"--gin_file={f}" for f in TINY),
                "--gin.BATCH_SIZE=4", "--gin.BatchRampUp.start=4", "--gin.SEQUENCE_LENGTH=32",
@@ -77,7 +69,7 @@ def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch(clean_
 
 
 @pytest.mark.slow
-def test_sweep_lists_every_combination_and_those_that_do_not_fit(clean_gin):
+def test_sweep_lists_every_combination_and_those_that_do_not_fit():
     # One device: fsdp=3 leaves no data-parallel size to infer, a MeshError before compiling.
     rows = bench.sweep(TINY, SMALL_BATCH, bench.parse_sweeps(["create_mesh.fsdp=1,3"]),
                        steps=1, warmup_steps=0)

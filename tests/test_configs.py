@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from bloom_jax import checkpoints, configs, flops, sharded_step
+from bloom_jax import configs, flops, param_store, sharded_step
 from bloom_jax import trainer  # noqa: F401  registers every configurable a training config binds
 from bloom_jax.model import BloomConfig
 
@@ -47,7 +47,7 @@ def test_every_released_size_has_a_config():
 def test_released_size_has_the_released_parameter_count(size):
     configs.parse([f"{size}.gin"])
     config = model_config()
-    shapes = checkpoints.abstract_params(config)  # jax.eval_shape: nothing is allocated
+    shapes = param_store.abstract_params(config)  # jax.eval_shape: nothing is allocated
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
     assert count == RELEASED_PARAMS[size]
     assert flops.param_count(config) == count  # the planner's closed form agrees

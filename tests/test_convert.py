@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from bloom_jax import checkpoints, convert
+from bloom_jax import convert, param_store
 from bloom_jax.model import BloomForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_checkpoint_params_equal_hf_and_restore_onto_shardings(tmp_path):
 
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, expected)
-    restored_config, params = checkpoints.load_params(tmp_path / "ckpt", config, shardings)
+    restored_config, params = param_store.load_params(tmp_path / "ckpt", config, shardings)
     assert restored_config == config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, expected)
     assert all(x.sharding == device for x in jax.tree.leaves(params))
@@ -139,7 +139,7 @@ def test_to_hf_reads_the_latest_step_of_a_trainer_checkpoint(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     config, params = convert.load_hf_checkpoint(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    checkpoints.save_params(ckpt, config, jax.tree.map(np.zeros_like, params), step=3)
+    param_store.save_params(ckpt, config, jax.tree.map(np.zeros_like, params), step=3)
     with ocp.CheckpointManager(ckpt) as manager:  # a later step with the trainer's other items
         manager.save(7, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -240,7 +240,7 @@ def test_old_config_key_aliases(hf_dir):
 def test_error_checkpoint_config_differs(hf_dir, tmp_path):
     config = convert.from_hf(hf_dir, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="n_layer: checkpoint 2 vs asked 3"):
-        checkpoints.load_params(tmp_path / "ckpt", dataclasses.replace(config, n_layer=3))
+        param_store.load_params(tmp_path / "ckpt", dataclasses.replace(config, n_layer=3))
 
 
 def test_error_untied_lm_head(hf_dir):
@@ -259,7 +259,7 @@ def test_error_params_do_not_match_config(hf_dir, tmp_path):
     config, params = convert.load_hf_checkpoint(hf_dir)
     params["ln_f"]["scale"] = params["ln_f"]["scale"][:3]
     with pytest.raises(ValueError, match=r"\['ln_f'\]\['scale'\]: expected \(24,\), found \(3,\)"):
-        checkpoints.save_params(tmp_path / "ckpt", config, params)
+        param_store.save_params(tmp_path / "ckpt", config, params)
 
 
 def peak_anonymous_mb(*args):

@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
@@ -32,14 +31,6 @@ def clean_env(monkeypatch):
         if name.startswith(("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORDINATOR",
                             "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")):
             monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def keep_sigterm_handler():
-    """`initialize` takes over SIGTERM; give it back to pytest after each test."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
 
 
 def run_python(snippet: str, **env: str) -> subprocess.CompletedProcess:
@@ -109,11 +100,8 @@ def test_gin_binds_initialize():
     with gin.unlock_config():
         gin.parse_config(["initialize.num_processes = 2", "initialize.process_id = 5",
                           "initialize.coordinator_address = 'h:1'"])
-    try:
-        with pytest.raises(ValueError, match=r"Process id 5 is outside \[0, 2\)"):
-            distributed.initialize()
-    finally:
-        gin.clear_config()
+    with pytest.raises(ValueError, match=r"Process id 5 is outside \[0, 2\)"):
+        distributed.initialize()
 
 
 @pytest.mark.slow

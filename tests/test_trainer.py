@@ -1,29 +1,14 @@
 """The training loop in this process on the tiny config: a run of skipped steps stops it, and
 INIT_FROM starts it from a converted checkpoint. (The command's processes: test_train.py.)"""
 
-import signal
-
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 import pytest
 
-from bloom_jax import checkpoints, configs, sharded_step, trainer
+from bloom_jax import configs, param_store, sharded_step, trainer
 from bloom_jax.model import BloomForCausalLM
 from tests.test_metrics import read_scalars
-
-
-@pytest.fixture(autouse=True)
-def clean_gin_and_signals():
-    """The loop installs SIGTERM / SIGINT handlers (distributed.initialize): give pytest its own
-    back, and forget the gin config."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    gin.clear_config()
-    yield
-    gin.clear_config()
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
 
 
 def parse_tiny(model_dir, *bindings: str) -> None:
@@ -55,11 +40,11 @@ def test_init_from_starts_from_the_converted_parameters(tmp_path):
     config = sharded_step.Workload().model_config
     params = BloomForCausalLM(config).init(jax.random.PRNGKey(7), np.zeros([1, 1], np.int32))
     converted = jax.tree.map(np.asarray, nn.unbox(params["params"]))
-    checkpoints.save_params(tmp_path / "converted", config, converted)
+    param_store.save_params(tmp_path / "converted", config, converted)
 
     state = trainer.train()
     # The first step's learning rate is 0 (warmup starts there): the parameters stay the converted
     # ones, in the state and in the step-1 checkpoint.
-    _, saved = checkpoints.load_params(tmp_path / "run" / "checkpoints", config)
+    _, saved = param_store.load_params(tmp_path / "run" / "checkpoints", config)
     for got in (state.params, saved):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), converted)

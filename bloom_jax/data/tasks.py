@@ -37,7 +37,8 @@ class RootsSource(seqio.FunctionDataSource):
         super().__init__(self._dataset, splits=SPLITS)
 
     def documents(self, split: str) -> Iterator[str]:
-        return documents.language_documents(self.data_dir, self.language, split, self.validation_fraction)
+        return documents.language_documents(self.data_dir, self.language, split,
+                                            self.validation_fraction)
 
     def _dataset(self, split: str, shuffle_files: bool) -> tf.data.Dataset:
         del shuffle_files  # order is fixed here; the packed stream shuffles with its own seed

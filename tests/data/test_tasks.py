@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import seqio
 
-from bloom_jax.data import languages
 from bloom_jax.data import tasks
 from tests.data.helpers import seqio_documents
 from tests.data.helpers import write_jsonl

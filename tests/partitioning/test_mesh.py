@@ -49,11 +49,8 @@ def test_create_mesh_spans_all_devices_with_named_axes():
 
 def test_create_mesh_reads_its_sizes_from_gin():
     gin.parse_config(f"create_mesh.fsdp = {jax.device_count() + 1}")
-    try:
-        with pytest.raises(MeshError, match=f"fsdp={jax.device_count() + 1}"):
-            create_mesh()
-    finally:
-        gin.clear_config()
+    with pytest.raises(MeshError, match=f"fsdp={jax.device_count() + 1}"):
+        create_mesh()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,10 +24,7 @@ def test_overrides_replace_the_rules_of_their_names_only():
 
 def test_overrides_come_from_gin():
     gin.parse_config('logical_axis_rules.overrides = [("mlp", "fsdp")]')
-    try:
-        assert dict(logical_axis_rules())["mlp"] == "fsdp"
-    finally:
-        gin.clear_config()
+    assert dict(logical_axis_rules())["mlp"] == "fsdp"
 
 
 @pytest.mark.parametrize("rule, message", [
