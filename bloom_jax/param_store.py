@@ -30,6 +30,7 @@ from flax import linen as nn
 from orbax.checkpoint import type_handlers
 
 from bloom_jax.model import BloomConfig, BloomForCausalLM
+from partitioning import shardings as shardings_lib
 
 PARAMS = "params"
 CONFIG_FILE = "config.json"
@@ -71,10 +72,8 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 def abstract_params(config: BloomConfig) -> Any:
     """The parameter tree of `config` as `jax.ShapeDtypeStruct`s, computed without allocating."""
-    model = BloomForCausalLM(config)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
-    return nn.unbox(variables["params"])
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return nn.unbox(shardings_lib.abstract_params(BloomForCausalLM(config), ids))
 
 
 @dataclasses.dataclass(frozen=True)

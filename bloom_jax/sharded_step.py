@@ -147,7 +147,7 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     model = model_lib.BloomForCausalLM(workload.model_config)
     optimizer = optim.make_optimizer()
     micro_batch = workload.micro_batch(mesh)
-    boxed_params = abstract_params(model)
+    boxed_params = _abstract_params(model)
     validation.check_mesh(mesh.shape, boxed_params, rules,
                           (micro_batch, workload.sequence_length))
     boxed_state = jax.eval_shape(
@@ -168,7 +168,7 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
                            state_shardings, batch_sharding, MeshFunction(step, mesh, rules))
 
 
-def abstract_params(model: model_lib.BloomForCausalLM) -> Any:
+def _abstract_params(model: model_lib.BloomForCausalLM) -> Any:
     """The model's parameters, boxed with their logical axis names, as shapes only."""
     return shardings_lib.abstract_params(model, jax.ShapeDtypeStruct((1, 1), jnp.int32))
 
@@ -176,7 +176,7 @@ def abstract_params(model: model_lib.BloomForCausalLM) -> Any:
 def param_shardings(model: model_lib.BloomForCausalLM, mesh: jax.sharding.Mesh,
                     rules: rules_lib.Rules) -> Any:
     """Where each parameter lives on `mesh`, as training places it."""
-    return shardings_lib.logical_shardings(abstract_params(model), mesh, rules)
+    return shardings_lib.logical_shardings(_abstract_params(model), mesh, rules)
 
 
 @dataclasses.dataclass(frozen=True)
