@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from bloom_jax import flops, scaling
+from bloom_jax import flops, metrics, scaling
 
 VOCAB_SIZE = 250880  # BLOOM's padded vocabulary (reference facts §2)
 # BLOOM's sizes use 64, 80, 96 and 128; multiples of 64 suit tensor cores. A width that both
@@ -139,10 +139,7 @@ def rank_shapes(budget: float, law: scaling.ParametricLaw, seq_len: int, heads_m
 
 def short(value: float) -> str:
     """A count in three figures: 72248702500 -> '72.2B', 1.33e12 -> '1.33T'."""
-    for threshold, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.3g}{suffix}"
-    return f"{value:.3g}"
+    return metrics.human(value, ".3g", ".3g")
 
 
 def format_laws(budget: float) -> str:

@@ -165,12 +165,20 @@ def run(main: Callable[[list[str]], None],
     app.run(reporting_main, flags_parser=_parse_argv)
 
 
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
 def _parse_argv(argv: list[str]) -> list[str]:
-    """absl's parse of argv (after the --gin.NAME=VALUE rewrite); a bad flag is one line."""
+    """absl's parse of argv (after the --gin.NAME=VALUE rewrite); a bad flag is one line, and a
+    help request exits 0 (absl's exits 1)."""
     try:
         return flags.FLAGS(rewrite_gin_args(argv))
     except flags.Error as error:
         _exit_with_error(f"{error} (--help lists the flags)", EXIT_USAGE)
+    except SystemExit:
+        if any(arg in _HELP_FLAGS for arg in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def _exit_with_error(message: str, code: int) -> None:

@@ -24,21 +24,22 @@ CONSOLE_FIELDS: dict[str, Callable[[float], str]] = {
     "learning_rate": lambda v: f"lr {v:.3e}",
     "grad_norm": lambda v: f"grad_norm {v:.3f}",
     "batch_size": lambda v: f"batch {v:.0f}",
-    "tokens_seen": lambda v: f"tokens {_human(v)}",
+    "tokens_seen": lambda v: f"tokens {human(v)}",
     "step_time_s": lambda v: f"{v:.2f} s/step",
-    "tokens_per_s": lambda v: f"{_human(v)} tokens/s",
+    "tokens_per_s": lambda v: f"{human(v)} tokens/s",
     "tflops_per_device": lambda v: f"{v:.1f} TFLOP/s/device",
     "mfu": lambda v: f"MFU {100 * v:.1f}%",
     "skipped_steps": lambda v: f"skipped {v:.0f}",
 }
 
 
-def _human(value: float) -> str:
-    """1234 -> '1.2k', 20_200_000_000 -> '20.2B'."""
+def human(value: float, scaled: str = ".1f", unscaled: str = ".0f") -> str:
+    """A count with a k/M/B/T suffix: 1234 -> '1.2k', 20_200_000_000 -> '20.2B'; `scaled` and
+    `unscaled` format the number with and without a suffix (".3g": three figures)."""
     for threshold, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= threshold:
-            return f"{value / threshold:.1f}{suffix}"
-    return f"{value:.0f}"
+            return f"{value / threshold:{scaled}}{suffix}"
+    return f"{value:{unscaled}}"
 
 
 def format_duration(seconds: float) -> str:

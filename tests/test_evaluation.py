@@ -137,13 +137,6 @@ def test_no_validation_documents_is_a_clear_error(params, mesh):
         run_evaluate(params, {}, mesh)
 
 
-def test_eval_batch_size_the_mesh_does_not_divide_is_a_clear_error():
-    mesh = jax.sharding.AbstractMesh((2, 2, 2), mesh_lib.MESH_AXES)
-    sharded_step.shard_eval(MODEL, mesh, RULES, 8, 32)
-    with pytest.raises(mesh_lib.MeshError, match=r"6 sequences.*data=2 x fsdp=2.*--batch_size"):
-        sharded_step.shard_eval(MODEL, mesh, RULES, 6, 32)
-
-
 def test_table_has_a_line_per_task_and_the_blend():
     figures = evaluation.summarize(loss_sum=20.0, tokens=10, num_bytes=40)
     table = evaluation.format_table({"roots_en": figures, evaluation.ALL: figures})

@@ -198,7 +198,7 @@ def test_cli_continues_prompts_as_hugging_face_does(source, tmp_path):
 @pytest.mark.slow
 def test_cli_help_and_bad_flags():
     helped = run_cli("--help")
-    assert "--top_p" in helped.stdout and "Traceback" not in helped.stderr
+    assert helped.returncode == 0 and "--top_p" in helped.stdout
     done = run_cli("--prompt=hello")  # neither --ckpt_dir nor --hf_dir
     assert done.returncode == configs.EXIT_USAGE
     assert done.stderr.strip().splitlines()[-1].startswith(
