@@ -242,6 +242,6 @@ def test_no_gin_file_names_the_fix(compile_cache):
     result = subprocess.run([sys.executable, "-m", "bloom_jax.train"], cwd=REPO,
                             env=_env(compile_cache, 1), capture_output=True, text=True,
                             timeout=TIMEOUT_S)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a usage error
     assert "No --gin_file given" in result.stderr and "--gin_file=gin_configs/tiny.gin" in (
         result.stderr)
