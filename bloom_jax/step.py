@@ -2,8 +2,9 @@
 
 A train step consumes one global batch split into micro-batches ([micro_batches, micro_batch,
 length] per feature), accumulates float32 gradients over them, and applies one optimizer update,
-unless the step's loss or gradient is not finite (or spikes, when a spike rule is set): then the
-update is skipped and counted, as BLOOM's operators did by hand with `--skip-train-iteration-range`.
+unless the step's loss or gradient is not finite, or the update would make a parameter non-finite
+(or the loss spikes, when a spike rule is set): then the update is skipped and counted, as
+BLOOM's operators did by hand with `--skip-train-iteration-range`.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SkipPolicy:
-    """When an update is skipped: always on a non-finite loss or gradient norm; also when the loss
-    exceeds `spike_factor` times its moving average (None: no spike rule). The loop stops the run
-    after `max_consecutive` skips in a row."""
+    """When an update is skipped: always on a non-finite loss, gradient norm or updated parameter;
+    also when the loss exceeds `spike_factor` times its moving average (None: no spike rule).
+    The loop stops the run after `max_consecutive` skips in a row."""
 
     spike_factor: float | None = None
     ema_decay: float = 0.99
@@ -114,7 +115,11 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, model:
                                           consumed_tokens=consumed_tokens)
     params = optax.apply_updates(state.params, updates)
 
-    apply = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # An update that would make a parameter non-finite (an infinite learning rate, an overflow
+    # in Adam) is skipped like a non-finite loss, so no non-finite parameter is ever kept.
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                       for p in jax.tree_util.tree_leaves(params)]))
+    apply = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     if skip_policy.spike_factor is not None:
         spiking = (state.loss_ema > 0) & (loss > skip_policy.spike_factor * state.loss_ema)
         apply = apply & ~spiking

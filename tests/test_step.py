@@ -116,3 +116,13 @@ def test_eval_step_is_the_training_loss():
     loss_sum, weights = step_lib.eval_step(BloomForCausalLM(CONFIG), state.params, batch)
     np.testing.assert_allclose(loss_sum / weights, metrics["loss"], rtol=1e-6)
     assert weights == 3 * LENGTH
+
+
+def test_an_update_that_makes_a_parameter_non_finite_is_skipped():
+    infinite_lr = optim.make_optimizer(lambda tokens: jnp.float32(np.inf))
+    step = jax.jit(step_lib.make_train_step(BloomForCausalLM(CONFIG), infinite_lr))
+    state = fresh_state().replace(opt_state=infinite_lr.init(fresh_state().params))
+    new, metrics = step(state, micro_batched(make_batch(2), 1), 2)
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])  # the case
+    assert metrics["skipped"] == 1 and int(new.skipped_steps) == 1
+    assert_trees_close(new.params, state.params, rtol=0, atol=0)
