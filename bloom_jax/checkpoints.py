@@ -1,20 +1,31 @@
-"""The trainer's checkpoints: the whole train state and the data position, saved asynchronously.
+"""The trainer's checkpoints: the whole train state and the data position, saved asynchronously
+and verified when restored.
 
 A run's checkpoint directory (MODEL_DIR/checkpoints) is a parameter store directory
 (`bloom_jax.param_store`: config.json, item "params" per step) whose steps also hold the
-optimizer state, the counters and the input pipeline's position.
+optimizer state, the counters, the input pipeline's position and the digests of all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as policies
 
 from bloom_jax import param_store
 from bloom_jax.model import BloomConfig
@@ -23,6 +34,17 @@ from bloom_jax.param_store import PARAMS
 OPT_STATE = "opt_state"
 TRAIN_STATE = "train_state"
 DATA = "data"
+DIGESTS = "digests"
+LOCK_FILE = ".lock"
+REFUSED_SUFFIX = ".corrupt"  # a refused step's directory, renamed aside: orbax ignores it
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step whose contents are unreadable or differ from what was saved."""
+
+
+class SaveFailed(OSError):
+    """A checkpoint could not be written (disk full, permissions, ...)."""
 
 
 @gin.configurable
@@ -32,9 +54,10 @@ class CheckpointOptions:
 
     every_steps: save every N steps (and always a new directory's first save, the end and a
       preemption).
-    keep: the last K checkpoints are kept; keep_every: every M-th step is also kept forever.
+    keep: the last K checkpoints are kept; keep_every: every M-th step is also kept forever;
+      the step a run resumed from (verified) is kept while the run lasts.
     async_save: write in the background while training goes on (a failure raises at the next
-      save or at close).
+      step's `check`, at the next save or at close).
     """
 
     every_steps: int = 1000
@@ -43,14 +66,76 @@ class CheckpointOptions:
     async_save: bool = True
 
 
+def _checksum(x: jax.Array) -> jax.Array:
+    """[2] uint32: the sum of `x`'s bit patterns and their sum weighted by odd position numbers.
+
+    Any one flipped bit, and any swap of two different elements, changes it. Integer sums
+    wrap, so the result does not depend on the sharding or the reduction order.
+    """
+    width = jnp.dtype(x.dtype).itemsize * 8
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}")).astype(jnp.uint32)
+    position = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * stride
+        stride *= x.shape[axis]
+    return jnp.stack([jnp.sum(bits), jnp.sum(bits * (2 * position + 1))])
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def digests(items: dict[str, Any], data_state: dict) -> dict[str, str]:
+    """{"<item><path>": hex digest} of every array of `items` and of the data position."""
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(_checksums(items)))[0]
+    found = {jax.tree_util.keystr(path): np.asarray(sums).astype(">u4").tobytes().hex()
+             for path, sums in flat}
+    data = json.dumps(data_state, sort_keys=True).encode()
+    return {**found, f"['{DATA}']": hashlib.sha256(data).hexdigest()}
+
+
+@dataclasses.dataclass
+class _KeepStep(policies.PreservationPolicy):
+    """Preserves one step (None: none): the verified step a run resumed from."""
+
+    step: int | None = None
+
+    def should_preserve(self, checkpoints, *, context):
+        del context
+        return [info.step == self.step for info in checkpoints]
+
+
+def _lock(directory: Path) -> Any:
+    """Holds `directory`/.lock for the life of the process; refuses a directory a live trainer
+    holds. (flock is released by the kernel when its holder exits, killed or not.)"""
+    lock = open(directory / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise OSError(f"{directory} is in use by another trainer ({holder} holds "
+                      f"{directory / LOCK_FILE}); wait for it to finish, or choose another "
+                      "MODEL_DIR.") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    lock.flush()
+    return lock
+
+
 class TrainCheckpointer:
     """Saves and restores `TrainState` + data position under a run's checkpoint directory.
 
     Each step directory holds the items "params", "opt_state", "train_state" (step, counters,
-    RNG) and "data" (the input pipeline's JSON state). Every process writes only its own shards;
-    orbax commits a step by renaming its temporary directory, so a crash mid-save never leaves a
-    half-written checkpoint as the latest one. Restoring onto other shardings (another mesh or
-    device count) reshards.
+    RNG), "data" (the input pipeline's JSON state) and "digests" (a checksum of every array and
+    of the data state, taken from the saved state in memory). A restore recomputes the checksums
+    of what orbax read back and refuses a step that differs or cannot be read, naming it; the
+    newest step that verifies is restored instead and refused steps are renamed `<step>.corrupt`.
+    Every process writes only its own shards; orbax commits a step by renaming its temporary
+    directory, so a crash mid-save never leaves a half-written checkpoint as the latest one.
+    Restoring onto other shardings (another mesh or device count) reshards. Process 0 holds a
+    lock on the directory, so a second trainer on the same MODEL_DIR is refused.
     """
 
     def __init__(self, directory: str | Path, config: BloomConfig,
@@ -62,56 +147,133 @@ class TrainCheckpointer:
                                           "it was saved with, or choose another MODEL_DIR")
         elif jax.process_index() == 0:
             param_store.save_config(self.directory, config)
+        self._lock = _lock(self.directory) if jax.process_index() == 0 else None
+        self._verified = _KeepStep()
+        keep = [policies.LatestN(options.keep), self._verified]
+        if options.keep_every:
+            keep.append(policies.EveryNSteps(options.keep_every))
         self._manager = ocp.CheckpointManager(
             self.directory,
-            item_names=(PARAMS, OPT_STATE, TRAIN_STATE, DATA),
+            item_names=(PARAMS, OPT_STATE, TRAIN_STATE, DATA, DIGESTS),
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=options.every_steps,
-                max_to_keep=options.keep,
-                keep_period=options.keep_every,
+                preservation_policy=policies.AnyPreservationPolicy(keep),
                 enable_async_checkpointing=options.async_save,
             ),
         )
+        self._saving: int | None = None  # the step of the save last started
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, state: Any, data_state: dict, *, force: bool = False) -> bool:
-        """Saves at `state.step` when due (or `force`); returns whether a save was started."""
+        """Saves at `state.step` when due (or `force`); returns whether a save was started.
+        Raises `SaveFailed` if this save, or the one before it, failed."""
         step = int(state.step)
-        counters = {name: getattr(state, name) for name in _COUNTERS}
-        saved = self._manager.save(step, force=force, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(state.params),
-            OPT_STATE: ocp.args.StandardSave(state.opt_state),
-            TRAIN_STATE: ocp.args.StandardSave(counters),
-            DATA: ocp.args.JsonSave(data_state),
-        }))
-        if saved:
-            logging.info("Saving checkpoint of step %d to %s.", step, self.directory)
+        items = {PARAMS: state.params, OPT_STATE: state.opt_state,
+                 TRAIN_STATE: {name: getattr(state, name) for name in _COUNTERS}}
+        if not (force or self._manager.should_save(step)):
+            return False
+        with self._reporting_failures():
+            saved = self._manager.save(step, force=force, args=ocp.args.Composite(
+                **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
+                **{DATA: ocp.args.JsonSave(data_state),
+                   DIGESTS: ocp.args.JsonSave(digests(items, data_state))}))
+            self._saving = step
+            if saved:
+                logging.info("Saving checkpoint of step %d to %s.", step, self.directory)
         return saved
 
+    def check(self) -> None:
+        """Raises `SaveFailed` if a background save has failed (cheap: call it every step)."""
+        with self._reporting_failures():
+            self._manager.check_for_errors()
+
     def restore(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The latest (state, data_state), placed as `abstract_state`'s shardings say; None if
-        there is no checkpoint yet."""
-        step = self.latest_step()
-        if step is None:
-            return None
+        """The newest verified (state, data_state), placed as `abstract_state`'s shardings say;
+        None if there is no checkpoint yet. Raises `CorruptCheckpoint` if none verifies."""
+        refused = []
+        for step in reversed(self._manager.all_steps()):
+            try:
+                restored = self._restore_verified(step, abstract_state)
+            except CorruptCheckpoint as error:
+                logging.error("error: %s", error)
+                refused.append(step)
+                continue
+            if refused:
+                logging.warning("Falling back to step %d, the newest checkpoint that verifies; "
+                                "refused: %s.", step, _set_aside(self.directory, refused))
+                self._manager.reload()
+            self._verified.step = step
+            return restored
+        left_aside = sorted(self.directory.glob(f"*{REFUSED_SUFFIX}"))
+        if refused or left_aside:
+            names = _set_aside(self.directory, refused) if refused else left_aside
+            raise CorruptCheckpoint(
+                f"No checkpoint in {self.directory} verifies (refused: {names}); restore them "
+                "from a backup, or delete them (or choose another MODEL_DIR) to start afresh.")
+        return None
+
+    def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         counters = {name: getattr(abstract_state, name) for name in _COUNTERS}
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(abstract_state.params),
-            OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
-            TRAIN_STATE: ocp.args.StandardRestore(counters),
-            DATA: ocp.args.JsonRestore(),
-        }))
+        targets = {PARAMS: abstract_state.params, OPT_STATE: abstract_state.opt_state,
+                   TRAIN_STATE: counters}
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()},
+                **{DATA: ocp.args.JsonRestore(), DIGESTS: ocp.args.JsonRestore()}))
+        except Exception as error:  # orbax and tensorstore raise many kinds on damaged files
+            raise CorruptCheckpoint(f"checkpoint step {step} in {self.directory} cannot be read "
+                                    f"({type(error).__name__}: {error})") from error
+        found = digests({name: restored[name] for name in targets}, restored[DATA])
+        saved = restored[DIGESTS]
+        if not isinstance(saved, dict):
+            raise CorruptCheckpoint(f"checkpoint step {step} in {self.directory}: its digests "
+                                    "file is damaged")
+        wrong = [name for name in found if saved.get(name) != found[name]]
+        if wrong:
+            raise CorruptCheckpoint(
+                f"checkpoint step {step} in {self.directory} fails verification: "
+                f"{', '.join(wrong[:5])}{' and more' if len(wrong) > 5 else ''} differ from "
+                "what was saved")
         state = abstract_state.replace(params=restored[PARAMS], opt_state=restored[OPT_STATE],
                                        **restored[TRAIN_STATE])
         return state, restored[DATA]
 
     def close(self) -> None:
-        """Waits for a background save to finish; raises its error if it failed."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Waits for a background save to finish; raises `SaveFailed` if it failed. After a
+        failure it returns at once: orbax's threads of the failed save may never finish."""
+        if self._failed:
+            return
+        with self._reporting_failures():
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
         self._manager.close()
+        if self._lock is not None:
+            self._lock.close()
+
+    @contextlib.contextmanager
+    def _reporting_failures(self) -> Iterator[None]:
+        """Turns an orbax error into `SaveFailed`, naming the step whose save failed."""
+        try:
+            yield
+        except Exception as error:
+            self._failed = True
+            raise SaveFailed(f"saving the checkpoint of step {self._saving} to {self.directory} "
+                             f"failed ({type(error).__name__}: {error}); free space or fix the "
+                             "permissions, then run again to resume from the last checkpoint"
+                             ) from error
+
+
+def _set_aside(directory: Path, steps: list[int]) -> list[str]:
+    """Renames refused step directories to `<step>.corrupt` (process 0; all wait for it)."""
+    names = [f"{step}{REFUSED_SUFFIX}" for step in steps]
+    if jax.process_index() == 0:
+        for step, name in zip(steps, names):
+            (directory / str(step)).rename(directory / name)
+    multihost_utils.sync_global_devices("bloom_jax checkpoints set aside")
+    return names
 
 
 _COUNTERS = ("step", "consumed_samples", "skipped_steps", "loss_ema", "rng")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import logging as py_logging
+import os
 import pathlib
 import re
 import sys
@@ -134,14 +135,16 @@ def error_line(error: Exception) -> str:
 
 def run(main: Callable[[list[str]], None],
         reported: tuple[type[Exception], ...] = REPORTED_ERRORS,
-        exit_codes: Mapping[type[Exception], int] | None = None, gin_flags: bool = True) -> None:
+        exit_codes: Mapping[type[Exception], int] | None = None, gin_flags: bool = True,
+        abandoning_threads: tuple[type[Exception], ...] = ()) -> None:
     """Runs a command's `main` under absl with the gin flags (and their --gin.NAME=VALUE form)
     defined and the libraries' INFO chatter filtered from the console.
 
     A `reported` error ends the command with one line `error: ...` on stderr and exit status 1,
     or the status `exit_codes` gives its class (--verbose: the traceback); a bad flag or
     argument is one such line too, with status 2. gin_flags: False for the commands that read
-    no gin config (convert, generate).
+    no gin config (convert, generate). abandoning_threads: reported errors after which the
+    process exits at once, without joining threads that may never end (a failed orbax save's).
     """
     if gin_flags:
         define_flags()
@@ -160,7 +163,8 @@ def run(main: Callable[[list[str]], None],
                 raise
             _exit_with_error(f"{error_line(error)} (--verbose shows the traceback)",
                              next((code for kind, code in exit_codes.items()
-                                   if isinstance(error, kind)), 1))
+                                   if isinstance(error, kind)), 1),
+                             at_once=isinstance(error, abandoning_threads))
 
     app.run(reporting_main, flags_parser=_parse_argv)
 
@@ -181,8 +185,12 @@ def _parse_argv(argv: list[str]) -> list[str]:
         raise
 
 
-def _exit_with_error(message: str, code: int) -> None:
+def _exit_with_error(message: str, code: int, at_once: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr)
+    if at_once:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -57,7 +57,12 @@ def load_config(directory: str | Path) -> BloomConfig:
             f"{path} not found: {directory} is not a bloom_jax checkpoint directory (its root "
             "holds config.json) nor a training run's MODEL_DIR (it holds checkpoints/). For a "
             "Hugging Face directory use `bloom_jax.convert from_hf`.")
-    return BloomConfig(**json.loads(path.read_text()))
+    try:
+        return BloomConfig(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:  # not JSON, not UTF-8, or not BloomConfig's fields
+        raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); restore it from "
+                         "a copy (it holds the model's BloomConfig) or choose another "
+                         "checkpoint.") from None
 
 
 def checkpoint_dir(path: str | Path) -> Path:

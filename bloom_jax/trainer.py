@@ -154,6 +154,7 @@ def train(
                 results = evaluation.evaluate(evaluator, state.params, eval_streams)
                 logger.write_scalars(step, evaluation.eval_scalars(results))
             logger.progress(step)
+            checkpointer.check()  # a failed background save stops the run now, naming its step
             preempted = distributed.reached_preemption(step)
             checkpointer.save(state, stream.get_state(),
                               force=preempted or step == train_steps)

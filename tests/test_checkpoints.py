@@ -1,8 +1,11 @@
 """The trainer's checkpointer on a tiny model: what it keeps, what it restores, how a failed
-background save is reported, and its refusal of another model size."""
+background save is reported, its refusal of damaged steps, of a second trainer and of another
+model size."""
 
 import dataclasses
 import functools
+import os
+import re
 
 import flax.linen as nn
 import jax
@@ -66,11 +69,9 @@ def test_restore_returns_the_saved_state_and_data_position(tmp_path):
     checkpointer.save(state, DATA_STATE, force=True)
     checkpointer.close()
 
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     reopened = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
     assert reopened.latest_step() == 7
-    restored, data_state = reopened.restore(abstract)
+    restored, data_state = reopened.restore(abstract(state))
     reopened.close()
     assert data_state == DATA_STATE
     assert jax.tree.structure(restored) == jax.tree.structure(state)
@@ -114,3 +115,92 @@ def test_refuses_a_directory_saved_for_another_model_size(tmp_path):
                                          r"with the gin config it was saved with"):
         checkpoints.TrainCheckpointer(tmp_path, bigger)
     assert param_store.load_config(tmp_path) == CONFIG  # left as it was
+
+
+def abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+def saved_steps(directory, steps, keep=10):
+    """A checkpoint directory holding `steps`, each a state that differs from the others."""
+    checkpointer = checkpoints.TrainCheckpointer(
+        directory, CONFIG, checkpoints.CheckpointOptions(every_steps=1, keep=keep))
+    for step in steps:
+        state = at_step(step)
+        checkpointer.save(state.replace(params=jax.tree.map(lambda p: p + step, state.params)),
+                          {**DATA_STATE, "step": step}, force=True)
+    checkpointer.close()
+
+
+def largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def flip_bytes(path, count=64):
+    data = bytearray(path.read_bytes())
+    for k in range(count):
+        data[len(data) // 3 + k] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def corrupt_json(path):
+    path.write_text('{"step": 9, "rows_dr')
+
+
+@pytest.mark.parametrize("damage, item, refusal", [
+    (flip_bytes, "params", r"(fails verification: \['params'\]|cannot be read)"),
+    (truncate, "params", "cannot be read"),
+    (flip_bytes, "opt_state", r"(fails verification: \['opt_state'\]|cannot be read)"),
+    (corrupt_json, "data/metadata", "cannot be read"),
+])
+def test_a_damaged_step_is_refused_by_name_and_the_previous_one_restored(
+        tmp_path, caplog, damage, item, refusal):
+    saved_steps(tmp_path, [3, 6])
+    target = tmp_path / "6" / item
+    damage(largest_file(target) if target.is_dir() else target)
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    restored, data_state = checkpointer.restore(abstract(at_step(0)))
+    checkpointer.close()
+    assert int(restored.step) == 3 and data_state["step"] == 3
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                 jax.tree.map(lambda p: np.asarray(p) + 3, at_step(3).params))
+    (error,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error: ")]
+    assert re.search(rf"checkpoint step 6 in {tmp_path} {refusal}", error), error
+    assert "Falling back to step 3, the newest checkpoint that verifies" in caplog.text
+    assert step_dirs(tmp_path) == {"3", "6.corrupt"}  # set aside, not deleted
+
+
+def test_no_step_that_verifies_is_an_error_naming_them(tmp_path):
+    saved_steps(tmp_path, [3])
+    flip_bytes(largest_file(tmp_path / "3" / "params"))
+    for refusal in (r"No checkpoint in .* verifies \(refused: \['3.corrupt'\]\)",
+                    "3.corrupt"):  # and again once it is set aside: not a fresh start
+        checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+        with pytest.raises(checkpoints.CorruptCheckpoint, match=refusal):
+            checkpointer.restore(abstract(at_step(0)))
+        checkpointer.close()
+
+
+def test_retention_keeps_the_verified_step_the_run_resumed_from(tmp_path):
+    saved_steps(tmp_path, [3])
+    options = checkpoints.CheckpointOptions(every_steps=1, keep=1)
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG, options)
+    checkpointer.restore(abstract(at_step(0)))
+    for step in (4, 5, 6):
+        checkpointer.save(at_step(step), DATA_STATE)
+    checkpointer.close()
+    assert step_dirs(tmp_path) == {"3", "6"}
+
+
+def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path):
+    first = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    with pytest.raises(OSError, match=rf"{tmp_path} is in use by another trainer \(pid "
+                                      rf"{os.getpid()} on .* holds .*\.lock\)"):
+        checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    first.close()
+    checkpoints.TrainCheckpointer(tmp_path, CONFIG).close()  # free again once the first closed
