@@ -141,7 +141,7 @@ def initialize(
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout_s: int = 300,
-    heartbeat_timeout_s: int = 100,
+    heartbeat_timeout_s: int = 50,  # a hung host is declared dead within a minute
     shutdown_timeout_s: int = 60,
     cpu_collectives: str = "gloo",
 ) -> ProcessGroup:

@@ -51,6 +51,9 @@ class Workload:
     micro_batch_size: int | None = None
     batch_ramp: optim.BatchRampUp = dataclasses.field(default_factory=optim.BatchRampUp)
 
+    def __post_init__(self):
+        check_positive_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
+
     @property
     def batch_size(self) -> int:
         """Global sequences per optimizer step once the ramp is over."""
@@ -65,6 +68,13 @@ class Workload:
         if self.micro_batch_size is None:
             return self.batch_size
         return self.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_positive_int(macro: str, value: object, example: str) -> None:
+    """Raises a ValueError naming the gin macro unless `value` is an integer above 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{macro} = {value!r} is not a positive integer; set it to one, e.g. "
+                         f"--gin.{macro}={example}.")
 
 
 def micro_steps(batch_size: int, micro_batch: int) -> int:

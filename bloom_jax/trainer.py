@@ -86,6 +86,7 @@ def train(
     if model_dir is None:
         raise ValueError("MODEL_DIR is not set: pass --gin.MODEL_DIR=/path/to/run (checkpoints, "
                          "TensorBoard events and the operative config are written there).")
+    sharded_step.check_positive_int("TRAIN_STEPS", train_steps, "1000")
     model_dir = pathlib.Path(model_dir).absolute()
     skip_policy = skip_policy or step_lib.SkipPolicy()
     distributed.initialize()

@@ -219,6 +219,8 @@ def _file_digests(directory: pathlib.Path) -> dict[str, str]:
                                  "'trainsteps'"),
     ("--gin.BloomConfig.n_layer=3", "saved for another model (n_layer: checkpoint 2 vs asked 3); "
                                     "train with the gin config it was saved with"),
+    ("--gin.TRAIN_STEPS='abc'", "TRAIN_STEPS = 'abc' is not a positive integer; set it to one"),
+    ("--gin.SEQUENCE_LENGTH=0", "SEQUENCE_LENGTH = 0 is not a positive integer; set it to one"),
 ])
 def test_bad_input_ends_with_one_line_and_leaves_model_dir_intact(compile_cache, reference,
                                                                   tmp_path, binding, message):
@@ -245,3 +247,52 @@ def test_no_gin_file_names_the_fix(compile_cache):
     assert result.returncode == 2  # a usage error
     assert "No --gin_file given" in result.stderr and "--gin_file=gin_configs/tiny.gin" in (
         result.stderr)
+
+
+def test_a_damaged_latest_checkpoint_is_refused_and_the_run_resumes_from_the_one_before(
+        compile_cache, reference, tmp_path):
+    model_dir = shutil.copytree(reference, tmp_path / "run")
+    params = model_dir / "checkpoints" / str(TRAIN_STEPS) / "params"
+    data_file = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:][:64])
+    data_file.write_bytes(bytes(data))
+
+    before = set(model_dir.glob("events.out.tfevents.*"))
+    resumed = ok(train(compile_cache, model_dir))
+    assert re.search(rf"error: checkpoint step {TRAIN_STEPS} in \S+ (fails verification: "
+                     r"\['params'\]|cannot be read)", resumed.stderr), resumed.stderr
+    assert f"Falling back to step {EVERY}, the newest checkpoint that verifies" in resumed.stderr
+    expected = event_losses(reference)
+    assert event_losses(new_event_file(model_dir, before)) == {
+        s: expected[s] for s in range(EVERY + 1, TRAIN_STEPS + 1)}
+    assert (model_dir / "checkpoints" / f"{TRAIN_STEPS}.corrupt").is_dir()  # kept aside
+
+
+def test_a_failed_save_ends_the_run_at_once_naming_its_step(compile_cache, tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "tests/faults/disk_full.py", *_command(tmp_path, 1000, ())[3:]],
+        cwd=REPO, env=_env(compile_cache, 1), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 1
+    last_line = result.stderr.rstrip("\n").splitlines()[-1]
+    assert last_line.startswith("error: saving the checkpoint of step 1 to "), result.stderr
+    assert "No space left on device" in last_line
+    assert max(console_losses(result.stderr)) <= EVERY  # stopped before the next save was due
+    assert time.monotonic() - started < TIMEOUT_S / 2
+    assert checkpoint_steps(tmp_path) == []
+
+
+def test_a_second_trainer_on_one_model_dir_is_refused(compile_cache, tmp_path):
+    log = tmp_path / "first.log"
+    first = start_train(compile_cache, tmp_path, log, train_steps=1000)
+    try:
+        wait_for(lambda: "step 1/1000 |" in log.read_text(), first, "step 1")
+        second = train(compile_cache, tmp_path, train_steps=1000)
+    finally:
+        first.kill()
+        first.wait()
+    last_line = second.stderr.rstrip("\n").splitlines()[-1]
+    assert second.returncode == 1
+    assert re.match(rf"error: {tmp_path}/checkpoints is in use by another trainer \(pid "
+                    rf"{first.pid} ", last_line), second.stderr
