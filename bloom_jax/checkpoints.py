@@ -175,12 +175,15 @@ class TrainCheckpointer:
                  TRAIN_STATE: {name: getattr(state, name) for name in _COUNTERS}}
         if not (force or self._manager.should_save(step)):
             return False
+        with self._reporting_failures():  # the previous save's failure, named as its own
+            self._manager.wait_until_finished()  # (orbax's save waits for it too)
+            self._manager.check_for_errors()
+        self._saving = step
         with self._reporting_failures():
             saved = self._manager.save(step, force=force, args=ocp.args.Composite(
                 **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
                 **{DATA: ocp.args.JsonSave(data_state),
                    DIGESTS: ocp.args.JsonSave(digests(items, data_state))}))
-            self._saving = step
             if saved:
                 logging.info("Saving checkpoint of step %d to %s.", step, self.directory)
         return saved
