@@ -141,11 +141,14 @@ class Engine:
         if token == self.vocabulary.eos_id:
             return self._end(job, self._text(job), "stop")
         job.new_ids.append(token)
+        last = len(job.new_ids) == job.request.max_tokens
+        if not (last or job.request.stream or job.request.stops):
+            return None  # nothing to send or check before the end: decode once, then
         text = self._text(job)
         stops = [i for i in (text.find(s) for s in job.request.stops) if i >= 0]
         if stops:
             return self._end(job, text[:min(stops)], "stop")
-        if len(job.new_ids) == job.request.max_tokens:
+        if last:
             return self._end(job, text, "length")
         # Hold back what a stop string could still claim, and a character cut mid-way.
         held = max((len(s) - 1 for s in job.request.stops), default=0)
