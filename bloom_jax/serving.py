@@ -115,9 +115,10 @@ class Engine:
         """Decodes a batch, shapes rounded up to powers of two so that few programs compile."""
         rows = _power_of_two(len(batch))
         jobs = batch + [batch[0]] * (rows - len(batch))  # copies, decoded and dropped
-        ids, mask = decoding.left_pad([job.prompt_ids for job in jobs], self.vocabulary.pad_id)
+        pad = self.vocabulary.pad_id
+        ids, mask = decoding.left_pad([job.prompt_ids for job in jobs], pad)
         width = _power_of_two(ids.shape[1])
-        ids = np.pad(ids, ((0, 0), (width - ids.shape[1], 0)), constant_values=self.vocabulary.pad_id)
+        ids = np.pad(ids, ((0, 0), (width - ids.shape[1], 0)), constant_values=pad)
         mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
         limits = decoding.Limits(_power_of_two(max(job.request.max_tokens for job in batch)),
                                  self.vocabulary.eos_id, self.vocabulary.pad_id)
@@ -143,7 +144,7 @@ class Engine:
         job.new_ids.append(token)
         last = len(job.new_ids) == job.request.max_tokens
         if not (last or job.request.stream or job.request.stops):
-            return None  # nothing to send or check before the end: decode once, then
+            return None  # nothing to send or check before the end: the text is decoded then
         text = self._text(job)
         stops = [i for i in (text.find(s) for s in job.request.stops) if i >= 0]
         if stops:
