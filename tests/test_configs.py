@@ -17,8 +17,8 @@ from bloom_jax import trainer  # noqa: F401  registers every configurable a trai
 from bloom_jax.model import BloomConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "evaluate", "plan", "bench", "convert", "generate", "data.inspect",
-            "data.bench", "data.tokenizer"]
+COMMANDS = ["train", "evaluate", "plan", "bench", "convert", "generate", "serve", "serve_bench",
+            "data.inspect", "data.bench", "data.tokenizer"]
 
 # The released models' parameter counts (model cards of bigscience/bloom-560m ... bloom on the
 # Hugging Face Hub).
