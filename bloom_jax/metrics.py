@@ -4,7 +4,8 @@ Only the primary process (process 0) writes; the others hold a logger that does 
 loop calls it unconditionally. Console lines know the trainer's keys and print them with units:
 
     step 12695/95000 | loss 2.3456 | lr 6.000e-05 | grad_norm 0.412 | batch 2048 | tokens 20.2B |
-    105.22 s/step | 39.9k tokens/s | 149.0 TFLOP/s/device | MFU 47.8% | skipped 0
+    105.22 s/step | 39.9k tokens/s | 111.8 TFLOP/s/device | MFU 35.8% | HFU 47.6% |
+    skipped 0
 
 Any other key (e.g. `eval/loss/fr`) follows, in name order.
 """
@@ -29,6 +30,7 @@ CONSOLE_FIELDS: dict[str, Callable[[float], str]] = {
     "tokens_per_s": lambda v: f"{human(v)} tokens/s",
     "tflops_per_device": lambda v: f"{v:.1f} TFLOP/s/device",
     "mfu": lambda v: f"MFU {100 * v:.1f}%",
+    "hfu": lambda v: f"HFU {100 * v:.1f}%",
     "skipped_steps": lambda v: f"skipped {v:.0f}",
 }
 

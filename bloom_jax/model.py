@@ -69,11 +69,6 @@ class BloomConfig:
         return self.hidden_size // self.n_head
 
     @property
-    def recompute(self) -> bool:
-        """Whether the backward pass recomputes activations (any remat policy)."""
-        return self.remat_policy != "none"
-
-    @property
     def mlp_dim(self) -> int:
         return 4 * self.hidden_size
 

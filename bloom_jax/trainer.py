@@ -114,8 +114,10 @@ def train(
         (model_dir / "config.gin").write_text(gin.config_str())
 
     logger = metrics.MetricsLogger(model_dir, total_steps=train_steps)
-    sequence_flops = flops.flops_per_token(model_config, sequence_length,
-                                           model_config.recompute) * sequence_length
+    # Per sequence: model FLOPs (MFU) and with the remat policy's recomputation (HFU).
+    sequence_flops, sequence_hardware_flops = (
+        flops.flops_per_step(model_config, 1, sequence_length, policy)
+        for policy in ("none", model_config.remat_policy))
     peak = flops.peak_flops(jax.devices()[0], model_config.dtype.name)
     step, consumed = int(state.step), int(state.consumed_samples)
     consecutive_skips = 0
@@ -133,7 +135,6 @@ def train(
 
             consecutive_skips = consecutive_skips + 1 if step_metrics["skipped"] else 0
             if step % log_every == 0 or step in (1, train_steps) or step_metrics["skipped"]:
-                step_flops = sequence_flops * batch_size
                 logger.write_scalars(step, {
                     **{k: step_metrics[k] for k in ("loss", "learning_rate", "grad_norm")},
                     "batch_size": batch_size,
@@ -141,8 +142,11 @@ def train(
                     "step_time_s": step_time,
                     "tokens_per_s": batch_size * sequence_length / step_time,
                     "tflops_per_device": flops.tflops_per_device(
-                        step_flops, step_time, jax.device_count()),
-                    "mfu": flops.mfu(step_flops, step_time, jax.device_count(), peak),
+                        sequence_flops * batch_size, step_time, jax.device_count()),
+                    "mfu": flops.mfu(sequence_flops * batch_size, step_time,
+                                     jax.device_count(), peak),
+                    "hfu": flops.mfu(sequence_hardware_flops * batch_size, step_time,
+                                     jax.device_count(), peak),
                     "skipped_steps": int(state.skipped_steps),
                 })
             if consecutive_skips > skip_policy.max_consecutive:
