@@ -73,6 +73,10 @@ class TrainCheckpointer:
             ),
         )
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save` would save at `step` without `force` (asks nothing of the devices)."""
+        return self._manager.should_save(step)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

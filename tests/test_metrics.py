@@ -9,13 +9,20 @@ from tensorboard.util import tensor_util
 from bloom_jax import metrics
 
 
-def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under `logdir`, as TensorBoard's own reader sees them."""
+def read_tensors(logdir) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every tensor (scalars, texts) in the event files under `logdir`, as TensorBoard's own
+    reader sees them."""
     reader = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
     reader.Reload()
-    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+    return {tag: [(event.step, tensor_util.make_ndarray(event.tensor_proto))
                   for event in reader.Tensors(tag)]
             for tag in reader.Tags()["tensors"]}
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric scalar in the event files under `logdir`."""
+    return {tag: [(step, float(value)) for step, value in events]
+            for tag, events in read_tensors(logdir).items() if events[0][1].dtype != object}
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
