@@ -58,7 +58,8 @@ def define_flags() -> None:
     flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at "
                        "(--search and --budget: that of a step recomputing every layer, as "
                        "BLOOM's; each remat policy's hardware FLOPs run at the same rate; "
-                       f"--budget and --fit: default BLOOM-176B's measured {budget.BLOOM_MFU:.1%}).")
+                       "--budget and --fit: default BLOOM-176B's measured "
+                       f"{budget.BLOOM_MFU:.1%}).")
     flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies "
                       "that divide and fit, and rank them by predicted step time.")
     flags.DEFINE_string("gpu", "A100", "GPU the search and --budget plan for, any case: one of "

@@ -46,7 +46,8 @@ def test_only_the_primary_process_writes(tmp_path):
 
 def test_console_line_has_every_training_figure_with_units():
     line = metrics.format_line(12695, {
-        "skipped_steps": 0, "mfu": 0.3582, "hfu": 0.4758, "tflops_per_device": 111.8, "tokens_per_s": 39_859.0,
+        "skipped_steps": 0, "mfu": 0.3582, "hfu": 0.4758, "tflops_per_device": 111.8,
+        "tokens_per_s": 39_859.0,
         "step_time_s": 105.22, "tokens_seen": 20.2e9, "batch_size": 2048, "grad_norm": 0.4123,
         "learning_rate": 6e-5, "loss": 2.34567, "eval/loss/en": 2.1,
     }, total_steps=95000)
