@@ -2,8 +2,8 @@
 
 Times the trainer's own jitted step (forward, backward, optimizer update; `shard_training`)
 on synthetic packed batches of the configured shape, after a warm-up, and reports compile time,
-median step time, tokens/s, TFLOP/s per device and MFU (flops.py's formula, the planner's),
-in model FLOPs (K = 3) and, when activations are recomputed, BLOOM's hardware FLOPs (K = 4):
+median step time, tokens/s, TFLOP/s per device, MFU (model FLOPs) and HFU (hardware FLOPs: the
+remat policy's recomputation counted), by flops.py's formula, the trainer's and the planner's:
 
     python -m bloom_jax.bench --gin_file=gin_configs/tiny.gin --steps=10 --compare_torch
     python -m bloom_jax.bench --gin_file=gin_configs/bloom560m_smoke.gin \\
@@ -68,12 +68,11 @@ class Result:
     tokens_per_s: float
     num_devices: int
     peak_flops: float  # per device, for the compute dtype (measured on CPUs)
-    model_flops_per_step: float  # K = 3
-    tflops_per_device: float
+    model_flops_per_step: float  # Megatron's K = 3
+    tflops_per_device: float  # model FLOPs
     mfu: float
-    hardware_flops_per_step: float | None = None  # K = 4: with recomputation (remat on)
-    hardware_tflops_per_device: float | None = None
-    hardware_mfu: float | None = None
+    hardware_flops_per_step: float  # model FLOPs + the remat policy's recomputation
+    hfu: float
     torch_step_time_s: float | None = None
     torch_tokens_per_s: float | None = None
     speedup_vs_torch: float | None = None
@@ -197,14 +196,10 @@ def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: in
         num_devices=num_devices, peak_flops=peak, model_flops_per_step=model_flops,
         tflops_per_device=flops.tflops_per_device(model_flops, step_time, num_devices),
         mfu=flops.mfu(model_flops, step_time, num_devices, peak))
-    if cfg.recompute:
-        hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
-                                              recompute=True)
-        figures.update(
-            hardware_flops_per_step=hardware_flops,
-            hardware_tflops_per_device=flops.tflops_per_device(hardware_flops, step_time,
-                                                               num_devices),
-            hardware_mfu=flops.mfu(hardware_flops, step_time, num_devices, peak))
+    hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
+                                          cfg.remat_policy)
+    figures.update(hardware_flops_per_step=hardware_flops,
+                   hfu=flops.mfu(hardware_flops, step_time, num_devices, peak))
     if "torch" in step_times:
         figures.update(torch_step_time_s=step_times["torch"],
                        torch_tokens_per_s=workload.tokens / step_times["torch"],
@@ -223,13 +218,10 @@ def format_result(result: Result, workload: sharded_step.Workload) -> str:
         f"{', measured' if jax.devices()[0].platform == 'cpu' else ''})",
         f"compile: {result.compile_s:.1f} s",
         f"step: {result.step_time_s:.4f} s (median) | {result.tokens_per_s:,.0f} tokens/s",
-        f"model FLOPs (K=3): {result.tflops_per_device:.3f} TFLOP/s/device | "
-        f"MFU {100 * result.mfu:.1f}%",
+        f"model FLOPs: {result.tflops_per_device:.3f} TFLOP/s/device | "
+        f"MFU {100 * result.mfu:.1f}% | HFU {100 * result.hfu:.1f}% (remat "
+        f"{cfg.remat_policy}'s recomputation counted)",
     ]
-    if result.hardware_mfu is not None:
-        lines.append(f"hardware FLOPs with recomputation (K=4): "
-                     f"{result.hardware_tflops_per_device:.3f} TFLOP/s/device | "
-                     f"MFU {100 * result.hardware_mfu:.1f}%")
     if result.speedup_vs_torch is not None:
         lines.append(f"torch (transformers BloomForCausalLM + AdamW): "
                      f"{result.torch_step_time_s:.4f} s | {result.torch_tokens_per_s:,.0f} "

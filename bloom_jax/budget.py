@@ -77,7 +77,7 @@ BLOOM_SEQUENCE_LENGTH = 2048
 # BigScience's logged 149 TFLOP/s counted the recomputed forward (K = 4): 47.8% of peak.
 BLOOM_MFU = (flops.flops_per_step(BLOOM_176B, BLOOM_BATCH, BLOOM_SEQUENCE_LENGTH)
              / (BLOOM_STEP_S * BLOOM_GPUS * flops.PEAK_FLOPS["A100"]["bfloat16"]))
-RECOMPUTE_FACTOR = 4 / 3  # hardware over model FLOPs with full recomputation (K = 4 over 3)
+
 
 
 def budget_flops(gpu_hours: float, device: Gpu, mfu: float) -> float:

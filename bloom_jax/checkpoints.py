@@ -164,6 +164,10 @@ class TrainCheckpointer:
         self._saving: int | None = None  # the step of the save last started
         self._failed = False
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save` would save at `step` without `force` (asks nothing of the devices)."""
+        return self._manager.should_save(step)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

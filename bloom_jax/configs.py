@@ -60,14 +60,15 @@ def binding(name: str, value: str) -> str:
 
 
 def _as_gin_value(value: str) -> str:
-    """`value` if it is a gin literal or reference, else `value` quoted as a string."""
+    """`value` if it is a gin literal or reference (a bare tuple `5,3` in parentheses), else
+    `value` quoted as a string."""
     if value.startswith(("@", "%")):
         return value
     try:
-        ast.literal_eval(value)
-        return value
+        literal = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return repr(value)
+    return f"({value})" if isinstance(literal, tuple) and not value.startswith("(") else value
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),

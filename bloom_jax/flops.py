@@ -1,11 +1,12 @@
 """Parameter count, FLOPs per token and MFU: the one formula the planner, benchmark and trainer share.
 
-FLOPs follow Megatron-LM as BigScience logged them for BLOOM (megatron/training.py of
+Model FLOPs follow Megatron-LM as BigScience logged them for BLOOM (megatron/training.py of
 bigscience-workshop/Megatron-DeepSpeed; Narayanan et al. 2021, arXiv:2104.04473, eq. 3):
-    F = 24 K B s l h^2 (1 + s / (6 h) + V / (16 l h))   per iteration,
-with K = 3 for model FLOPs (forward + backward) and K = 4 for "hardware" FLOPs when activations
-are recomputed (BLOOM's logged ~150 TFLOP/s per A100 used K = 4). LayerNorm, GELU, softmax and the
-ALiBi adds are not counted. The config is duck-typed so this module stays light.
+    F = 24 K B s l h^2 (1 + s / (6 h) + V / (16 l h))   per iteration, K = 3 (forward + backward).
+MFU is model FLOPs over peak, whatever is recomputed. Hardware FLOPs (HFU) add the forward FLOPs
+the remat policy computes again in the backward pass (RECOMPUTED_LAYER_FLOPS), where Megatron
+counted K = 4 for any recomputation (BLOOM's logged ~150 TFLOP/s per A100). LayerNorm, GELU,
+softmax and the ALiBi adds are not counted. The config is duck-typed so this module stays light.
 """
 
 import functools
@@ -43,17 +44,32 @@ def param_count(config: ModelShape) -> int:
     return config.vocab_size * h + 2 * h + layers * (12 * h * h + 13 * h) + 2 * h
 
 
-def flops_per_token(config: ModelShape, seq_len: int, recompute: bool = False) -> float:
-    """Training FLOPs per token by the Megatron formula; `recompute` counts the extra forward."""
+# Forward FLOPs per token of one layer that each remat policy (model.REMAT_POLICIES) computes
+# again in the backward pass, from hidden size h and sequence length s. A layer's forward is
+# 24 h^2 (projections and MLP) + 4 s h (attention's two batched matmuls, over all s keys as
+# Megatron counts them). "dots_with_no_batch_dims" saves the weight matmuls and recomputes
+# attention's; "dots" saves every matmul; neither counts the recomputed elementwise work.
+RECOMPUTED_LAYER_FLOPS = {
+    "none": lambda h, s: 0,
+    "full": lambda h, s: 24 * h * h + 4 * s * h,
+    "dots": lambda h, s: 0,
+    "dots_with_no_batch_dims": lambda h, s: 4 * s * h,
+}
+
+
+def flops_per_token(config: ModelShape, seq_len: int, remat_policy: str = "none") -> float:
+    """Training FLOPs per token: Megatron's model FLOPs (K = 3), plus the forward FLOPs that
+    `remat_policy` recomputes ("none": model FLOPs; any other: hardware FLOPs)."""
     h, layers, vocab = config.hidden_size, config.n_layer, config.vocab_size
-    passes = 4 if recompute else 3  # K: forward + 2x backward (+ recomputed forward)
-    return 24 * passes * layers * h * h * (1 + seq_len / (6 * h) + vocab / (16 * layers * h))
+    model = 72 * layers * h * h * (1 + seq_len / (6 * h) + vocab / (16 * layers * h))
+    return model + layers * RECOMPUTED_LAYER_FLOPS[remat_policy](h, seq_len)
 
 
 def flops_per_step(config: ModelShape, batch_size: int, seq_len: int,
-                   recompute: bool = False) -> float:
-    """Training FLOPs of one optimizer step over `batch_size` sequences of `seq_len` tokens."""
-    return flops_per_token(config, seq_len, recompute) * batch_size * seq_len
+                   remat_policy: str = "none") -> float:
+    """Training FLOPs of one optimizer step over `batch_size` sequences of `seq_len` tokens
+    (model FLOPs, plus `remat_policy`'s recomputation)."""
+    return flops_per_token(config, seq_len, remat_policy) * batch_size * seq_len
 
 
 def tflops_per_device(step_flops: float, step_time_s: float, num_devices: int) -> float:
@@ -62,7 +78,8 @@ def tflops_per_device(step_flops: float, step_time_s: float, num_devices: int) -
 
 
 def mfu(step_flops: float, step_time_s: float, num_devices: int, peak_flops: float) -> float:
-    """Fraction of the devices' peak FLOP/s reached (model FLOPs utilization when K = 3)."""
+    """Fraction of the devices' peak FLOP/s reached: MFU from model FLOPs, HFU from hardware
+    FLOPs."""
     return step_flops / (step_time_s * num_devices * peak_flops)
 
 

@@ -4,13 +4,16 @@ Only the primary process (process 0) writes; the others hold a logger that does 
 loop calls it unconditionally. Console lines know the trainer's keys and print them with units:
 
     step 12695/95000 | loss 2.3456 | lr 6.000e-05 | grad_norm 0.412 | batch 2048 | tokens 20.2B |
-    105.22 s/step | 39.9k tokens/s | 149.0 TFLOP/s/device | MFU 47.8% | skipped 0
+    105.22 s/step | 39.9k tokens/s | 111.8 TFLOP/s/device | MFU 35.8% | HFU 47.6% |
+    skipped 0
 
 Any other key (e.g. `eval/loss/fr`) follows, in name order.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+import contextlib
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -29,7 +32,9 @@ CONSOLE_FIELDS: dict[str, Callable[[float], str]] = {
     "tokens_per_s": lambda v: f"{human(v)} tokens/s",
     "tflops_per_device": lambda v: f"{v:.1f} TFLOP/s/device",
     "mfu": lambda v: f"MFU {100 * v:.1f}%",
+    "hfu": lambda v: f"HFU {100 * v:.1f}%",
     "skipped_steps": lambda v: f"skipped {v:.0f}",
+    "goodput": lambda v: f"goodput {100 * v:.0f}%",
 }
 
 
@@ -66,6 +71,39 @@ def format_line(step: int, scalars: Mapping[str, float], total_steps: int | None
     return " | ".join([head, *known, *others])
 
 
+class TimeBreakdown:
+    """Where the run's wall time went: compile, waiting for data, step, checkpoint, eval, other.
+
+    The loop wraps each part in `measure`; compiles are `add`ed as they are reported (they happen
+    inside the step or the eval, and count as compile only). `scalars()` gives each part's share
+    of the wall time since the start as `time/<part>`, and `goodput`, the step's share.
+    """
+
+    PARTS = ("compile", "data", "step", "checkpoint", "eval")
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    def add(self, part: str, seconds: float) -> None:
+        self._seconds[part] += seconds
+
+    @contextlib.contextmanager
+    def measure(self, part: str) -> Iterator[None]:
+        start, compiled = time.perf_counter(), self._seconds["compile"]
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start - (self._seconds["compile"] - compiled)
+            self.add(part, max(elapsed, 0.0))
+
+    def scalars(self) -> dict[str, float]:
+        wall = max(time.perf_counter() - self._start, 1e-9)
+        shares = {f"time/{part}": seconds / wall for part, seconds in self._seconds.items()}
+        shares["time/other"] = max(1.0 - sum(shares.values()), 0.0)
+        return {**shares, "goodput": shares["time/step"]}
+
+
 class Progress(periodic_actions.PeriodicAction):
     """Logs `progress step/total (pct) | rate | ETA` every `every_secs`, with smoothed steps/s.
 
@@ -81,6 +119,7 @@ class Progress(periodic_actions.PeriodicAction):
         self._writer = writer
         self._steps_per_s: float | None = None
         self.last_line: str | None = None
+        self.suffix = ""  # appended to the line, e.g. the time breakdown
 
     def _should_trigger(self, step: int, t: float) -> bool:
         # The first call only starts the clock, even at the last step (a resumed run's last).
@@ -94,7 +133,8 @@ class Progress(periodic_actions.PeriodicAction):
         speed = f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step"
         eta = format_duration((self._total_steps - step) / rate)
         self.last_line = (f"progress {step}/{self._total_steps} "
-                          f"({100 * step / self._total_steps:.1f}%) | {speed} | ETA {eta}")
+                          f"({100 * step / self._total_steps:.1f}%) | {speed} | ETA {eta}"
+                          + (f" | {self.suffix}" if self.suffix else ""))
         logging.info(self.last_line)
         if self._writer is not None:
             self._writer.write_scalars(step, {"steps_per_sec": rate})
@@ -130,9 +170,18 @@ class MetricsLogger:
         logging.info(line)
         return line
 
-    def progress(self, step: int, t: float | None = None) -> str | None:
-        """Call after every step; returns the progress line when one was due (else None)."""
-        if self._progress is None or not self._progress(step, t):
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """Writes `text` to TensorBoard's text tab under `tag` (e.g. the operative gin config)."""
+        if self.is_primary:
+            self._writer.write_texts(step, {tag: text})
+
+    def progress(self, step: int, t: float | None = None, suffix: str = "") -> str | None:
+        """Call after every step; returns the progress line (ending in `suffix`) when one was
+        due (else None)."""
+        if self._progress is None:
+            return None
+        self._progress.suffix = suffix
+        if not self._progress(step, t):
             return None
         return self._progress.last_line
 

@@ -9,6 +9,8 @@ knows nothing of gin, checkpoints, data or meshes.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 from typing import Any
 
@@ -33,6 +35,13 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# How attention is computed (`BloomConfig.attention_implementation`): "cudnn" and "xla" through
+# `jax.nn.dot_product_attention` (cuDNN's fused kernel; XLA's einsums), "einsum" materializes the
+# float32 scores here (and is the only one with attention dropout); "auto" takes cuDNN on GPUs
+# and XLA elsewhere, and falls back to XLA, saying so in the log, where cuDNN refuses a call.
+ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,7 @@ class BloomConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True  # False unrolls the layer loop (same parameters, same numbers)
     remat_policy: str = "none"  # a key of REMAT_POLICIES
+    attention_implementation: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
         # Accept dtype names ("bfloat16") as gin and JSON give them.
@@ -63,15 +73,13 @@ class BloomConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of "
                              f"{sorted(REMAT_POLICIES)}.")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_implementation={self.attention_implementation!r} is "
+                             f"not one of {list(ATTENTION_IMPLEMENTATIONS)}.")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_head
-
-    @property
-    def recompute(self) -> bool:
-        """Whether the backward pass recomputes activations (any remat policy)."""
-        return self.remat_policy != "none"
 
     @property
     def mlp_dim(self) -> int:
@@ -162,14 +170,18 @@ class Attention(nn.Module):
             k = _cache_variable(self, "key", k, cache_index, HEAD_ACTIVATION_AXES)
             v = _cache_variable(self, "value", v, cache_index, HEAD_ACTIVATION_AXES)
 
-        # [batch, heads, q_length, k_length], softmax in float32.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(cfg.head_dim).astype(cfg.dtype)
-        scores = scores.astype(jnp.float32) + alibi
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, length, heads, head_dim]
-        out = nn.with_logical_constraint(out, names)
+        implementation = cfg.attention_implementation
+        dropout = None
+        if cfg.attention_dropout and not self.deterministic:
+            dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=False)
+            if implementation != "einsum":
+                _log.warning("attention_implementation=%r has no attention dropout: attention "
+                             "dropout %g runs the einsum path.", implementation,
+                             cfg.attention_dropout)
+                implementation = "einsum"
+        out = dot_product_attention(q, k, v, alibi, mask, implementation,
+                                    causal=not self.decode, dropout=dropout)
+        out = nn.with_logical_constraint(out, names)  # [batch, length, heads, head_dim]
 
         return nn.Einsum(
             shape=(cfg.n_head, cfg.head_dim, cfg.hidden_size),
@@ -181,6 +193,38 @@ class Attention(nn.Module):
             bias_init=_zeros(("embed",)),
             name="dense",
         )(out)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, alibi: Array, mask: Array,
+                          implementation: str, *, causal: bool,
+                          dropout: Any = None) -> Array:
+    """softmax(q k / sqrt(head_dim) + alibi, where mask) v, the softmax in float32.
+
+    q: [batch, q_length, heads, head_dim]; k, v: [batch, k_length, heads, head_dim]; alibi
+    [batch, heads, 1, k_length] (float32); mask [batch, 1, q_length, k_length]. `causal` says the
+    mask is causal in its own positions (not decoding), so cuDNN may skip the upper blocks.
+    `dropout` (probs -> probs) needs implementation "einsum". The scale is the exact float
+    1/sqrt(head_dim), as Megatron's and Hugging Face's.
+    """
+    scale = 1 / math.sqrt(q.shape[-1])
+    if implementation == "einsum":
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask, scores + alibi, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, heads, q, k]
+        if dropout is not None:
+            probs = dropout(probs)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if implementation == "auto":
+        implementation = "xla"
+        if jax.default_backend() == "gpu":
+            try:
+                return dot_product_attention(q, k, v, alibi, mask, "cudnn", causal=causal)
+            except (ValueError, NotImplementedError, RuntimeError) as e:
+                _log.warning("cuDNN attention cannot take q %s, k %s (%s) with ALiBi's bias: %s. "
+                             "Falling back to XLA's attention.", q.shape, k.shape, q.dtype, e)
+    return jax.nn.dot_product_attention(
+        q, k, v, alibi, mask, scale=scale, is_causal=causal and implementation == "cudnn",
+        implementation=implementation)
 
 
 class MLP(nn.Module):

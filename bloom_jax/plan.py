@@ -56,7 +56,10 @@ def define_flags() -> None:
     flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB (A100-80GB and H100: 80; "
                        "--budget: default the --gpu's).")
     flags.DEFINE_float("mfu", 0.40, "Model FLOPs utilization to predict the step time at "
-                       f"(--budget and --fit: default BLOOM-176B's measured {budget.BLOOM_MFU:.1%}).")
+                       "(--search and --budget: that of a step recomputing every layer, as "
+                       "BLOOM's; each remat policy's hardware FLOPs run at the same rate; "
+                       "--budget and --fit: default BLOOM-176B's measured "
+                       f"{budget.BLOOM_MFU:.1%}).")
     flags.DEFINE_bool("search", False, "Try the meshes, micro-batch sizes and remat policies "
                       "that divide and fit, and rank them by predicted step time.")
     flags.DEFINE_string("gpu", "A100", "GPU the search and --budget plan for, any case: one of "
@@ -174,8 +177,9 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
         "gradients)",
         f"per_device_peak_bytes: {plan.peak_bytes}",
         f"model FLOPs per step: {model_flops:.4g} (per token: "
-        f"{flops.flops_per_token(config, seq_len):.4g}; with recomputation: "
-        f"{flops.flops_per_token(config, seq_len, config.recompute):.4g})",
+        f"{flops.flops_per_token(config, seq_len):.4g}; hardware, with remat "
+        f"{config.remat_policy}'s recomputation: "
+        f"{flops.flops_per_token(config, seq_len, config.remat_policy):.4g})",
         f"predicted at {mfu:.0%} MFU (bfloat16 dense peak):",
     ]
     for gpu in GPUS:
@@ -186,23 +190,33 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
     return "\n".join(lines)
 
 
+def hardware_rate(config: BloomConfig, seq_len: int, mfu: float) -> float:
+    """The share of peak at which a device runs hardware FLOPs when a step that recomputes every
+    layer (as BLOOM's did) reaches `mfu` in model FLOPs: BLOOM-176B's 35.8% is 47.6%."""
+    return mfu * flops.flops_per_token(config, seq_len, "full") / flops.flops_per_token(
+        config, seq_len)
+
+
 def predicted_step_s(plan: Plan, config: BloomConfig, seq_len: int, gpu: str, mfu: float,
                      devices_per_host: int) -> float:
-    """Compute at `mfu` of the bfloat16 peak (hardware FLOPs: recomputation and padded rows
-    count) plus the collectives of FSDP and tensor parallelism at LINKS bandwidth.
+    """Compute plus the collectives of FSDP and tensor parallelism at LINKS bandwidth.
+
+    Compute is the hardware FLOPs (the remat policy's recomputation and padded rows count) at
+    `hardware_rate` of the bfloat16 peak: `mfu` is what a fully recomputing step would reach.
 
     Per micro-step, FSDP all-gathers each layer's bfloat16 weights (forward, backward and, with
-    recomputation, again) and reduce-scatters float32 gradients; tensor parallelism all-reduces
-    2 activations per layer forward and 2 backward.
+    full recomputation, again) and reduce-scatters float32 gradients; tensor parallelism
+    all-reduces 2 activations per layer forward and 2 backward.
     """
     mesh, devices = plan.mesh, math.prod(plan.mesh.values())
     rows = plan.micro_batches * plan.micro_batch
-    compute_s = (flops.flops_per_step(config, rows, seq_len, config.recompute)
-                 / (devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * mfu))
+    compute_s = (flops.flops_per_step(config, rows, seq_len, config.remat_policy)
+                 / (devices * flops.PEAK_FLOPS[gpu]["bfloat16"]
+                    * hardware_rate(config, seq_len, mfu)))
     nvlink, network = LINKS[gpu]
     params = flops.param_count(config) / mesh["tensor"]
     ring = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731  (fraction a ring moves)
-    gathers = 3 if config.recompute else 2
+    gathers = 3 if config.remat_policy == "full" else 2
     fsdp_bytes = params * (2 * gathers + 4) * ring(mesh["fsdp"]) * plan.micro_batches
     activation = plan.micro_batch / (mesh["data"] * mesh["fsdp"]) * seq_len * config.hidden_size
     tensor_bytes = (4 * activation * 2 * 2 * config.n_layer * ring(mesh["tensor"])
@@ -338,11 +352,8 @@ def plan_budget(flops_budget: float) -> None:
         skip_unknown=configs.LOOP_CONFIGURABLES)
     print(f"planning {shape.n_layer} x {shape.hidden_size} ({shape.n_head} heads), batch "
           f"{plan_recipe.batch_size} x {seq_len}, on {num_devices} devices:")
-    # The planner charges hardware FLOPs (recomputation included) at the rate BLOOM's GPUs ran:
-    # its MFU x 4/3, as BLOOM recomputed every activation.
-    utilization = mfu * budget.RECOMPUTE_FACTOR
     found = fastest_fit(sharded_step.Workload(), num_devices, logical_axis_rules(),
-                        int(memory_gib * GIB), utilization, device.name, FLAGS.devices_per_host)
+                        int(memory_gib * GIB), mfu, device.name, FLAGS.devices_per_host)
     if found is None:
         print(f"does not fit: no mesh, micro-batch size and remat policy fits {memory_gib:g} GiB "
               "per device; add devices or pick a smaller shape.", file=sys.stderr)
@@ -364,7 +375,8 @@ def plan_budget(flops_budget: float) -> None:
         f"  mesh {format_shape(result.mesh)}, micro_batch_size={micro_batch_size}, "
         f"remat={config.remat_policy}: {result.peak_bytes / GIB:.1f} of {memory_gib:g} GiB",
         f"  {plan_recipe.train_steps:,} steps; predicted {step_s:.2f} s/step at full batch "
-        f"({utilization:.1%} of peak in hardware FLOPs, plus collectives), "
+        f"({hardware_rate(config, seq_len, mfu):.1%} of peak in hardware FLOPs, plus "
+        "collectives), "
         f"{tokens_per_s:,.0f} tokens/s",
         f"  {metrics.format_duration(train_s)} to train by the planner = "
         f"{train_s / 3600 * num_devices:,.0f} GPU-hours"
@@ -445,7 +457,7 @@ def main(argv: Sequence[str]) -> None:
         ranked = search(workload, jax.device_count(), logical_axis_rules(), memory, FLAGS.mfu,
                         budget.gpu(FLAGS.gpu).name, FLAGS.devices_per_host)
         print(f"{len(ranked)} configurations fit {FLAGS.memory_gib} GiB; fastest first "
-              f"(predicted on {FLAGS.gpu} at {FLAGS.mfu:.0%} MFU):")
+              f"(predicted on {FLAGS.gpu} at {FLAGS.mfu:.0%} MFU with full recomputation):")
         for step_s, result, candidate in ranked:
             print(f"  {step_s:8.1f} s/step  {format_shape(result.mesh)}  micro_batch_size="
                   f"{candidate.micro_batch_size}  remat={candidate.model_config.remat_policy}  "

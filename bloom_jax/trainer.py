@@ -10,9 +10,11 @@ register its configurables twice.)
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import gin
 import jax
@@ -20,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, param_store
-from bloom_jax import sharded_step
+from bloom_jax import optim, prefetch, sharded_step
 from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline, vocabularies
 from partitioning import mesh as mesh_lib
@@ -72,6 +74,9 @@ def train(
     skip_policy: step_lib.SkipPolicy | None = None,
     eval_every: int = 0,
     eval_batch_size: int | None = None,
+    prefetch_depth: int = 2,
+    profile_steps: tuple[int, int] | None = None,
+    compilation_cache_dir: str | None = None,
 ) -> step_lib.TrainState:
     """Trains until `train_steps` optimizer steps (restored ones included); returns the state.
 
@@ -81,7 +86,12 @@ def train(
     eval_every: every N steps and at the end, log `eval/{loss,perplexity,bits_per_byte}/<task>`
       on each task's validation split (and "all", blended); 0: no evaluation.
     eval_batch_size: global sequences per eval forward pass; None: the micro-step's.
-    Gin: `train.eval_every = 1000`, `train.eval_batch_size = 64`.
+    prefetch_depth: global batches built and put on the devices ahead of the running step.
+    profile_steps: (START, COUNT): a profiler trace of COUNT steps from step START.
+    compilation_cache_dir: jax's persistent compilation cache, so a resumed run does not
+      recompile; None: $JAX_COMPILATION_CACHE_DIR when set, else MODEL_DIR/compilation_cache.
+    Gin: `train.eval_every = 1000`, `train.eval_batch_size = 64`, `train.profile_steps = (10, 5)`
+    (`--gin.train.profile_steps=10,5`).
     """
     if model_dir is None:
         raise ValueError("MODEL_DIR is not set: pass --gin.MODEL_DIR=/path/to/run (checkpoints, "
@@ -90,6 +100,9 @@ def train(
     model_dir = pathlib.Path(model_dir).absolute()
     skip_policy = skip_policy or step_lib.SkipPolicy()
     distributed.initialize()
+    if compilation_cache_dir or not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          compilation_cache_dir or str(model_dir / "compilation_cache"))
 
     model_config, sequence_length = workload.model_config, workload.sequence_length
     mesh = mesh_lib.create_mesh()
@@ -115,54 +128,174 @@ def train(
         (model_dir / "config.gin").write_text(gin.config_str())
 
     logger = metrics.MetricsLogger(model_dir, total_steps=train_steps)
-    sequence_flops = flops.flops_per_token(model_config, sequence_length,
-                                           model_config.recompute) * sequence_length
+    logger.write_text(0, "gin/operative_config", gin.config_str())
+    # Per sequence: model FLOPs (MFU) and with the remat policy's recomputation (HFU).
+    sequence_flops, sequence_hardware_flops = (
+        flops.flops_per_step(model_config, 1, sequence_length, policy)
+        for policy in ("none", model_config.remat_policy))
     peak = flops.peak_flops(jax.devices()[0], model_config.dtype.name)
     step, consumed = int(state.step), int(state.consumed_samples)
-    consecutive_skips = 0
+    times = metrics.TimeBreakdown()
+    profile = Profile(model_dir, profile_steps)
+    consecutive_skips, skipped = 0, int(state.skipped_steps)
+    last_report = time.perf_counter()
+
+    def report(done: LaunchedStep) -> None:
+        """Fetches a launched step's metrics (blocking until it ran) and logs them when due."""
+        nonlocal consecutive_skips, last_report, skipped
+        with times.measure("step"):
+            step_metrics = jax.device_get(done.metrics)
+        now = time.perf_counter()
+        step_time, last_report = now - last_report, now
+        consecutive_skips = consecutive_skips + 1 if step_metrics["skipped"] else 0
+        skipped += int(step_metrics["skipped"])
+        if (done.step % log_every == 0 or done.step in (1, train_steps)
+                or step_metrics["skipped"]):
+            step_flops = sequence_flops * done.batch_size
+            logger.write_scalars(done.step, {
+                **{k: step_metrics[k] for k in ("loss", "learning_rate", "grad_norm")},
+                "batch_size": done.batch_size,
+                "tokens_seen": done.consumed * sequence_length,
+                "step_time_s": step_time,
+                "tokens_per_s": done.batch_size * sequence_length / step_time,
+                "tflops_per_device": flops.tflops_per_device(
+                    step_flops, step_time, jax.device_count()),
+                "mfu": flops.mfu(step_flops, step_time, jax.device_count(), peak),
+                "hfu": flops.mfu(sequence_hardware_flops * done.batch_size, step_time,
+                                 jax.device_count(), peak),
+                "skipped_steps": skipped,
+                **times.scalars(),
+            })
+        if consecutive_skips > skip_policy.max_consecutive:
+            raise TrainingError(
+                f"{consecutive_skips} steps in a row were skipped (non-finite or spiking "
+                f"loss), the last at step {done.step}. Restart from the last checkpoint with "
+                "a lower learning rate, or a data seed that skips the offending batches.")
+
+    batches = prefetch.Prefetcher(prepared_batches(training, workload.batch_ramp, stream,
+                                                   consumed), depth=prefetch_depth)
+    compiles = _CompileLog(times)
+    pending = None  # the launched step whose metrics are fetched after the next one launches
     try:
         while step < train_steps:
-            start = time.perf_counter()
-            batch_size = workload.batch_ramp.batch_size_at(consumed)
-            batch = shardings_lib.put_batch(
-                stacked_batches(stream, training.micro_steps(batch_size)),
-                training.batch_sharding)
-            state, step_metrics = training.step(state, batch, batch_size)
-            step_metrics = jax.device_get(step_metrics)
-            step_time = time.perf_counter() - start
-            step, consumed = step + 1, consumed + batch_size
+            profile.before(step + 1)
+            with times.measure("data"):
+                prepared = next(batches)
+            with times.measure("step"):
+                state, step_metrics = training.step(state, prepared.batch, prepared.batch_size)
+            step, consumed = step + 1, consumed + prepared.batch_size
+            if pending is not None:
+                report(pending)
+            pending = LaunchedStep(step, prepared.batch_size, consumed, step_metrics)
+            profile.after(step, state)
 
-            consecutive_skips = consecutive_skips + 1 if step_metrics["skipped"] else 0
-            if step % log_every == 0 or step in (1, train_steps) or step_metrics["skipped"]:
-                step_flops = sequence_flops * batch_size
-                logger.write_scalars(step, {
-                    **{k: step_metrics[k] for k in ("loss", "learning_rate", "grad_norm")},
-                    "batch_size": batch_size,
-                    "tokens_seen": consumed * sequence_length,
-                    "step_time_s": step_time,
-                    "tokens_per_s": batch_size * sequence_length / step_time,
-                    "tflops_per_device": flops.tflops_per_device(
-                        step_flops, step_time, jax.device_count()),
-                    "mfu": flops.mfu(step_flops, step_time, jax.device_count(), peak),
-                    "skipped_steps": int(state.skipped_steps),
-                })
-            if consecutive_skips > skip_policy.max_consecutive:
-                raise TrainingError(
-                    f"{consecutive_skips} steps in a row were skipped (non-finite or spiking "
-                    f"loss), the last at step {step}. Restart from the last checkpoint with "
-                    "a lower learning rate, or a data seed that skips the offending batches.")
-            if eval_every and (step % eval_every == 0 or step == train_steps):
-                results = evaluation.evaluate(evaluator, state.params, eval_streams)
-                logger.write_scalars(step, evaluation.eval_scalars(results))
-            logger.progress(step)
-            checkpointer.check()  # a failed background save stops the run now, naming its step
+            evaluating = eval_every and (step % eval_every == 0 or step == train_steps)
             preempted = distributed.reached_preemption(step)
-            checkpointer.save(state, stream.get_state(),
-                              force=preempted or step == train_steps)
+            last = preempted or step == train_steps
+            if evaluating or last:  # the host waits for this step anyway
+                report(pending)
+                pending = None
+            if evaluating:
+                with times.measure("eval"):
+                    results = evaluation.evaluate(evaluator, state.params, eval_streams)
+                logger.write_scalars(step, evaluation.eval_scalars(results))
+            logger.progress(step, suffix=format_breakdown(times.scalars()))
+            checkpointer.check()  # a failed background save stops the run now, naming its step
+            if last or checkpointer.should_save(step):
+                with times.measure("checkpoint"):
+                    checkpointer.save(state, prepared.data_state, force=last)
             if preempted:
                 logging.warning("Preempted: checkpoint of step %d saved; exiting.", step)
                 break
     finally:
+        batches.close()
+        compiles.close()
+        profile.close()
         checkpointer.close()
         logger.close()
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedBatch:
+    """A global batch on the devices, with its size and the data position after it."""
+
+    batch_size: int
+    batch: dict[str, jax.Array]  # [micro_steps, micro_batch, length] per feature
+    data_state: dict
+
+
+def prepared_batches(training: sharded_step.ShardedTraining, ramp: optim.BatchRampUp,
+                     stream: pipeline.PackedStream, consumed: int) -> Iterator[PreparedBatch]:
+    """The run's global batches from `consumed` samples on, along the batch ramp: stacked into
+    micro-steps, put on the devices, each with the stream's position after it."""
+    while True:
+        batch_size = ramp.batch_size_at(consumed)
+        host = stacked_batches(stream, training.micro_steps(batch_size))
+        yield PreparedBatch(batch_size, shardings_lib.put_batch(host, training.batch_sharding),
+                            stream.get_state())
+        consumed += batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchedStep:
+    """A step dispatched to the devices, its metrics not yet fetched."""
+
+    step: int
+    batch_size: int
+    consumed: int  # samples consumed after it
+    metrics: dict[str, jax.Array]
+
+
+def format_breakdown(scalars: dict[str, float]) -> str:
+    """`goodput 91% (compile 3%, data 1%, ...)` from TimeBreakdown.scalars()."""
+    parts = ", ".join(f"{name} {100 * scalars[f'time/{name}']:.0f}%"
+                      for name in (*metrics.TimeBreakdown.PARTS, "other") if name != "step")
+    return f"goodput {100 * scalars['goodput']:.0f}% ({parts})"
+
+
+class _CompileLog:
+    """Logs each XLA compile with its time and counts it as compile time."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+
+    def __init__(self, times: metrics.TimeBreakdown):
+        self._times = times
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            logging.info("Compiled %s in %.2f s.", kwargs.get("fun_name", "a program"), duration)
+            self._times.add("compile", duration)
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._record)
+
+
+class Profile:
+    """A profiler trace of steps START..START+COUNT-1 (`train.profile_steps = (START, COUNT)`),
+    written under MODEL_DIR/plugins/profile/ for TensorBoard's profile plugin, with a Perfetto
+    trace beside it."""
+
+    def __init__(self, model_dir: pathlib.Path, steps: tuple[int, int] | None):
+        if steps is not None and (len(steps) != 2 or steps[0] < 1 or steps[1] < 1):
+            raise ValueError(f"train.profile_steps={steps!r} is not START,COUNT with both >= 1; "
+                             "e.g. --gin.train.profile_steps=10,5.")
+        self._model_dir, self._steps, self._active = model_dir, steps, False
+
+    def before(self, step: int) -> None:
+        if self._steps is not None and step == self._steps[0]:
+            jax.profiler.start_trace(str(self._model_dir), create_perfetto_trace=True)
+            self._active = True
+
+    def after(self, step: int, state: Any) -> None:
+        if self._active and step == sum(self._steps) - 1:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self._active:
+            jax.profiler.stop_trace()
+            self._active = False
+            logging.info("Profile of steps %d..%d written under %s.", self._steps[0],
+                         sum(self._steps) - 1, self._model_dir / "plugins" / "profile")

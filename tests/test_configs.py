@@ -93,6 +93,8 @@ def test_every_config_takes_the_shared_macros(name):
     ("--gin.Workload.model_config=@BloomConfig()", "Workload.model_config = @BloomConfig()"),
     ("--gin.make_stream.seed=%SEED", "make_stream.seed = %SEED"),
     ("--gin.x=a=b", "x = 'a=b'"),
+    ("--gin.train.profile_steps=10,5", "train.profile_steps = (10,5)"),
+    ("--gin.train.profile_steps=(10, 5)", "train.profile_steps = (10, 5)"),
 ])
 def test_gin_shorthand_quotes_bare_strings_only(arg, binding):
     assert configs.rewrite_gin_args([arg]) == [f"--gin_bindings={binding}"]

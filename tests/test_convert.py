@@ -59,12 +59,13 @@ def state_dict(model):
 
 
 @pytest.mark.parametrize("hidden,n_head,n_layer", [(24, 6, 2), (20, 5, 1), (32, 4, 3)])
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_logits_match_hugging_face(tmp_path, hidden, n_head, n_layer, scan_layers):
+@pytest.mark.parametrize("scan_layers,attention", [(True, "auto"), (False, "einsum")])
+def test_logits_match_hugging_face(tmp_path, hidden, n_head, n_layer, scan_layers, attention):
     model = random_hf_model(hidden, n_head, n_layer)
     model.save_pretrained(tmp_path)
     config, params = convert.load_hf_checkpoint(tmp_path)
-    config = dataclasses.replace(config, scan_layers=scan_layers)
+    config = dataclasses.replace(config, scan_layers=scan_layers,
+                                 attention_implementation=attention)
     ids, mask = padded_batch(config.vocab_size)
 
     ours = jax.jit(BloomForCausalLM(config).apply)({"params": params}, ids, attention_mask=mask)

@@ -47,14 +47,48 @@ def test_flops_per_token_is_close_to_6n_for_176b():
 
 
 def test_bigscience_logged_149_tflops_at_iteration_12695():
-    # B=2048, s=2048 at 105.22 s/iteration on 384 A100s, with activation recomputation (K=4).
-    step = flops.flops_per_step(BLOOM, batch_size=2048, seq_len=2048, recompute=True)
-    assert flops.tflops_per_device(step, 105.22, 384) == pytest.approx(149.02, abs=0.01)
+    # B=2048, s=2048 at 105.22 s/iteration on 384 A100s, with activation recomputation: Megatron
+    # logged K = 4 in its formula, i.e. 4/3 of the model FLOPs.
     model_step = flops.flops_per_step(BLOOM, batch_size=2048, seq_len=2048)
+    logged = flops.tflops_per_device(4 / 3 * model_step, 105.22, 384)
+    assert logged == pytest.approx(149.02, abs=0.01)
     assert flops.tflops_per_device(model_step, 105.22, 384) == pytest.approx(111.8, abs=0.05)
+
+
+# bloom-1b7 (h = 2048, l = 24) at s = 2048, by hand: model FLOPs per token
+# 72 l h^2 (1 + s/(6h) + V/(16 l h)) = 7,247,757,312 x (1 + 1/6 + 250880/786432) = 1.07678e10;
+# a layer's forward is 24 h^2 + 4 s h = 100,663,296 + 16,777,216, of which attention's two
+# batched matmuls (4 s h) are all that dots_with_no_batch_dims recomputes.
+HAND_1B7 = {"none": 1.07678e10, "dots": 1.07678e10,
+            "dots_with_no_batch_dims": 1.07678e10 + 24 * 16_777_216,
+            "full": 1.07678e10 + 24 * (100_663_296 + 16_777_216)}
+
+
+@pytest.mark.parametrize("policy", HAND_1B7)
+def test_hardware_flops_count_what_each_remat_policy_recomputes(policy):
+    shape = RELEASED["bloom-1b7"][0]
+    assert flops.flops_per_token(shape, 2048, policy) == pytest.approx(HAND_1B7[policy], rel=1e-5)
+
+
+# BLOOM-176B's step (105.22 s on 384 A100s, 312 TFLOP/s each): MFU and HFU by hand. Model FLOPs
+# per token 72 x 70 x 14336^2 x (1 + 2048/86016 + 250880/16056320) = 1.076675e12; recomputed per
+# token: full 70 x (24 x 14336^2 + 4 x 2048 x 14336) = 3.534959e11, dots_with_no_batch_dims
+# 70 x 4 x 2048 x 14336 = 8.220836e9. FLOP/s available: 105.22 x 384 x 312e12 per step.
+BLOOM_STEP_TOKENS, BLOOM_CAPACITY = 2048 * 2048, 105.22 * 384 * 312e12
+HAND_176B_HFU = {"none": 1.076675e12, "full": 1.076675e12 + 3.534959e11,
+                 "dots_with_no_batch_dims": 1.076675e12 + 8.220836e9}
+
+
+@pytest.mark.parametrize("policy", HAND_176B_HFU)
+def test_mfu_and_hfu_of_bloom_176b_step_by_remat_policy(policy):
     a100 = flops.PEAK_FLOPS["A100"]["bfloat16"]
+    model_step = flops.flops_per_step(BLOOM, 2048, 2048)
+    hardware_step = flops.flops_per_step(BLOOM, 2048, 2048, policy)
     assert flops.mfu(model_step, 105.22, 384, a100) == pytest.approx(0.358, abs=1e-3)
-    assert flops.mfu(step, 105.22, 384, a100) == pytest.approx(0.478, abs=1e-3)
+    hfu = HAND_176B_HFU[policy] * BLOOM_STEP_TOKENS / BLOOM_CAPACITY
+    assert flops.mfu(hardware_step, 105.22, 384, a100) == pytest.approx(hfu, rel=1e-5)
+    assert hfu == pytest.approx({"none": 0.358, "full": 0.476,
+                                 "dots_with_no_batch_dims": 0.361}[policy], abs=1e-3)
 
 
 @dataclasses.dataclass

@@ -9,13 +9,20 @@ from tensorboard.util import tensor_util
 from bloom_jax import metrics
 
 
-def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under `logdir`, as TensorBoard's own reader sees them."""
+def read_tensors(logdir) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every tensor (scalars, texts) in the event files under `logdir`, as TensorBoard's own
+    reader sees them."""
     reader = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
     reader.Reload()
-    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+    return {tag: [(event.step, tensor_util.make_ndarray(event.tensor_proto))
                   for event in reader.Tensors(tag)]
             for tag in reader.Tags()["tensors"]}
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric scalar in the event files under `logdir`."""
+    return {tag: [(step, float(value)) for step, value in events]
+            for tag, events in read_tensors(logdir).items() if events[0][1].dtype != object}
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -39,13 +46,14 @@ def test_only_the_primary_process_writes(tmp_path):
 
 def test_console_line_has_every_training_figure_with_units():
     line = metrics.format_line(12695, {
-        "skipped_steps": 0, "mfu": 0.4776, "tflops_per_device": 149.02, "tokens_per_s": 39_859.0,
+        "skipped_steps": 0, "mfu": 0.3582, "hfu": 0.4758, "tflops_per_device": 111.8,
+        "tokens_per_s": 39_859.0,
         "step_time_s": 105.22, "tokens_seen": 20.2e9, "batch_size": 2048, "grad_norm": 0.4123,
         "learning_rate": 6e-5, "loss": 2.34567, "eval/loss/en": 2.1,
     }, total_steps=95000)
     assert line == ("step 12695/95000 | loss 2.3457 | lr 6.000e-05 | grad_norm 0.412 | batch 2048 | "
-                    "tokens 20.2B | 105.22 s/step | 39.9k tokens/s | 149.0 TFLOP/s/device | "
-                    "MFU 47.8% | skipped 0 | eval/loss/en 2.1")
+                    "tokens 20.2B | 105.22 s/step | 39.9k tokens/s | 111.8 TFLOP/s/device | "
+                    "MFU 35.8% | HFU 47.6% | skipped 0 | eval/loss/en 2.1")
     assert metrics.format_line(3, {"loss": 1.0}) == "step 3 | loss 1.0000"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers.models.bloom import modeling_bloom
 
-from bloom_jax.model import BloomConfig, BloomForCausalLM, alibi_slopes
+from bloom_jax.model import BloomConfig, BloomForCausalLM, alibi_slopes, dot_product_attention
 
 TINY = BloomConfig(vocab_size=128, hidden_size=48, n_layer=3, n_head=6)
 
@@ -144,9 +144,53 @@ def test_config_rejects_bad_shapes():
         BloomConfig(remat_policy="sometimes")
 
 
-def test_cached_decoding_matches_the_full_forward():
+def test_attention_through_jax_nn_matches_the_einsum_path():
+    """Logits and gradients on packed rows with documents and padding."""
     params = init_params(TINY)
-    model = BloomForCausalLM(TINY)
+    ids = random_ids((2, 12), TINY.vocab_size)
+    segment_ids = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 2 + [2] * 10])
+    positions = jnp.array([list(range(5)) + list(range(4)) + [0] * 3,
+                           list(range(2)) + list(range(10))])
+
+    def logits_and_grads(config):
+        def loss(p):
+            logits = BloomForCausalLM(config).apply({"params": p}, ids, segment_ids=segment_ids,
+                                                    positions=positions)
+            return jnp.sum(jnp.where(segment_ids[..., None] != 0, logits, 0) ** 2), logits
+        return jax.grad(loss, has_aux=True)(params)
+
+    grads, logits = logits_and_grads(dataclasses.replace(TINY, attention_implementation="xla"))
+    ref_grads, ref_logits = logits_and_grads(
+        dataclasses.replace(TINY, attention_implementation="einsum"))
+    real = segment_ids != 0
+    np.testing.assert_allclose(logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                           grads, ref_grads)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "xla", "einsum"])
+def test_attention_scale_is_the_exact_float_in_bfloat16(implementation):
+    """q.k1 = 1024 scaled by 1/sqrt(96) is 104.51; key 2's bias is that exactly, so the query
+    attends half to each. A scale rounded to bfloat16 (1/9.8125) gives 104.36 and 0.461."""
+    head_dim = 96
+    q = jnp.zeros((1, 1, 1, head_dim), jnp.bfloat16).at[..., 0].set(32)
+    k = jnp.zeros((1, 2, 1, head_dim), jnp.bfloat16).at[0, 0, 0, 0].set(32)
+    v = jnp.zeros((1, 2, 1, head_dim), jnp.bfloat16).at[0, 0, 0, 0].set(1)
+    alibi = jnp.array([0.0, 1024 / np.sqrt(96)], jnp.float32).reshape(1, 1, 1, 2)
+    out = dot_product_attention(q, k, v, alibi, jnp.ones((1, 1, 1, 2), bool), implementation,
+                                causal=False)
+    assert float(out[0, 0, 0, 0]) == pytest.approx(0.5, abs=2e-3)
+
+
+def test_config_rejects_unknown_attention_implementation():
+    with pytest.raises(ValueError, match="attention_implementation='flash' is not one of"):
+        BloomConfig(attention_implementation="flash")
+
+
+@pytest.mark.parametrize("implementation", ["auto", "einsum"])
+def test_cached_decoding_matches_the_full_forward(implementation):
+    params = init_params(TINY)
+    model = BloomForCausalLM(dataclasses.replace(TINY, attention_implementation=implementation))
     ids = random_ids((2, 10), TINY.vocab_size)
     mask = jnp.array([[1] * 10, [0] * 4 + [1] * 6])  # the second row is left-padded
     full = model.apply({"params": params}, ids, mask)

@@ -1,5 +1,6 @@
 """The planner: the real train step compiled on abstract arrays, measured per device."""
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -40,6 +41,25 @@ def test_one_device_plan_counts_the_float32_state_it_holds():
     assert result.peak_bytes > result.param_bytes + result.optimizer_bytes + result.temp_bytes / 2
     assert ("word_embeddings/embedding", (256, 64), jax.sharding.PartitionSpec("tensor", "fsdp")
             ) in result.shardings
+
+
+def test_search_ranks_remat_policies_by_what_they_recompute():
+    """On one device (no collectives) a step that recomputes every layer takes its model FLOPs
+    at --mfu; dots_with_no_batch_dims, which recomputes only attention's matmuls, is faster by
+    its hardware FLOPs, where counting every policy as full recomputation tied them."""
+    config = plan.BloomConfig(hidden_size=2048, n_layer=24, n_head=16)  # bloom-1b7
+    layout = plan.Plan(mesh={"data": 1, "fsdp": 1, "tensor": 1}, micro_batch=8, micro_batches=2,
+                       shardings=[], param_bytes=0, grad_bytes=0, optimizer_bytes=0,
+                       temp_bytes=0, peak_bytes=0, compile_s=0.0)
+    peak, mfu = flops.PEAK_FLOPS["A100"]["bfloat16"], 0.4
+    step_s = {policy: plan.predicted_step_s(
+        layout, dataclasses.replace(config, remat_policy=policy), 2048, "A100", mfu, 8)
+        for policy in ("full", "dots_with_no_batch_dims")}
+    assert step_s["full"] == pytest.approx(flops.flops_per_step(config, 16, 2048) / (peak * mfu))
+    assert step_s["dots_with_no_batch_dims"] == pytest.approx(
+        step_s["full"] * flops.flops_per_token(config, 2048, "dots_with_no_batch_dims")
+        / flops.flops_per_token(config, 2048, "full"))
+    assert sorted(step_s, key=step_s.get) == ["dots_with_no_batch_dims", "full"]
 
 
 def run_plan(tmp_path, *args):

@@ -118,7 +118,7 @@ def test_run_writes_its_gin_config_and_metrics(reference):
     assert f"MODEL_DIR = '{reference}'" in config
     assert "BloomConfig.hidden_size = 64" in config
     scalars = read_scalars(reference)
-    for tag in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "batch_size",
+    for tag in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "hfu", "batch_size",
                 "tokens_seen", "skipped_steps"):
         assert [step for step, _ in scalars[tag]] == list(range(1, TRAIN_STEPS + 1)), tag
     loss = dict(scalars["loss"])

@@ -8,7 +8,7 @@ import pytest
 
 from bloom_jax import configs, param_store, sharded_step, trainer
 from bloom_jax.model import BloomForCausalLM
-from tests.test_metrics import read_scalars
+from tests.test_metrics import read_scalars, read_tensors
 
 
 def parse_tiny(model_dir, *bindings: str) -> None:
@@ -48,3 +48,25 @@ def test_init_from_starts_from_the_converted_parameters(tmp_path):
     _, saved = param_store.load_params(tmp_path / "run" / "checkpoints", config)
     for got in (state.params, saved):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), converted)
+
+
+@pytest.mark.slow
+def test_profile_trace_time_breakdown_and_operative_config(tmp_path):
+    parse_tiny(tmp_path, "TRAIN_STEPS = 3", "train.log_every = 1", "train.profile_steps = (2, 1)")
+    trainer.train()
+    assert list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # TensorBoard's
+    assert list((tmp_path / "plugins" / "profile").glob("*/*.trace.json.gz"))  # Perfetto's
+    scalars = read_scalars(tmp_path)
+    parts = ("compile", "data", "step", "checkpoint", "eval", "other")
+    for step in (1, 2, 3):
+        shares = {part: dict(scalars[f"time/{part}"])[step] for part in parts}
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6), shares
+        assert dict(scalars["goodput"])[step] == shares["step"]
+    assert dict(scalars["time/compile"])[1] > 0  # the step compiled before step 1 ran
+    (step, text), = read_tensors(tmp_path)["gin/operative_config"]
+    assert step == 0 and b"train.profile_steps = (2, 1)" in text.item()
+
+
+def test_profile_steps_are_start_and_count():
+    with pytest.raises(ValueError, match="is not START,COUNT"):
+        trainer.Profile(None, (0, 3))
