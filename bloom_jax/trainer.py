@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gin
 import jax
@@ -22,7 +22,7 @@ from absl import logging
 from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, param_store
 from bloom_jax import sharded_step
 from bloom_jax import step as step_lib
-from bloom_jax.data import pipeline, vocabularies
+from bloom_jax.data import instructions, pipeline, vocabularies
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from partitioning import shardings as shardings_lib
@@ -40,7 +40,7 @@ def stacked_batches(stream: Iterator[dict], micro_steps: int) -> dict[str, np.nd
 
 def restore_or_init(training: sharded_step.ShardedTraining,
                     checkpointer: checkpoints.TrainCheckpointer,
-                    stream: pipeline.PackedStream, seed: int,
+                    stream: pipeline.PackedStream | instructions.InstructionStream, seed: int,
                     init_from: str | None) -> step_lib.TrainState:
     """The latest checkpoint's state (and the stream moved to its data position), else a fresh
     state, with `init_from`'s parameters when given."""
@@ -72,6 +72,7 @@ def train(
     skip_policy: step_lib.SkipPolicy | None = None,
     eval_every: int = 0,
     eval_batch_size: int | None = None,
+    make_stream: Callable[..., Iterator[dict]] = pipeline.make_stream,
 ) -> step_lib.TrainState:
     """Trains until `train_steps` optimizer steps (restored ones included); returns the state.
 
@@ -81,6 +82,9 @@ def train(
     eval_every: every N steps and at the end, log `eval/{loss,perplexity,bits_per_byte}/<task>`
       on each task's validation split (and "all", blended); 0: no evaluation.
     eval_batch_size: global sequences per eval forward pass; None: the micro-step's.
+    make_stream: the training data, (batch_size=, sequence_length=) -> a stream with
+      `vocabulary`, `get_state` and `set_state`: the ROOTS mixture (pretraining) or
+      `make_instruction_stream` (instruction fine-tuning, gin_configs/sft.gin).
     Gin: `train.eval_every = 1000`, `train.eval_batch_size = 64`.
     """
     if model_dir is None:
@@ -94,8 +98,7 @@ def train(
     mesh = mesh_lib.create_mesh()
     rules = rules_lib.logical_axis_rules()
     training = sharded_step.shard_training(workload, mesh, rules, skip_policy)
-    stream = pipeline.make_stream(batch_size=training.micro_batch,
-                                  sequence_length=sequence_length)
+    stream = make_stream(batch_size=training.micro_batch, sequence_length=sequence_length)
     vocabularies.check_fits_model(stream.vocabulary, model_config.vocab_size)
     logging.info("Mesh %s; %s parameters; %d sequences of %d tokens per micro-step.",
                  dict(mesh.shape), f"{flops.param_count(model_config):,}", training.micro_batch,
