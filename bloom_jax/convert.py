@@ -30,7 +30,7 @@ import safetensors.numpy
 import tensorstore as ts
 from absl import app, flags
 
-from bloom_jax import configs, param_store
+from bloom_jax import configs, lora as lora_lib, param_store
 from bloom_jax.data import hf_tokenizer, vocabularies
 from bloom_jax.model import BloomConfig
 
@@ -375,13 +375,18 @@ def save_hf_checkpoint(
 
 
 def to_hf(ckpt_dir: str | Path, out_dir: str | Path, vocabulary: str | Path | None = None,
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> BloomConfig:
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+          lora_dir: str | Path | None = None) -> BloomConfig:
     """Converts the latest step of a bloom_jax checkpoint to a Hugging Face directory, streamed.
 
     vocabulary: the run's VOCABULARY (a SentencePiece .model or tokenizer.json); None: the
     embedded SentencePiece model, as the trainer and `generate` default to.
+    lora_dir: a LoRA run whose adapters are merged into `ckpt_dir`'s weights (its base).
     """
     config, stores = param_store.open_params(ckpt_dir)
+    if lora_dir:
+        lora, adapters = lora_lib.load_adapters(lora_dir, config)
+        stores = lora_lib.merged_for_export(stores, adapters, lora)
     save_hf_checkpoint(config, stores, out_dir, vocabularies.load_vocabulary(vocabulary),
                        max_shard_bytes)
     return config
@@ -392,7 +397,8 @@ def to_hf(ckpt_dir: str | Path, out_dir: str | Path, vocabulary: str | Path | No
 
 FLAGS = flags.FLAGS
 USAGE = ("python -m bloom_jax.convert from_hf --hf_dir=DIR --out_dir=CKPT\n"
-         "python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR [--vocabulary=FILE]")
+         "python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR [--vocabulary=FILE] "
+         "[--lora_dir=RUN]")
 
 
 def define_flags() -> None:
@@ -409,6 +415,8 @@ def define_flags() -> None:
     flags.DEFINE_string("vocabulary", None, "to_hf: the run's VOCABULARY (tokenizer.json or "
                         "SentencePiece .model), written as tokenizer.json (default: the embedded "
                         "SentencePiece model, as the trainer's).")
+    flags.DEFINE_string("lora_dir", None, "to_hf: a LoRA run (its MODEL_DIR or checkpoints/) "
+                        "whose adapters are merged into --ckpt_dir, the base they were trained on.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -423,7 +431,8 @@ def main(argv: Sequence[str]) -> None:
         config = from_hf(FLAGS.hf_dir, FLAGS.out_dir)
         print(f"Wrote {FLAGS.out_dir} (step 0) from {FLAGS.hf_dir}: {config}")
     else:
-        config = to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, FLAGS.vocabulary, FLAGS.max_shard_bytes)
+        config = to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, FLAGS.vocabulary, FLAGS.max_shard_bytes,
+                       FLAGS.lora_dir)
         print(f"Wrote {FLAGS.out_dir} from {FLAGS.ckpt_dir}: {config}")
 
 

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, param_store
-from bloom_jax import sharded_step
+from bloom_jax import checkpoints, distributed, evaluation, flops, lora as lora_lib, metrics
+from bloom_jax import param_store, sharded_step
 from bloom_jax import step as step_lib
 from bloom_jax.data import instructions, pipeline, vocabularies
 from partitioning import mesh as mesh_lib
@@ -58,6 +58,27 @@ def restore_or_init(training: sharded_step.ShardedTraining,
         state = state.replace(params=params)
         logging.info("Parameters initialized from %s.", init_from)
     return state
+
+
+def load_lora_base(training: sharded_step.ShardedTraining, init_from: str | None) -> tuple:
+    """LoRA's frozen base, sharded as training shards parameters, as the step's extra argument;
+    () without LoRA. Logs the optimizer memory the adapters save."""
+    if training.workload.lora is None:
+        return ()
+    if not init_from:
+        raise ValueError("LoRA trains adapters on a frozen base model: set INIT_FROM "
+                         "(--gin.INIT_FROM=/ckpt/bloom560m, a converted checkpoint).")
+    _, base = param_store.load_params(init_from, training.model.config, training.base_shardings)
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    state_bytes = sum(x.size * x.dtype.itemsize
+                      for x in jax.tree.leaves(training.abstract_state.opt_state))
+    full_bytes = 2 * 4 * count(base)  # Adam's float32 mu and nu for every parameter
+    logging.info("LoRA: %s adapter parameters on a frozen base of %s (from %s); optimizer state "
+                 "%sB instead of %sB for full fine-tuning: %sB saved.",
+                 metrics.human(count(training.abstract_state.params)), metrics.human(count(base)),
+                 init_from, metrics.human(state_bytes), metrics.human(full_bytes),
+                 metrics.human(full_bytes - state_bytes))
+    return (base,)
 
 
 @gin.configurable
@@ -112,7 +133,10 @@ def train(
             batch_size=eval_batch_size)
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
-    state = restore_or_init(training, checkpointer, stream, seed, init_from)
+    base = load_lora_base(training, init_from)
+    if base and jax.process_index() == 0:
+        lora_lib.save_config(checkpointer.directory, workload.lora)
+    state = restore_or_init(training, checkpointer, stream, seed, None if base else init_from)
     if jax.process_index() == 0:
         (model_dir / "config.gin").write_text(gin.config_str())
 
@@ -129,7 +153,7 @@ def train(
             batch = shardings_lib.put_batch(
                 stacked_batches(stream, training.micro_steps(batch_size)),
                 training.batch_sharding)
-            state, step_metrics = training.step(state, batch, batch_size)
+            state, step_metrics = training.step(state, batch, batch_size, *base)
             step_metrics = jax.device_get(step_metrics)
             step_time = time.perf_counter() - start
             step, consumed = step + 1, consumed + batch_size
@@ -154,7 +178,9 @@ def train(
                     f"loss), the last at step {step}. Restart from the last checkpoint with "
                     "a lower learning rate, or a data seed that skips the offending batches.")
             if eval_every and (step % eval_every == 0 or step == train_steps):
-                results = evaluation.evaluate(evaluator, state.params, eval_streams)
+                params = (lora_lib.merge(*base, state.params, workload.lora) if base
+                          else state.params)
+                results = evaluation.evaluate(evaluator, params, eval_streams)
                 logger.write_scalars(step, evaluation.eval_scalars(results))
             logger.progress(step)
             preempted = distributed.reached_preemption(step)
