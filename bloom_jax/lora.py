@@ -202,10 +202,6 @@ class MergedKernel:
     b: np.ndarray
     scale: float
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
     def __getitem__(self, index: tuple) -> np.ndarray:
         (layer,) = index
         base = self.base[index]
