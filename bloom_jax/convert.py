@@ -1,13 +1,15 @@
 """Hugging Face BLOOM checkpoints <-> bloom_jax orbax checkpoints, streamed tensor by tensor.
 
     python -m bloom_jax.convert from_hf --hf_dir=DIR --out_dir=CKPT
-    python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR
+    python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR [--vocabulary=FILE]
 
 `from_hf` reads safetensors or PyTorch `.bin` files (single or sharded with an index; keys with
 or without the `transformer.` prefix) and writes an orbax checkpoint (`bloom_jax.param_store`) at
 step 0, one Hugging Face tensor at a time. `to_hf` reads the latest step of a checkpoint (a
 converted one or a trainer's) layer slice by layer slice and writes sharded safetensors plus a
-`config.json` that `transformers.BloomForCausalLM.from_pretrained` loads. Dtypes are kept, so
+`config.json` that `transformers.BloomForCausalLM.from_pretrained` loads, with the tokenizer files
+of the run's vocabulary (`tokenizer.json`, `tokenizer_config.json`) and a
+`generation_config.json`, so the directory works in `transformers.pipeline`. Dtypes are kept, so
 HF -> bloom_jax -> HF reproduces every tensor bit for bit.
 """
 
@@ -28,7 +30,8 @@ import safetensors.numpy
 import tensorstore as ts
 from absl import app, flags
 
-from bloom_jax import configs, param_store
+from bloom_jax import configs, lora as lora_lib, param_store
+from bloom_jax.data import hf_tokenizer, vocabularies
 from bloom_jax.model import BloomConfig
 
 PREFIX = "transformer."
@@ -289,16 +292,19 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> BloomConfig:
 # ------------------------------------------------------------------------- writing Hugging Face
 
 
-def hf_config_fields(config: BloomConfig) -> dict:
-    """Hugging Face's `config.json` of a BLOOM with `config`'s shape and numerics."""
+# BLOOM's special ids (its tokenizer.json), for a config.json written without a vocabulary.
+BLOOM_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+
+
+def hf_config_fields(config: BloomConfig, special_ids: dict | None = None) -> dict:
+    """Hugging Face's `config.json` of a BLOOM with `config`'s shape and numerics and the
+    vocabulary's `special_ids` (default: BLOOM's)."""
     return {
         "architectures": ["BloomForCausalLM"],
         "model_type": "bloom",
         **{name: getattr(config, name) for name in HF_FIELDS},
         "apply_residual_connection_post_layernorm": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
+        **(special_ids or BLOOM_SPECIAL_IDS),
         "tie_word_embeddings": True,
         "dtype": jnp.dtype(config.param_dtype).name,
     }
@@ -326,13 +332,17 @@ def save_hf_checkpoint(
     config: BloomConfig,
     params: Any,
     directory: str | Path,
+    vocabulary: Any,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
-    """Writes `params` as a Hugging Face BLOOM directory (safetensors shards, index, config.json).
+    """Writes `params` as a whole Hugging Face BLOOM directory: safetensors shards, index,
+    config.json, generation_config.json and the tokenizer files of `vocabulary`.
 
     params: arrays or `ts.TensorStore`s (from `param_store.open_params`); a shard of at most
     `max_shard_bytes` (or one tensor, if larger) is the most held in memory at once.
+    vocabulary: a seqio Vocabulary (SentencePiece or tokenizer.json).
     """
+    vocabularies.check_fits_model(vocabulary, config.vocab_size)
     shards: list[list[tuple[str, Callable]]] = [[]]
     size = 0
     for name, nbytes, read in _hf_tensors(config, params):
@@ -355,14 +365,30 @@ def save_hf_checkpoint(
         index = {"metadata": {"total_size": sum(n for _, n, _ in _hf_tensors(config, params))},
                  "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(hf_config_fields(config), indent=2) + "\n")
+    ids = hf_tokenizer.write_tokenizer_files(vocabulary, out)
+    special = {name: ids[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (out / "config.json").write_text(json.dumps(hf_config_fields(config, special), indent=2)
+                                     + "\n")
+    # Greedy by default, as `bloom_jax.generate` is; stops at the vocabulary's EOS.
+    generation = {**special, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def to_hf(ckpt_dir: str | Path, out_dir: str | Path,
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> BloomConfig:
-    """Converts the latest step of a bloom_jax checkpoint to a Hugging Face directory, streamed."""
+def to_hf(ckpt_dir: str | Path, out_dir: str | Path, vocabulary: str | Path | None = None,
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+          lora_dir: str | Path | None = None) -> BloomConfig:
+    """Converts the latest step of a bloom_jax checkpoint to a Hugging Face directory, streamed.
+
+    vocabulary: the run's VOCABULARY (a SentencePiece .model or tokenizer.json); None: the
+    embedded SentencePiece model, as the trainer and `generate` default to.
+    lora_dir: a LoRA run whose adapters are merged into `ckpt_dir`'s weights (its base).
+    """
     config, stores = param_store.open_params(ckpt_dir)
-    save_hf_checkpoint(config, stores, out_dir, max_shard_bytes)
+    if lora_dir:
+        lora, adapters = lora_lib.load_adapters(lora_dir, config)
+        stores = lora_lib.merged_for_export(stores, adapters, lora)
+    save_hf_checkpoint(config, stores, out_dir, vocabularies.load_vocabulary(vocabulary),
+                       max_shard_bytes)
     return config
 
 
@@ -371,7 +397,8 @@ def to_hf(ckpt_dir: str | Path, out_dir: str | Path,
 
 FLAGS = flags.FLAGS
 USAGE = ("python -m bloom_jax.convert from_hf --hf_dir=DIR --out_dir=CKPT\n"
-         "python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR")
+         "python -m bloom_jax.convert to_hf --ckpt_dir=CKPT --out_dir=DIR [--vocabulary=FILE] "
+         "[--lora_dir=RUN]")
 
 
 def define_flags() -> None:
@@ -385,6 +412,11 @@ def define_flags() -> None:
                         "step 0) or a Hugging Face directory (to_hf).")
     flags.DEFINE_integer("max_shard_bytes", DEFAULT_MAX_SHARD_BYTES,
                          "to_hf: the largest safetensors file to write.")
+    flags.DEFINE_string("vocabulary", None, "to_hf: the run's VOCABULARY (tokenizer.json or "
+                        "SentencePiece .model), written as tokenizer.json (default: the embedded "
+                        "SentencePiece model, as the trainer's).")
+    flags.DEFINE_string("lora_dir", None, "to_hf: a LoRA run (its MODEL_DIR or checkpoints/) "
+                        "whose adapters are merged into --ckpt_dir, the base they were trained on.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -399,7 +431,8 @@ def main(argv: Sequence[str]) -> None:
         config = from_hf(FLAGS.hf_dir, FLAGS.out_dir)
         print(f"Wrote {FLAGS.out_dir} (step 0) from {FLAGS.hf_dir}: {config}")
     else:
-        config = to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, FLAGS.max_shard_bytes)
+        config = to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, FLAGS.vocabulary, FLAGS.max_shard_bytes,
+                       FLAGS.lora_dir)
         print(f"Wrote {FLAGS.out_dir} from {FLAGS.ckpt_dir}: {config}")
 
 

@@ -33,9 +33,9 @@ BLOOM_SEQUENCE_LENGTH = 2048
 BLOOM_WARMUP_TOKENS = 183_105 * BLOOM_SEQUENCE_LENGTH  # 374,999,040 (~375M)
 BLOOM_DECAY_TOKENS = 200_000_000 * BLOOM_SEQUENCE_LENGTH  # 409,600,000,000 (~410B)
 
-# Parameters that get weight decay: matrices (Dense kernels, the tied embedding). Biases and
-# LayerNorm scale/bias are excluded, as in Megatron's parameter groups.
-DECAYED_PARAM_NAMES = frozenset({"kernel", "embedding"})
+# Parameters that get weight decay: matrices (Dense kernels, the tied embedding, LoRA's A and B).
+# Biases and LayerNorm scale/bias are excluded, as in Megatron's parameter groups.
+DECAYED_PARAM_NAMES = frozenset({"kernel", "embedding", "lora_a", "lora_b"})
 
 
 # ------------------------------------------------------------------------------------------------

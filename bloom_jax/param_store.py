@@ -34,6 +34,7 @@ from partitioning import shardings as shardings_lib
 
 PARAMS = "params"
 CONFIG_FILE = "config.json"
+ADAPTERS_FILE = "lora.json"  # beside config.json when the steps hold LoRA adapters (lora.py)
 # Fields that fix the parameter shapes and numerics; a checkpoint must match the asked-for config
 # on these. Compute dtype, scan, remat and dropout are free to differ.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "n_layer", "n_head", "layer_norm_epsilon")
@@ -219,22 +220,35 @@ def load_params(
     directory: a checkpoint directory or a training run's MODEL_DIR (see `checkpoint_dir`).
     """
     directory = checkpoint_dir(directory)
+    _refuse_adapters(directory)
     config = checkpoint_config(directory, config)
     target = abstract_params(config)
     if shardings is not None:
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
+    return config, restore_params(directory, target)
+
+
+def restore_params(directory: str | Path, target: Any) -> Any:
+    """The latest step's "params" of a checkpoint directory, restored as `target`'s shapes."""
     with _manager(directory) as manager:
         step = _latest_step(manager, directory)
         restored = manager.restore(
             step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
-    return config, restored[PARAMS]
+    return restored[PARAMS]
+
+
+def _refuse_adapters(directory: Path) -> None:
+    if (directory / ADAPTERS_FILE).is_file():
+        raise ValueError(f"{directory} holds LoRA adapters, not a whole model; merge them into "
+                         f"their base: convert to_hf --ckpt_dir=BASE --lora_dir={directory}.")
 
 
 def open_params(directory: str | Path) -> tuple[BloomConfig, Any]:
     """Opens the latest step's "params" as unread `ts.TensorStore`s (index, then `.read()`);
     `directory` as `load_params` takes it."""
     directory = checkpoint_dir(directory)
+    _refuse_adapters(directory)
     config = load_config(directory)
     target = abstract_params(config)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=ts.TensorStore), target)

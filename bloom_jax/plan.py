@@ -132,7 +132,8 @@ def plan_step(workload: sharded_step.Workload, mesh: jax.sharding.Mesh, rules: R
              for k, dtype in pipeline.BATCH_FEATURES.items()}
     start = time.perf_counter()
     compiled = training.step.lower(training.abstract_state, batch,
-                                   jax.ShapeDtypeStruct((), jnp.int32)).compile()
+                                   jax.ShapeDtypeStruct((), jnp.int32),
+                                   *training.abstract_args).compile()
     compile_s = time.perf_counter() - start
 
     memory = compiled.fn.memory_analysis()
@@ -145,7 +146,9 @@ def plan_step(workload: sharded_step.Workload, mesh: jax.sharding.Mesh, rules: R
         shardings=[(jax.tree_util.keystr(path, simple=True, separator="/"), x.shape, s.spec)
                    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
                                            jax.tree.leaves(param_shardings))],
-        param_bytes=_shard_bytes(params, param_shardings),
+        # With LoRA, the frozen base too (trained: the adapters; gradients and state: theirs).
+        param_bytes=_shard_bytes(params, param_shardings) + sum(
+            _shard_bytes(base, training.base_shardings) for base in training.abstract_args),
         grad_bytes=_shard_bytes(params, param_shardings, jnp.float32),  # float32 accumulators
         optimizer_bytes=_shard_bytes(state.opt_state, shardings.opt_state),
         temp_bytes=memory.temp_size_in_bytes,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bloom_jax import lora as lora_lib
 from bloom_jax import model as model_lib
 from bloom_jax import optim
 from bloom_jax import step as step_lib
@@ -44,12 +45,15 @@ class Workload:
       global batch is accumulated over ceil(batch / (micro_batch_size x data x fsdp))
       micro-steps, rows beyond the batch masked out. None: one micro-step holds the whole batch.
     batch_ramp: the global batch size over the run; `batch_size` is its final size.
+    lora: train low-rank adapters on a frozen base instead of every parameter (None: full
+      training). Gin: `Workload.lora = @LoraConfig()`.
     """
 
     model_config: model_lib.BloomConfig = gin.REQUIRED
     sequence_length: int = gin.REQUIRED
     micro_batch_size: int | None = None
     batch_ramp: optim.BatchRampUp = dataclasses.field(default_factory=optim.BatchRampUp)
+    lora: lora_lib.LoraConfig | None = None
 
     def __post_init__(self):
         check_positive_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
@@ -121,7 +125,11 @@ class _MeshLowered:
 
 @dataclasses.dataclass(frozen=True)
 class ShardedTraining:
-    """The train step jitted for a mesh, with the shapes and shardings of what it consumes."""
+    """The train step jitted for a mesh, with the shapes and shardings of what it consumes.
+
+    With LoRA the state's params are the adapters and the step takes the frozen base parameters
+    as a last argument, laid out as training lays out parameters (`base_shardings`).
+    """
 
     workload: Workload
     mesh: jax.sharding.Mesh
@@ -132,7 +140,14 @@ class ShardedTraining:
     abstract_state: step_lib.TrainState  # jax.ShapeDtypeStruct leaves carrying their shardings
     state_shardings: step_lib.TrainState
     batch_sharding: jax.sharding.NamedSharding  # of [micro_steps, micro_batch, length] arrays
-    step: MeshFunction  # (state, batch, batch_size) -> (state, metrics); donates the state
+    step: MeshFunction  # (state, batch, batch_size[, base]) -> (state, metrics); donates state
+    base_shardings: Any = None  # LoRA's frozen parameters; None: full training
+    abstract_base: Any = None  # their shapes, carrying the shardings
+
+    @property
+    def abstract_args(self) -> tuple:
+        """The step's arguments after (state, batch, batch_size), as shapes: the base, if any."""
+        return () if self.abstract_base is None else (self.abstract_base,)
 
     def micro_steps(self, batch_size: int) -> int:
         return micro_steps(batch_size, self.micro_batch)
@@ -142,7 +157,11 @@ class ShardedTraining:
         ids = jnp.zeros((1, 1), jnp.int32)
 
         def init():
-            params = self.model.init(jax.random.PRNGKey(seed), ids)["params"]
+            key = jax.random.PRNGKey(seed)
+            if self.workload.lora is None:
+                params = self.model.init(key, ids)["params"]
+            else:
+                params = lora_lib.init_adapters(self.workload.lora, boxed_params(self.model), key)
             return step_lib.create_train_state(params, self.optimizer, seed)
         return shardings_lib.init_sharded(init, self.state_shardings)
 
@@ -157,28 +176,41 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     model = model_lib.BloomForCausalLM(workload.model_config)
     optimizer = optim.make_optimizer()
     micro_batch = workload.micro_batch(mesh)
-    boxed_params = _abstract_params(model)
-    validation.check_mesh(mesh.shape, boxed_params, rules,
+    boxed_model_params = boxed_params(model)
+    validation.check_mesh(mesh.shape, boxed_model_params, rules,
                           (micro_batch, workload.sequence_length))
+    skip_policy = skip_policy or step_lib.SkipPolicy()
+    trained, base_shardings, abstract_base = boxed_model_params, None, None
+    make_step = step_lib.make_train_step(model, optimizer, skip_policy)
+    if workload.lora is not None:
+        trained = lora_lib.abstract_adapters(workload.lora, boxed_model_params)
+        base_shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
+        abstract_base = _with_shardings(nn.unbox(boxed_model_params), base_shardings)
+        make_step = lora_lib.make_train_step(model, workload.lora, optimizer, skip_policy)
     boxed_state = jax.eval_shape(
-        lambda p: step_lib.create_train_state(p, optimizer, seed=0), boxed_params)
+        lambda p: step_lib.create_train_state(p, optimizer, seed=0), trained)
     state_shardings = shardings_lib.logical_shardings(boxed_state, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.unbox(boxed_state), state_shardings)
+    abstract_state = _with_shardings(nn.unbox(boxed_state), state_shardings)
     batch_sharding = shardings_lib.batch_sharding(mesh, rules, micro_batch_axis=True)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    base_in = () if base_shardings is None else (base_shardings,)
     step = jax.jit(
-        step_lib.make_train_step(model, optimizer, skip_policy or step_lib.SkipPolicy()),
-        in_shardings=(state_shardings, batch_sharding, replicated),
+        make_step,
+        in_shardings=(state_shardings, batch_sharding, replicated, *base_in),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     return ShardedTraining(workload, mesh, rules, model, optimizer, micro_batch, abstract_state,
-                           state_shardings, batch_sharding, MeshFunction(step, mesh, rules))
+                           state_shardings, batch_sharding, MeshFunction(step, mesh, rules),
+                           base_shardings, abstract_base)
 
 
-def _abstract_params(model: model_lib.BloomForCausalLM) -> Any:
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def boxed_params(model: model_lib.BloomForCausalLM) -> Any:
     """The model's parameters, boxed with their logical axis names, as shapes only."""
     return shardings_lib.abstract_params(model, jax.ShapeDtypeStruct((1, 1), jnp.int32))
 
@@ -186,7 +218,7 @@ def _abstract_params(model: model_lib.BloomForCausalLM) -> Any:
 def param_shardings(model: model_lib.BloomForCausalLM, mesh: jax.sharding.Mesh,
                     rules: rules_lib.Rules) -> Any:
     """Where each parameter lives on `mesh`, as training places it."""
-    return shardings_lib.logical_shardings(_abstract_params(model), mesh, rules)
+    return shardings_lib.logical_shardings(boxed_params(model), mesh, rules)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ BLOOM's operators did by hand with `--skip-train-iteration-range`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import optax
 
 Batch = dict[str, jax.Array]
+# (params, batch, dropout key or None) -> (summed token losses, summed loss weights)
+LossFn = Callable[[Any, Batch, "jax.Array | None"], tuple[jax.Array, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -79,10 +82,18 @@ def eval_step(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, j
     return loss_sums(model, params, batch)
 
 
-def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, model: nn.Module,
-               optimizer: optax.GradientTransformation, skip_policy: SkipPolicy = SkipPolicy(),
+def uses_dropout(config: Any) -> bool:
+    """Whether the model's training forward pass draws dropout masks."""
+    return config.hidden_dropout > 0 or config.attention_dropout > 0
+
+
+def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: LossFn,
+               use_dropout: bool, optimizer: optax.GradientTransformation,
+               skip_policy: SkipPolicy = SkipPolicy(),
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step over a global batch of [micro_batches, micro_batch, length] arrays.
+    """One optimizer step of `state.params` over a global batch of [micro_batches, micro_batch,
+    length] arrays; `loss(params, micro_batch, rng)` gives (summed losses, summed weights), with
+    a dropout key when `use_dropout`.
 
     Only the first `batch_size` sequences count: when the mesh's data-parallel size does not
     divide the batch (384 GPUs = 3 x 128 against BLOOM's 2048), the last micro-batch is filled
@@ -91,14 +102,13 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, model:
     micro_batches, micro_batch, length = batch["input_ids"].shape
     rows = jnp.arange(micro_batches * micro_batch).reshape(micro_batches, micro_batch)
     batch = {**batch, "loss_weights": batch["loss_weights"] * (rows < batch_size)[..., None]}
-    use_dropout = model.config.hidden_dropout > 0 or model.config.attention_dropout > 0
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def accumulate(carry, micro):
         grads, loss_sum, weight_sum, index = carry
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
         (micro_loss, micro_weight), micro_grads = jax.value_and_grad(
-            lambda p: loss_sums(model, p, micro, rng), has_aux=True)(state.params)
+            lambda p: loss(p, micro, rng), has_aux=True)(state.params)
         grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
         return (grads, loss_sum + micro_loss, weight_sum + micro_weight, index + 1), None
 
@@ -150,6 +160,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     """train_step with the model, optimizer and skip policy bound:
     (state, batch, batch_size) -> (state, metrics)."""
     def step(state: TrainState, batch: Batch, batch_size: jax.Array):
-        return train_step(state, batch, batch_size, model=model, optimizer=optimizer,
+        return train_step(state, batch, batch_size, loss=functools.partial(loss_sums, model),
+                          use_dropout=uses_dropout(model.config), optimizer=optimizer,
                           skip_policy=skip_policy)
     return step

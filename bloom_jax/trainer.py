@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gin
@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, param_store
-from bloom_jax import optim, prefetch, sharded_step
+from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, optim, param_store
+from bloom_jax import lora as lora_lib
+from bloom_jax import prefetch, sharded_step
 from bloom_jax import step as step_lib
-from bloom_jax.data import pipeline, vocabularies
+from bloom_jax.data import instructions, pipeline, vocabularies
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from partitioning import shardings as shardings_lib
@@ -42,7 +43,7 @@ def stacked_batches(stream: Iterator[dict], micro_steps: int) -> dict[str, np.nd
 
 def restore_or_init(training: sharded_step.ShardedTraining,
                     checkpointer: checkpoints.TrainCheckpointer,
-                    stream: pipeline.PackedStream, seed: int,
+                    stream: pipeline.PackedStream | instructions.InstructionStream, seed: int,
                     init_from: str | None) -> step_lib.TrainState:
     """The latest checkpoint's state (and the stream moved to its data position), else a fresh
     state, with `init_from`'s parameters when given."""
@@ -62,6 +63,27 @@ def restore_or_init(training: sharded_step.ShardedTraining,
     return state
 
 
+def load_lora_base(training: sharded_step.ShardedTraining, init_from: str | None) -> tuple:
+    """LoRA's frozen base, sharded as training shards parameters, as the step's extra argument;
+    () without LoRA. Logs the optimizer memory the adapters save."""
+    if training.workload.lora is None:
+        return ()
+    if not init_from:
+        raise ValueError("LoRA trains adapters on a frozen base model: set INIT_FROM "
+                         "(--gin.INIT_FROM=/ckpt/bloom560m, a converted checkpoint).")
+    _, base = param_store.load_params(init_from, training.model.config, training.base_shardings)
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    state_bytes = sum(x.size * x.dtype.itemsize
+                      for x in jax.tree.leaves(training.abstract_state.opt_state))
+    full_bytes = 2 * 4 * count(base)  # Adam's float32 mu and nu for every parameter
+    logging.info("LoRA: %s adapter parameters on a frozen base of %s (from %s); optimizer state "
+                 "%sB instead of %sB for full fine-tuning: %sB saved.",
+                 metrics.human(count(training.abstract_state.params)), metrics.human(count(base)),
+                 init_from, metrics.human(state_bytes), metrics.human(full_bytes),
+                 metrics.human(full_bytes - state_bytes))
+    return (base,)
+
+
 @gin.configurable
 def train(
     *,
@@ -77,6 +99,7 @@ def train(
     prefetch_depth: int = 2,
     profile_steps: tuple[int, int] | None = None,
     compilation_cache_dir: str | None = None,
+    make_stream: Callable[..., Iterator[dict]] = pipeline.make_stream,
 ) -> step_lib.TrainState:
     """Trains until `train_steps` optimizer steps (restored ones included); returns the state.
 
@@ -90,6 +113,9 @@ def train(
     profile_steps: (START, COUNT): a profiler trace of COUNT steps from step START.
     compilation_cache_dir: jax's persistent compilation cache, so a resumed run does not
       recompile; None: $JAX_COMPILATION_CACHE_DIR when set, else MODEL_DIR/compilation_cache.
+    make_stream: the training data, (batch_size=, sequence_length=) -> a stream with
+      `vocabulary`, `get_state` and `set_state`: the ROOTS mixture (pretraining) or
+      `make_instruction_stream` (instruction fine-tuning, gin_configs/sft.gin).
     Gin: `train.eval_every = 1000`, `train.eval_batch_size = 64`, `train.profile_steps = (10, 5)`
     (`--gin.train.profile_steps=10,5`).
     """
@@ -108,8 +134,7 @@ def train(
     mesh = mesh_lib.create_mesh()
     rules = rules_lib.logical_axis_rules()
     training = sharded_step.shard_training(workload, mesh, rules, skip_policy)
-    stream = pipeline.make_stream(batch_size=training.micro_batch,
-                                  sequence_length=sequence_length)
+    stream = make_stream(batch_size=training.micro_batch, sequence_length=sequence_length)
     vocabularies.check_fits_model(stream.vocabulary, model_config.vocab_size)
     logging.info("Mesh %s; %s parameters; %d sequences of %d tokens per micro-step.",
                  dict(mesh.shape), f"{flops.param_count(model_config):,}", training.micro_batch,
@@ -123,7 +148,10 @@ def train(
             batch_size=eval_batch_size)
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
-    state = restore_or_init(training, checkpointer, stream, seed, init_from)
+    base = load_lora_base(training, init_from)
+    if base and jax.process_index() == 0:
+        lora_lib.save_config(checkpointer.directory, workload.lora)
+    state = restore_or_init(training, checkpointer, stream, seed, None if base else init_from)
     if jax.process_index() == 0:
         (model_dir / "config.gin").write_text(gin.config_str())
 
@@ -182,7 +210,8 @@ def train(
             with times.measure("data"):
                 prepared = next(batches)
             with times.measure("step"):
-                state, step_metrics = training.step(state, prepared.batch, prepared.batch_size)
+                state, step_metrics = training.step(state, prepared.batch, prepared.batch_size,
+                                                   *base)
             step, consumed = step + 1, consumed + prepared.batch_size
             if pending is not None:
                 report(pending)
@@ -196,8 +225,10 @@ def train(
                 report(pending)
                 pending = None
             if evaluating:
+                params = (lora_lib.merge(*base, state.params, workload.lora) if base
+                          else state.params)
                 with times.measure("eval"):
-                    results = evaluation.evaluate(evaluator, state.params, eval_streams)
+                    results = evaluation.evaluate(evaluator, params, eval_streams)
                 logger.write_scalars(step, evaluation.eval_scalars(results))
             logger.progress(step, suffix=format_breakdown(times.scalars()))
             checkpointer.check()  # a failed background save stops the run now, naming its step

@@ -31,7 +31,14 @@ RELEASED_PARAMS = {
     "bloom176b": 176_247_271_424,
 }
 GIN_FILES = sorted(configs.GIN_CONFIGS_DIR.glob("*.gin"))
+# Files that follow a size file (`--gin_file=bloom560m.gin --gin_file=sft.gin`): tested after tiny.
+OVERLAYS = ("sft",)
 RUN_CONFIGS = [path.stem for path in GIN_FILES if path.stem != "base"]
+
+
+def with_size(name: str) -> list[str]:
+    """The gin files that run config `name` is parsed with."""
+    return ["tiny.gin", f"{name}.gin"] if name in OVERLAYS else [f"{name}.gin"]
 
 
 def model_config() -> BloomConfig:
@@ -55,7 +62,7 @@ def test_released_size_has_the_released_parameter_count(size):
 
 @pytest.mark.parametrize("path", GIN_FILES, ids=lambda p: p.name)
 def test_every_gin_file_parses(path):
-    configs.parse([str(path)])
+    configs.parse(with_size(path.stem) if path.stem in OVERLAYS else [str(path)])
     assert gin.query_parameter("%SEQUENCE_LENGTH") > 0
     if path.stem != "base":  # base.gin leaves the model's size to the size files
         config = model_config()
@@ -64,7 +71,7 @@ def test_every_gin_file_parses(path):
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_every_config_takes_the_shared_macros(name):
-    configs.parse([f"{name}.gin"], [
+    configs.parse(with_size(name), [
         "MODEL_DIR = '/runs/x'", "DATA_DIR = '/data/roots'", "TRAIN_STEPS = 7",
         "BATCH_SIZE = 48", "SEQUENCE_LENGTH = 64", "SEED = 5", "INIT_FROM = '/ckpt/hf'",
         "MICRO_BATCH_SIZE = 3", "BatchRampUp.start = 48"])  # 176B's ramp starts at 192

@@ -23,8 +23,9 @@ from bloom_jax.model import BloomForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 
 
-def random_hf_model(hidden=24, n_head=6, n_layer=2, vocab=64, seed=0, dtype=torch.float32):
-    """A transformers BLOOM whose every tensor is random (biases and LayerNorms included)."""
+def random_hf_model(hidden=24, n_head=6, n_layer=2, vocab=1024, seed=0, dtype=torch.float32):
+    """A transformers BLOOM whose every tensor is random (biases and LayerNorms included); its
+    vocabulary is the size of the embedded SentencePiece model's, which `to_hf` exports."""
     torch.manual_seed(seed)
     config = transformers.BloomConfig(
         vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head)
@@ -167,9 +168,34 @@ def test_command_line_round_trip_loads_in_transformers(tmp_path):
     run_cli("to_hf", "--ckpt_dir", tmp_path / "ckpt", "--out_dir", tmp_path / "back")
 
     reloaded = transformers.BloomForCausalLM.from_pretrained(tmp_path / "back").eval()
-    ids, mask = padded_batch(64)
+    ids, mask = padded_batch(1024)
     np.testing.assert_array_equal(hf_logits(reloaded, ids, mask), hf_logits(model, ids, mask))
     assert "from_hf" in run_cli("--help") and "--ckpt_dir" in run_cli("to_hf", "--help")
+
+
+@pytest.mark.slow
+def test_export_is_whole_pipeline_generates_as_bloom_jax_generate(tmp_path):
+    """to_hf writes the run's tokenizer and generation config: transformers' pipeline loads the
+    directory alone and continues prompts with the text `bloom_jax.generate` prints."""
+    random_hf_model(hidden=32, n_head=4, seed=3).save_pretrained(tmp_path / "hf")
+    convert.from_hf(tmp_path / "hf", tmp_path / "ckpt")
+    run_cli("to_hf", "--ckpt_dir", tmp_path / "ckpt", "--out_dir", tmp_path / "export")
+    export = tmp_path / "export"
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        p.name for p in export.iterdir()}
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    model = transformers.AutoModelForCausalLM.from_pretrained(export)
+    generator = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["The river flows", "Les modèles de langue 42"]
+    generated = subprocess.run(
+        [sys.executable, "-m", "bloom_jax.generate", f"--ckpt_dir={tmp_path / 'ckpt'}",
+         *(f"--prompt={p}" for p in prompts), "--max_new_tokens=12"],
+        cwd=REPO, capture_output=True, text=True)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    expected = generated.stdout.splitlines()
+    assert [generator(p, max_new_tokens=12)[0]["generated_text"] for p in prompts] == expected
+    assert all(len(text) > len(p) for text, p in zip(expected, prompts))
 
 
 @pytest.fixture
@@ -223,7 +249,7 @@ def test_command_line_error_is_one_clear_line(tmp_path):
 
 def test_error_shape_does_not_match_config(hf_dir, tmp_path):
     edit_config(hf_dir, vocab_size=80)
-    with pytest.raises(ValueError, match=r"word_embeddings.weight has shape \(64, 24\), but the "
+    with pytest.raises(ValueError, match=r"word_embeddings.weight has shape \(1024, 24\), but the "
                                          r"config .* implies \(80, 24\)"):
         convert.from_hf(hf_dir, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()

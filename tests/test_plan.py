@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bloom_jax import flops, optim, plan, scaling, sharded_step
+from bloom_jax import flops, lora as lora_lib, optim, plan, scaling, sharded_step
 from tests.test_runs import write_run
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules
@@ -60,6 +60,19 @@ def test_search_ranks_remat_policies_by_what_they_recompute():
         step_s["full"] * flops.flops_per_token(config, 2048, "dots_with_no_batch_dims")
         / flops.flops_per_token(config, 2048, "full"))
     assert sorted(step_s, key=step_s.get) == ["dots_with_no_batch_dims", "full"]
+
+
+def test_lora_plan_holds_the_frozen_base_and_state_for_the_adapters_only():
+    lora = lora_lib.LoraConfig(rank=4, target_modules=tuple(lora_lib.MODULES))
+    workload = sharded_step.Workload(TINY, sequence_length=32, lora=lora,
+                                     batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
+    result = plan.plan_step(workload, create_mesh(devices=jax.devices()[:1]),
+                            logical_axis_rules())
+    # per layer: A and B of qkv (64x4 + 4x192), dense (64x4 + 4x64), and the MLP's two
+    adapters = TINY.n_layer * 4 * (64 + 192 + 64 + 64 + 64 + 256 + 256 + 64)
+    assert result.grad_bytes == 4 * adapters
+    assert 2 * 4 * adapters <= result.optimizer_bytes < 2 * 4 * adapters + 1024
+    assert result.param_bytes == 4 * (flops.param_count(TINY) + adapters)
 
 
 def run_plan(tmp_path, *args):

@@ -1,12 +1,16 @@
 """The training loop in this process on the tiny config: a run of skipped steps stops it, and
 INIT_FROM starts it from a converted checkpoint. (The command's processes: test_train.py.)"""
 
+import json
+
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 
 from bloom_jax import configs, param_store, sharded_step, trainer
+from bloom_jax.data import instructions
 from bloom_jax.model import BloomForCausalLM
 from tests.test_metrics import read_scalars, read_tensors
 
@@ -70,3 +74,54 @@ def test_profile_trace_time_breakdown_and_operative_config(tmp_path):
 def test_profile_steps_are_start_and_count():
     with pytest.raises(ValueError, match="is not START,COUNT"):
         trainer.Profile(None, (0, 3))
+
+
+def instruction_file(path, count, seed):
+    """Synthetic instructions: a prompt of four colour words, answered with the matching
+    animals in reverse order (prompt and answer words never share a token)."""
+    rng = np.random.default_rng(seed)
+    colours = "red green blue yellow purple orange black white".split()
+    animals = dict(zip(colours, "cat dog fox owl bee cow pig rat".split()))
+    lines = []
+    for _ in range(count):
+        words = rng.choice(colours, 4, replace=False)
+        lines.append(json.dumps({"inputs": "colours: " + " ".join(words) + " ->",
+                                 "targets": " " + " ".join(animals[w] for w in words[::-1])}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def prompt_and_target_loss(params, config, stream):
+    """Mean token loss on the prompts and on the targets of the stream's next batch."""
+    batch = next(stream)
+    logits = BloomForCausalLM(config).apply(
+        {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
+        positions=batch["positions"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    target = batch["loss_weights"] == 1
+    prompt = (batch["segment_ids"] > 0) & ~target
+    return float(losses[prompt].mean()), float(losses[target].mean())
+
+
+@pytest.mark.slow
+def test_instruction_tuning_learns_the_targets_not_the_prompts(tmp_path):
+    data, held_out = (instruction_file(tmp_path / f"{n}.jsonl", 200, seed)
+                      for n, seed in (("train", 0), ("held_out", 1)))
+    configs.parse(["tiny.gin", "sft.gin"], [
+        f"MODEL_DIR = '{tmp_path / 'run'}'", f"SFT_DATA = '{data}'", "TRAIN_STEPS = 60",
+        "BATCH_SIZE = 8", "SEQUENCE_LENGTH = 64", f"INIT_FROM = '{tmp_path / 'init'}'",
+        "learning_rate_schedule.peak_lr = 3e-3", "learning_rate_schedule.min_lr = 3e-3"])
+    config = sharded_step.Workload().model_config
+    init = nn.unbox(BloomForCausalLM(config).init(jax.random.PRNGKey(0),
+                                                  np.zeros([1, 1], np.int32))["params"])
+    param_store.save_params(tmp_path / "init", config, jax.tree.map(np.asarray, init))
+    state = trainer.train()
+
+    evaluate = lambda params: prompt_and_target_loss(params, config, instructions.
+                                                     make_instruction_stream(
+        data=held_out, sequence_length=64, batch_size=16, process_index=0, process_count=1))
+    prompt_before, target_before = evaluate(init)
+    prompt_after, target_after = evaluate(state.params)
+    assert target_after < 0.3 * target_before, (target_before, target_after)
+    # Nothing teaches the prompts: their loss does not fall.
+    assert prompt_after > prompt_before - 0.1, (prompt_before, prompt_after)

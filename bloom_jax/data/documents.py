@@ -71,7 +71,7 @@ def read_documents(files: Sequence[pathlib.Path], skipped: Skipped) -> Iterator[
             skipped["empty files"] += 1
             continue
         if path.suffix == ".jsonl":
-            texts = _jsonl_texts(path, skipped)
+            texts = (text for text, in jsonl_records(path, ("text",), skipped))
         elif path.suffix == ".parquet":
             texts = _parquet_texts(path, skipped)
         else:
@@ -88,7 +88,10 @@ def is_held_out(text: str, validation_fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8")) % 100_000 < validation_fraction * 100_000
 
 
-def _jsonl_texts(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]:
+def jsonl_records(path: pathlib.Path, fields: Sequence[str],
+                  skipped: Skipped) -> Iterator[tuple[str, ...]]:
+    """The string `fields` of each record of a JSON-lines file; bad lines are counted in
+    `skipped` (a record missing a field, or holding a non-string, is bad)."""
     with open(path, "rb") as f:
         for raw in f:
             if not raw.strip():
@@ -101,11 +104,11 @@ def _jsonl_texts(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]:
             except json.JSONDecodeError:
                 skipped["malformed JSON lines"] += 1
                 continue
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                skipped["records without a text string"] += 1
+            values = tuple(record.get(f) for f in fields) if isinstance(record, dict) else (None,)
+            if not all(isinstance(value, str) for value in values):
+                skipped[f"records without a {' and '.join(fields)} string"] += 1
                 continue
-            yield text
+            yield values
 
 
 def _parquet_texts(path: pathlib.Path, skipped: Skipped) -> Iterator[str | None]:

@@ -100,7 +100,7 @@ def pack(rows: np.ndarray, valid: np.ndarray, eos_id: int) -> Batch:
     return {name: features[name].astype(dtype) for name, dtype in BATCH_FEATURES.items()}
 
 
-def _process_rows(global_batch_size: int, process_index: int | None,
+def process_rows(global_batch_size: int, process_index: int | None,
                   process_count: int | None) -> slice:
     """The contiguous rows of the global batch this process reads."""
     if process_index is None or process_count is None:
@@ -132,7 +132,7 @@ class PackedStream:
         self.seed = seed
         self._probabilities = np.array(list(self.rates.values()))
         self._streams = [_EndlessTokens(t, seed, i) for i, t in enumerate(self.tasks)]
-        self._rows = _process_rows(batch_size, process_index, process_count)
+        self._rows = process_rows(batch_size, process_index, process_count)
         self._step = 0
         self._rows_drawn = np.zeros(len(self.tasks), np.int64)
 
@@ -181,7 +181,9 @@ class PackedStream:
         self._rows_drawn = np.array([state["rows_drawn"][n] for n in names], np.int64)
 
 
-def _vocabulary(vocabulary: seqio.Vocabulary | str | None) -> seqio.Vocabulary:
+def as_vocabulary(vocabulary: seqio.Vocabulary | str | None) -> seqio.Vocabulary:
+    """A Vocabulary as the data configurables take it: itself, a file path, or None (gin's
+    `load_vocabulary.path`, else the embedded SentencePiece model)."""
     if isinstance(vocabulary, seqio.Vocabulary):
         return vocabulary
     if vocabulary is None:  # let gin's load_vocabulary.path apply
@@ -202,7 +204,7 @@ def make_stream(split: str = "train", *, data_dir: str | pathlib.Path | None = N
     `roots_tasks.languages_subset`, `mixture_rates.rates`, `mixture_rates.alpha`.
     Gin: `make_stream.data_dir = "/data/roots"`, `make_stream.seed = 42`.
     """
-    vocabulary = _vocabulary(vocabulary)
+    vocabulary = as_vocabulary(vocabulary)
     seqio_tasks, loaded = tokenized.load_tasks(split, data_dir, vocabulary)
     rates = languages.mixture_rates({t.name: t.num_tokens for t in loaded})
     tasks_lib.roots_mixture(seqio_tasks, rates)
@@ -224,7 +226,7 @@ class ValidationBatches:
         self.vocabulary = vocabulary
         self._length = sequence_length
         self._batch_size = batch_size
-        self._rows = _process_rows(batch_size, process_index, process_count)
+        self._rows = process_rows(batch_size, process_index, process_count)
         self._num_rows = -(-(task.num_tokens - 1) // sequence_length)  # windows overlap by one
 
     def __len__(self) -> int:
@@ -262,7 +264,7 @@ def validation_streams(*, data_dir: str | pathlib.Path | None = None,
                        process_index: int | None = None,
                        process_count: int | None = None) -> dict[str, ValidationBatches]:
     """Per task, a finite, re-iterable sequence of validation batches for this process."""
-    vocabulary = _vocabulary(vocabulary)
+    vocabulary = as_vocabulary(vocabulary)
     return {task.name: ValidationBatches(task, vocabulary, sequence_length=sequence_length,
                                          batch_size=batch_size, process_index=process_index,
                                          process_count=process_count)
