@@ -61,13 +61,20 @@ def server(tmp_path_factory):
     log.close()
 
 
-def expected_text(server, prompt: str, max_tokens: int) -> str:
-    """`generate`'s greedy continuation of `prompt`, up to its EOS."""
+def expected_texts(server, prompts: list[str], max_tokens: list[int]) -> list[str]:
+    """`generate`'s greedy continuations of `prompts`, each up to its EOS or `max_tokens`: one
+    left-padded batch (greedy text is the same alone or in a batch, and its first n tokens are
+    the n-token answer)."""
     _, tokenizer, config, params = server
-    ids = np.asarray([tokenizer.encode(prompt).ids])
-    new = decoding.generate_ids(config, params, ids, max_tokens)[0, ids.shape[1]:].tolist()
-    new = new[:new.index(decoding.EOS_ID)] if decoding.EOS_ID in new else new
-    return tokenizer.decode(new, skip_special_tokens=False)
+    ids, mask = decoding.left_pad([tokenizer.encode(p).ids for p in prompts], decoding.PAD_ID)
+    out = decoding.generate_ids(config, params, ids, max(max_tokens), attention_mask=mask,
+                                eos_token_id=None)
+    texts = []
+    for new, n in zip(np.asarray(out)[:, ids.shape[1]:].tolist(), max_tokens):
+        new = new[:n]
+        new = new[:new.index(decoding.EOS_ID)] if decoding.EOS_ID in new else new
+        texts.append(tokenizer.decode(new, skip_special_tokens=False))
+    return texts
 
 
 def complete(url: str, **body) -> httpx.Response:
@@ -81,7 +88,7 @@ def test_greedy_completion_is_generates(server):
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["object"] == "text_completion"
-    assert body["choices"][0]["text"] == expected_text(server, "w10 w200 w31", 6)
+    assert body["choices"][0]["text"] == expected_texts(server, ["w10 w200 w31"], [6])[0]
     assert body["usage"]["prompt_tokens"] == 3
     assert body["choices"][0]["finish_reason"] in ("length", "stop")
 
@@ -113,8 +120,8 @@ def test_32_concurrent_clients_get_generates_answers(server):
         answers = list(pool.map(lambda p, n: complete(url, prompt=p, max_tokens=n,
                                                       temperature=0), prompts, max_tokens))
     assert [a.status_code for a in answers] == [200] * 32
-    assert [a.json()["choices"][0]["text"] for a in answers] == [
-        expected_text(server, p, n) for p, n in zip(prompts, max_tokens)]
+    assert [a.json()["choices"][0]["text"] for a in answers] == expected_texts(
+        server, prompts, max_tokens)
 
 
 @pytest.mark.slow
