@@ -62,12 +62,16 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+# The time shares (`time/compile`, ...) go to TensorBoard and the progress line, not every step's.
+BREAKDOWN_PREFIX = "time/"
+
+
 def format_line(step: int, scalars: Mapping[str, float], total_steps: int | None = None) -> str:
     """One console line: the step, then known keys in CONSOLE_FIELDS order, then the rest."""
     head = f"step {step}/{total_steps}" if total_steps else f"step {step}"
     known = [fmt(float(scalars[key])) for key, fmt in CONSOLE_FIELDS.items() if key in scalars]
     others = [f"{key} {float(value):.4g}" for key, value in sorted(scalars.items())
-              if key not in CONSOLE_FIELDS]
+              if key not in CONSOLE_FIELDS and not key.startswith(BREAKDOWN_PREFIX)]
     return " | ".join([head, *known, *others])
 
 
@@ -99,9 +103,10 @@ class TimeBreakdown:
 
     def scalars(self) -> dict[str, float]:
         wall = max(time.perf_counter() - self._start, 1e-9)
-        shares = {f"time/{part}": seconds / wall for part, seconds in self._seconds.items()}
-        shares["time/other"] = max(1.0 - sum(shares.values()), 0.0)
-        return {**shares, "goodput": shares["time/step"]}
+        shares = {f"{BREAKDOWN_PREFIX}{part}": seconds / wall
+                  for part, seconds in self._seconds.items()}
+        shares[f"{BREAKDOWN_PREFIX}other"] = max(1.0 - sum(shares.values()), 0.0)
+        return {**shares, "goodput": shares[f"{BREAKDOWN_PREFIX}step"]}
 
 
 class Progress(periodic_actions.PeriodicAction):

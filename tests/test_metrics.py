@@ -49,11 +49,12 @@ def test_console_line_has_every_training_figure_with_units():
         "skipped_steps": 0, "mfu": 0.3582, "hfu": 0.4758, "tflops_per_device": 111.8,
         "tokens_per_s": 39_859.0,
         "step_time_s": 105.22, "tokens_seen": 20.2e9, "batch_size": 2048, "grad_norm": 0.4123,
-        "learning_rate": 6e-5, "loss": 2.34567, "eval/loss/en": 2.1,
+        "learning_rate": 6e-5, "loss": 2.34567, "eval/loss/en": 2.1, "goodput": 0.93,
+        "time/step": 0.93, "time/compile": 0.07,  # on the progress line, not this one
     }, total_steps=95000)
     assert line == ("step 12695/95000 | loss 2.3457 | lr 6.000e-05 | grad_norm 0.412 | batch 2048 | "
                     "tokens 20.2B | 105.22 s/step | 39.9k tokens/s | 111.8 TFLOP/s/device | "
-                    "MFU 35.8% | HFU 47.6% | skipped 0 | eval/loss/en 2.1")
+                    "MFU 35.8% | HFU 47.6% | skipped 0 | goodput 93% | eval/loss/en 2.1")
     assert metrics.format_line(3, {"loss": 1.0}) == "step 3 | loss 1.0000"
 
 
