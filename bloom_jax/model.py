@@ -44,6 +44,12 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum")
 _log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Logs a fallback once, not at every trace of every layer."""
+    _log.warning(message)
+
+
 @dataclasses.dataclass(frozen=True)
 class BloomConfig:
     """Shape and numerics of a BLOOM model; field names follow Hugging Face's `BloomConfig`."""
@@ -175,9 +181,9 @@ class Attention(nn.Module):
         if cfg.attention_dropout and not self.deterministic:
             dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=False)
             if implementation != "einsum":
-                _log.warning("attention_implementation=%r has no attention dropout: attention "
-                             "dropout %g runs the einsum path.", implementation,
-                             cfg.attention_dropout)
+                _warn_once(f"attention_implementation={implementation!r} has no attention "
+                           f"dropout: attention dropout {cfg.attention_dropout:g} runs the einsum "
+                           "path.")
                 implementation = "einsum"
         out = dot_product_attention(q, k, v, alibi, mask, implementation,
                                     causal=not self.decode, dropout=dropout)
@@ -220,8 +226,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, alibi: Array, mask: Arra
             try:
                 return dot_product_attention(q, k, v, alibi, mask, "cudnn", causal=causal)
             except (ValueError, NotImplementedError, RuntimeError) as e:
-                _log.warning("cuDNN attention cannot take q %s, k %s (%s) with ALiBi's bias: %s. "
-                             "Falling back to XLA's attention.", q.shape, k.shape, q.dtype, e)
+                _warn_once(f"cuDNN attention cannot take q {q.shape}, k {k.shape} ({q.dtype}) "
+                           f"with ALiBi's bias: {e}. Falling back to XLA's attention.")
     return jax.nn.dot_product_attention(
         q, k, v, alibi, mask, scale=scale, is_causal=causal and implementation == "cudnn",
         implementation=implementation)
