@@ -44,7 +44,8 @@ def define_flags() -> None:
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-    """Turns each `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (before absl parses argv)."""
+    """Turns each `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (before absl parses
+    argv)."""
     rewritten = []
     for arg in argv:
         match = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, flags=re.DOTALL)

@@ -78,7 +78,8 @@ def loss_sums(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None
 
 
 def eval_step(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, sum of weights) without dropout: evaluation and the trainer share it."""
+    """(sum of token losses, sum of weights) without dropout: the evaluation and the trainer
+    share it."""
     return loss_sums(model, params, batch)
 
 
