@@ -175,10 +175,10 @@ class TrainCheckpointer:
         """Saves at `state.step` when due (or `force`); returns whether a save was started.
         Raises `SaveFailed` if this save, or the one before it, failed."""
         step = int(state.step)
-        items = {PARAMS: state.params, OPT_STATE: state.opt_state,
-                 TRAIN_STATE: {name: getattr(state, name) for name in _COUNTERS}}
         if not (force or self._manager.should_save(step)):
             return False
+        items = {PARAMS: state.params, OPT_STATE: state.opt_state,
+                 TRAIN_STATE: {name: getattr(state, name) for name in _COUNTERS}}
         with self._reporting_failures():  # the previous save's failure, named as its own
             self._manager.wait_until_finished()  # (orbax's save waits for it too)
             self._manager.check_for_errors()

@@ -145,19 +145,18 @@ def _with_adapters(base: Any, adapters: Any) -> Any:
 def apply(model: BloomForCausalLM, lora: LoraConfig, base: Any, adapters: Any, *args,
           rng: jax.Array | None = None, **kwargs) -> jax.Array:
     """`model.apply` with the adapters on; `rng` turns on the model's and LoRA's dropout."""
-    params = _with_adapters(base, adapters)
     rngs = None if rng is None else {"dropout": rng}
     with nn.intercept_methods(_interceptor(lora, rng)):
-        return model.apply({"params": params}, *args, deterministic=rng is None, rngs=rngs,
-                           **kwargs)
+        return model.apply({"params": _with_adapters(base, adapters)}, *args,
+                           deterministic=rng is None, rngs=rngs, **kwargs)
 
 
 def loss_sums(model: BloomForCausalLM, lora: LoraConfig, base: Any, adapters: Any,
               batch: step_lib.Batch, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(summed token losses, summed loss weights) of a packed batch with the adapters on."""
-    logits = apply(model, lora, base, adapters, batch["input_ids"],
-                   segment_ids=batch["segment_ids"], positions=batch["positions"], rng=rng)
-    return step_lib.cross_entropy(logits, batch)
+    """(summed token losses, summed loss weights) of a packed batch with the adapters on: the
+    plain model's loss, run with the low-rank path intercepting the adapted modules."""
+    with nn.intercept_methods(_interceptor(lora, rng)):
+        return step_lib.loss_sums(model, _with_adapters(base, adapters), batch, rng)
 
 
 def make_train_step(model: BloomForCausalLM, lora: LoraConfig, optimizer,

@@ -152,11 +152,12 @@ def train(
     if base and jax.process_index() == 0:
         lora_lib.save_config(checkpointer.directory, workload.lora)
     state = restore_or_init(training, checkpointer, stream, seed, None if base else init_from)
+    operative_config = gin.config_str()
     if jax.process_index() == 0:
-        (model_dir / "config.gin").write_text(gin.config_str())
+        (model_dir / "config.gin").write_text(operative_config)
 
     logger = metrics.MetricsLogger(model_dir, total_steps=train_steps)
-    logger.write_text(0, "gin/operative_config", gin.config_str())
+    logger.write_text(0, "gin/operative_config", operative_config)
     # Per sequence: model FLOPs (MFU) and with the remat policy's recomputation (HFU).
     sequence_flops, sequence_hardware_flops = (
         flops.flops_per_step(model_config, 1, sequence_length, policy)
