@@ -148,6 +148,8 @@ def train(
             batch_size=eval_batch_size)
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
+    lora_lib.check_resumable(checkpointer.directory, workload.lora,
+                             checkpointer.latest_step() is not None)
     base = load_lora_base(training, init_from)
     if base and jax.process_index() == 0:
         lora_lib.save_config(checkpointer.directory, workload.lora)

@@ -98,7 +98,7 @@ def prompt_and_target_loss(params, config, stream):
         {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
         positions=batch["positions"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    target = batch["loss_weights"] == 1
+    target = batch["loss_weights"] > 0
     prompt = (batch["segment_ids"] > 0) & ~target
     return float(losses[prompt].mean()), float(losses[target].mean())
 

@@ -3,7 +3,8 @@ deterministic, resumable stream of batches whose loss is on the targets only.
 
 Each example is `inputs + targets + EOS`, the two tokenized separately and concatenated (no
 separator, no BOS), as a prompt is fed at inference. It is scored on its targets and EOS only:
-the loss weight of a position is 1 where the token it predicts belongs to the targets. An example
+the loss weight of a position is 1 where the token it predicts belongs to the targets (with
+`norm_target_loss`, 1 / the example's target tokens, so that every target weighs the same). An example
 longer than a row loses the start of its inputs (then of its targets).
 
 Examples are read in epochs, each a fresh permutation drawn from the seed. With packing (BLOOMZ's
@@ -83,8 +84,13 @@ def tokenize_examples(path: str | pathlib.Path, vocabulary: seqio.Vocabulary) ->
                     np.concatenate([[0], np.cumsum(lengths)]), np.array(prompt_lengths, np.int64))
 
 
-def fill_row(examples: list[tuple[np.ndarray, int]], length: int) -> dict[str, np.ndarray]:
-    """Batch features [length] of whole examples (sequence, prompt length) laid end to end."""
+def fill_row(examples: list[tuple[np.ndarray, int]], length: int,
+             norm_target_loss: bool = False) -> dict[str, np.ndarray]:
+    """Batch features [length] of whole examples (sequence, prompt length) laid end to end.
+
+    A target token's loss weight is 1, or 1 / (its example's target tokens) with
+    `norm_target_loss`, so that every example's target weighs the same.
+    """
     row = {name: np.zeros(length, dtype) for name, dtype in pipeline.BATCH_FEATURES.items()}
     offset = 0
     for segment, (sequence, prompt_length) in enumerate(examples, start=1):
@@ -94,7 +100,8 @@ def fill_row(examples: list[tuple[np.ndarray, int]], length: int) -> dict[str, n
         row["targets"][span] = sequence[1:]
         row["segment_ids"][span] = segment
         row["positions"][span] = np.arange(n)
-        row["loss_weights"][span] = np.arange(1, n + 1) >= prompt_length
+        scored = np.arange(1, n + 1) >= prompt_length
+        row["loss_weights"][span] = scored / scored.sum() if norm_target_loss else scored
         offset += n
     return row
 
@@ -104,13 +111,15 @@ class InstructionStream:
 
     def __init__(self, examples: Examples, vocabulary: seqio.Vocabulary, *,
                  sequence_length: int, batch_size: int, seed: int, packing: bool = True,
-                 process_index: int | None = None, process_count: int | None = None):
+                 norm_target_loss: bool = False, process_index: int | None = None,
+                 process_count: int | None = None):
         self.examples = examples
         self.vocabulary = vocabulary
         self.sequence_length = sequence_length
         self.batch_size = batch_size
         self.seed = seed
         self.packing = packing
+        self.norm_target_loss = norm_target_loss
         self._rows = pipeline.process_rows(batch_size, process_index, process_count)
         self._consumed = 0  # examples taken from the endless, epoch by epoch, stream
         self._order = functools.lru_cache(maxsize=2)(self._epoch_order)
@@ -142,7 +151,8 @@ class InstructionStream:
                 used += len(example[0]) - 1
                 self._consumed += 1
             rows.append(row)
-        features = [fill_row(row, self.sequence_length) for row in rows[self._rows]]
+        features = [fill_row(row, self.sequence_length, self.norm_target_loss)
+                    for row in rows[self._rows]]
         return {name: np.stack([f[name] for f in features]) for name in pipeline.BATCH_FEATURES}
 
     def get_state(self) -> dict:
@@ -167,13 +177,15 @@ class InstructionStream:
 def make_instruction_stream(*, data: str | pathlib.Path = gin.REQUIRED,
                             vocabulary: seqio.Vocabulary | str | None = None,
                             sequence_length: int = 2048, batch_size: int, seed: int = 42,
-                            packing: bool = True, process_index: int | None = None,
+                            packing: bool = True, norm_target_loss: bool = False,
+                            process_index: int | None = None,
                             process_count: int | None = None) -> InstructionStream:
     """The instruction examples of `data` (a JSONL file or a folder of them) as an endless
     stream of global batches of `batch_size` rows (this process gets its share).
 
     Gin: `make_instruction_stream.data = %SFT_DATA`, `make_instruction_stream.packing = False`
-    (one example per row, padded).
+    (one example per row, padded), `make_instruction_stream.norm_target_loss = True` (every
+    example's target weighs the same in the loss, as Megatron-DeepSpeed's --norm-target-loss).
     """
     if data is None:
         raise ValueError("SFT_DATA is not set: pass --gin.SFT_DATA=/path/to/xp3 (a JSONL file or "
@@ -186,5 +198,6 @@ def make_instruction_stream(*, data: str | pathlib.Path = gin.REQUIRED,
                         "inputs.", too_long, len(examples), sequence_length + 1)
     return InstructionStream(examples, vocabulary,
                              sequence_length=sequence_length, batch_size=batch_size, seed=seed,
-                             packing=packing, process_index=process_index,
+                             packing=packing, norm_target_loss=norm_target_loss,
+                             process_index=process_index,
                              process_count=process_count)

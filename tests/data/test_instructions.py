@@ -63,6 +63,30 @@ def test_only_target_tokens_carry_loss_weight(data, vocabulary, packing):
     assert (batch["loss_weights"][batch["segment_ids"] == 0] == 0).all()  # padding
 
 
+def test_norm_target_loss_weighs_every_target_the_same(data, vocabulary):
+    """Megatron-DeepSpeed's --norm-target-loss: each target's weights sum to 1, so the batch loss
+    (summed weighted losses over summed weights) is the mean over targets of each one's mean
+    token loss."""
+    plain = next(stream(data, vocabulary))
+    normed = next(stream(data, vocabulary, norm_target_loss=True))
+    np.testing.assert_array_equal(plain["input_ids"], normed["input_ids"])
+    rng = np.random.default_rng(0)
+    losses = rng.uniform(0, 5, plain["targets"].shape)
+    per_target = []
+    for plain_row, normed_row in zip(rows_examples(plain), rows_examples(normed)):
+        for (_, _, ones), (_, _, weights) in zip(plain_row, normed_row):
+            np.testing.assert_allclose(weights, ones / ones.sum())
+            assert weights.sum() == pytest.approx(1.0)
+    for row in range(len(losses)):
+        for s in range(1, plain["segment_ids"][row].max() + 1):
+            scored = (plain["segment_ids"][row] == s) & (plain["loss_weights"][row] == 1)
+            per_target.append(losses[row][scored].mean())
+    loss = (losses * normed["loss_weights"]).sum() / normed["loss_weights"].sum()
+    assert loss == pytest.approx(np.mean(per_target))
+    token_mean = (losses * plain["loss_weights"]).sum() / plain["loss_weights"].sum()
+    assert abs(loss - token_mean) > 1e-3  # targets of different lengths: not the token mean
+
+
 def test_packed_examples_are_whole_and_positions_restart(data, vocabulary):
     batch = next(stream(data, vocabulary))
     for row in range(len(batch["input_ids"])):
