@@ -4,8 +4,8 @@ deterministic, resumable stream of batches whose loss is on the targets only.
 Each example is `inputs + targets + EOS`, the two tokenized separately and concatenated (no
 separator, no BOS), as a prompt is fed at inference. It is scored on its targets and EOS only:
 the loss weight of a position is 1 where the token it predicts belongs to the targets (with
-`norm_target_loss`, 1 / the example's target tokens, so that every target weighs the same). An example
-longer than a row loses the start of its inputs (then of its targets).
+`norm_target_loss`, 1 / the example's target tokens, so that every target weighs the same).
+An example longer than a row loses the start of its inputs (then of its targets).
 
 Examples are read in epochs, each a fresh permutation drawn from the seed. With packing (BLOOMZ's
 choice) a row holds as many whole examples as fit, in stream order, each its own segment (tokens
