@@ -145,3 +145,32 @@ def test_bad_input_is_skipped_counted_or_named(tmp_path, vocabulary, data, caplo
     saved = stream(data, vocabulary).get_state()
     with pytest.raises(ValueError, match="packing=True but this stream has False"):
         stream(data, vocabulary, packing=False).set_state(saved)
+
+
+def test_held_out_batches_score_every_target_or_every_prompt_once(data, vocabulary):
+    streams = instructions.instruction_validation_streams(
+        data=data, vocabulary=vocabulary, sequence_length=LENGTH, batch_size=3, process_index=0,
+        process_count=1)
+    targets, prompts = list(streams["targets"]), list(streams["prompts"])
+    assert len(targets) == len(streams["targets"]) > 1
+    scored = {"targets": [], "prompts": []}
+    for target_batch, prompt_batch in zip(targets, prompts):
+        np.testing.assert_array_equal(target_batch["input_ids"], prompt_batch["input_ids"])
+        for row in range(len(target_batch["input_ids"])):
+            segments = target_batch["segment_ids"][row]
+            for s in range(1, segments.max() + 1):
+                for part, batch in (("targets", target_batch), ("prompts", prompt_batch)):
+                    weights = batch["loss_weights"][row][segments == s]
+                    scored[part].append(batch["targets"][row][segments == s][weights == 1])
+            assert (target_batch["loss_weights"][row] + prompt_batch["loss_weights"][row] ==
+                    (segments > 0)).all()
+    # File order, each example once: its prompt (less its first token, predicted by nothing)
+    # and its target with EOS.
+    assert [vocabulary.decode(t.tolist()) for t in scored["targets"]] == [
+        vocabulary.decode([*vocabulary.encode(t), vocabulary.eos_id]) for _, t in EXAMPLES]
+    assert [p.tolist() for p in scored["prompts"]] == [vocabulary.encode(i)[1:]
+                                                       for i, _ in EXAMPLES]
+    assert streams["targets"].num_bytes == sum(
+        len(vocabulary.decode(vocabulary.encode(t)).encode()) for _, t in EXAMPLES)
+    with pytest.raises(ValueError, match="SFT_EVAL_DATA is not set"):
+        instructions.instruction_validation_streams(batch_size=3)
