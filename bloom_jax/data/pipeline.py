@@ -62,12 +62,12 @@ class TaskWindows:
 
     def _document_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Megatron's doc_idx for one epoch, and where each of its documents ends in the epoch."""
-        order = np.random.default_rng((*self._seed, epoch)).permutation(len(self._lengths))
+        order = _permutation((*self._seed, epoch), len(self._lengths))
         return order, np.cumsum(self._lengths[order])  # [documents], [documents]
 
     def _window_order(self, epoch: int) -> np.ndarray:
         """Megatron's shuffle_idx over one epoch's worth of windows."""
-        return np.random.default_rng((*self._seed, epoch, 1)).permutation(self.windows_per_epoch)
+        return _permutation((*self._seed, epoch, 1), self.windows_per_epoch)
 
     def windows(self, samples: np.ndarray) -> np.ndarray:
         """The windows [n] that the task's samples [n] (its k-th rows read, k >= 0) read."""
@@ -91,6 +91,12 @@ class TaskWindows:
             document = order[rank]
             indices[at] = self._starts[document] + offset[at] - ends[rank] + self._lengths[document]
         return indices
+
+
+def _permutation(seed: tuple[int, ...], n: int) -> np.ndarray:
+    """A seeded permutation of range(n), in int32 where it fits (Megatron's index dtype)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order.astype(np.int32) if n < 2**31 else order
 
 
 def blend(weights: np.ndarray, drawn: np.ndarray, count: int) -> np.ndarray:
