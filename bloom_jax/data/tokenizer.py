@@ -41,7 +41,7 @@ from bloom_jax.data import vocabularies
 FLAGS = flags.FLAGS
 
 # BLOOM's tokenizer.json (bigscience/bloom): an optional space and a run of characters that are
-# neither whitespace nor . , ! ? … 。 ， 、 । ۔ ، is one piece; every other character its own.
+# neither whitespace nor . , ! ? … 。 ， 、 । ۔ ، is one piece; so is each run between such pieces.
 BLOOM_SPLIT_REGEX = r" ?[^(\s|[.,!?…。，、।۔،])]+"
 BLOOM_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 _TRAIN_SPLIT = "train"
