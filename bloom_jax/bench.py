@@ -30,10 +30,11 @@ from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from bloom_jax import configs, convert, flops, sharded_step
+from bloom_jax import configs, convert, flops, metrics, sharded_step
 from bloom_jax.data import pipeline
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
@@ -73,6 +74,8 @@ class Result:
     mfu: float
     hardware_flops_per_step: float  # model FLOPs + the remat policy's recomputation
     hfu: float
+    trained_param_bytes: int = 0  # the parameters the step updates (LoRA: the adapters)
+    optimizer_state_bytes: int = 0
     torch_step_time_s: float | None = None
     torch_tokens_per_s: float | None = None
     speedup_vs_torch: float | None = None
@@ -104,12 +107,20 @@ class JaxStep:
         self._batch = shardings_lib.put_batch(self.host_batch, training.batch_sharding)
         self._batch_size = np.int32(workload.batch_size)
         self._state = training.init_state(seed)
+        # LoRA's frozen base: zeros time as any weights do.
+        self._base = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding),
+                                  training.abstract_args)
+        nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+        self.trained_bytes = nbytes(training.abstract_state.params)
+        self.state_bytes = nbytes(training.abstract_state.opt_state)
         start = time.perf_counter()
-        self._step = training.step.lower(self._state, self._batch, self._batch_size).compile()
+        self._step = training.step.lower(self._state, self._batch, self._batch_size,
+                                         *self._base).compile()
         self.compile_s = time.perf_counter() - start
 
     def __call__(self) -> None:
-        self._state, step_metrics = self._step(self._state, self._batch, self._batch_size)
+        self._state, step_metrics = self._step(self._state, self._batch, self._batch_size,
+                                               *self._base)
         jax.block_until_ready((self._state, step_metrics))
 
 
@@ -184,8 +195,10 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
             run()
             if index >= warmup_steps:
                 times[name].append(time.perf_counter() - start)
-    return summarize(workload, ours.compile_s, ours.num_devices,
-                     {name: statistics.median(t) for name, t in times.items()})
+    result = summarize(workload, ours.compile_s, ours.num_devices,
+                       {name: statistics.median(t) for name, t in times.items()})
+    return dataclasses.replace(result, trained_param_bytes=ours.trained_bytes,
+                               optimizer_state_bytes=ours.state_bytes)
 
 
 def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: int,
@@ -224,6 +237,10 @@ def format_result(result: Result, workload: sharded_step.Workload) -> str:
         f"model FLOPs: {result.tflops_per_device:.3f} TFLOP/s/device | "
         f"MFU {100 * result.mfu:.1f}% | HFU {100 * result.hfu:.1f}% (remat "
         f"{cfg.remat_policy}'s recomputation counted)",
+        f"optimizer state: {metrics.human(result.optimizer_state_bytes)}B, "
+        f"{result.optimizer_state_bytes / result.trained_param_bytes:.2f} x the "
+        f"{metrics.human(result.trained_param_bytes)}B of "
+        f"{'LoRA adapters' if workload.lora else 'parameters'} trained",
     ]
     if result.speedup_vs_torch is not None:
         lines.append(f"torch (transformers BloomForCausalLM + AdamW): "

@@ -32,7 +32,8 @@ GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 BASE_CONFIG = "base.gin"  # the macros and defaults every size file includes
 # Configurables only the training loop registers; plan, bench and evaluate read a training
 # config without the loop and skip their bindings (tests/test_configs.py keeps this list true).
-LOOP_CONFIGURABLES = ("train", "CheckpointOptions", "initialize", "make_instruction_stream")
+LOOP_CONFIGURABLES = ("train", "CheckpointOptions", "initialize", "make_instruction_stream",
+                      "instruction_validation_streams")
 flags.disclaim_key_flags()  # the gin flags are the command's own: its --help lists them
 
 
