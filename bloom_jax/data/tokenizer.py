@@ -36,7 +36,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from bloom_jax import configs
 from bloom_jax.data import documents
 from bloom_jax.data import languages
-from bloom_jax.data import vocabularies
 
 FLAGS = flags.FLAGS
 
@@ -165,6 +164,8 @@ def main(argv: Sequence[str]) -> None:
     configs.parse_flags(skip_unknown=True, default_file=configs.BASE_CONFIG)
     path = train(configs.macro("DATA_DIR"), FLAGS.vocab_size, FLAGS.out, FLAGS.alpha,
                  FLAGS.max_chars)
+    # Loaded as the trainer will load it; seqio (and flax, through clu) only once a file exists.
+    from bloom_jax.data import vocabularies  # pylint: disable=g-import-not-at-top
     size = vocabularies.load_vocabulary(path).vocab_size
     print(f"Wrote {path} ({size} tokens). Train with --gin.VOCABULARY={path} "
           f"--gin.BloomConfig.vocab_size={vocabularies.padded_vocab_size(size)} (padded to a "
