@@ -117,12 +117,15 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
         grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
         return grads, loss_sum + micro_loss, weight_sum + micro_weight
 
-    # A traced trip count: the batch ramp changes how many micro-steps run, never the shapes,
-    # so one compiled step serves the whole run; micro-steps past it are padding, never read.
-    used = jnp.minimum(micro_batches, (batch_size + micro_batch - 1) // micro_batch)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), state.params)
     init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
-    grads, loss_sum, weight_sum = jax.lax.fori_loop(0, used, accumulate, init)
+    if micro_batches == 1:  # no loop: XLA fuses the step whole
+        grads, loss_sum, weight_sum = accumulate(0, init)
+    else:
+        # A traced trip count: the batch ramp changes how many micro-steps run, never the
+        # shapes, so one compiled step serves the run; micro-steps past it are never read.
+        used = jnp.minimum(micro_batches, (batch_size + micro_batch - 1) // micro_batch)
+        grads, loss_sum, weight_sum = jax.lax.fori_loop(0, used, accumulate, init)
     weight_sum = jnp.maximum(weight_sum, 1.0)
     loss = loss_sum / weight_sum
     grads = jax.tree_util.tree_map(lambda g: g / weight_sum, grads)

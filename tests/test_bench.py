@@ -83,6 +83,7 @@ def test_sweep_lists_every_combination_and_those_that_do_not_fit():
     assert table[2].startswith("3") and "does not fit (mesh: " in table[2]
 
 
+@pytest.mark.slow
 def test_gpu_suite_fails_at_once_without_a_gpu():
     done = subprocess.run([sys.executable, "-m", "bloom_jax.bench", "--suite=gpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -107,6 +108,16 @@ def test_suite_times_each_model_with_each_attention():
         figures["xla"]["tokens_per_s"] / figures["einsum"]["tokens_per_s"])
     assert suite["device"] == jax.devices()[0].device_kind and suite["wall_s"] > 0
     json.dumps(suite)
+
+
+@pytest.mark.slow
+def test_generate_times_our_decoding_and_hugging_faces_on_the_same_weights():
+    configs.parse(TINY, skip_unknown=configs.LOOP_CONFIGURABLES)
+    result = bench.benchmark_generate(steps=1, warmup_steps=0, compare_torch=True, batch=2,
+                                      prompt_length=4, new_tokens=3)
+    assert result.same_tokens_as_torch
+    assert result.tokens_per_s == pytest.approx(2 * 3 / result.time_s)
+    assert result.speedup_vs_torch == pytest.approx(result.torch_time_s / result.time_s)
 
 
 def test_sweep_table_is_sorted_by_tokens_per_second():
