@@ -71,6 +71,25 @@ def test_profile_trace_time_breakdown_and_operative_config(tmp_path):
     assert step == 0 and b"train.profile_steps = (2, 1)" in text.item()
 
 
+@pytest.mark.slow
+def test_the_step_compiles_once_across_the_batch_ramp(tmp_path):
+    compiled = []
+    def record(event, duration, **kwargs):
+        if event == trainer._CompileLog.EVENT and kwargs.get("fun_name") == "jit(step)":
+            compiled.append(duration)
+    # Batches of 4, 4, 8, 12, 16 sequences: 1, 1, 2, 3, 4 micro-steps of 4.
+    parse_tiny(tmp_path, "TRAIN_STEPS = 5", "train.log_every = 1", "MICRO_BATCH_SIZE = 4",
+               "BatchRampUp.start = 4", "BatchRampUp.increment = 4",
+               "BatchRampUp.rampup_samples = 24")
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        trainer.train()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert [size for _, size in read_scalars(tmp_path)["batch_size"]] == [4, 4, 8, 12, 16]
+    assert len(compiled) == 1
+
+
 def test_profile_steps_are_start_and_count():
     with pytest.raises(ValueError, match="is not START,COUNT"):
         trainer.Profile(None, (0, 3))
