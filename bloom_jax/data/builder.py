@@ -193,7 +193,8 @@ def _single_threaded_tokenizers() -> None:
 def _run_on_ray(jobs: Sequence[ShardJob], workers: int | None) -> Iterable[dict]:
     import ray  # pylint: disable=g-import-not-at-top  # the `distributed` extra
 
-    ray.init(ignore_reinit_error=True, log_to_driver=False,
+    # Joins the cluster at RAY_ADDRESS, or starts one on this machine (without its dashboard).
+    ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     dataset = ray.data.range(len(jobs), override_num_blocks=max(len(jobs), 1)).map(
         lambda row: {"info": json.dumps(build_shard(jobs[row["id"]]))}, num_cpus=1,
