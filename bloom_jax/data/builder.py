@@ -10,6 +10,7 @@ from the same inputs is kept, so a killed build run again does only what is miss
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -18,8 +19,9 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import sys
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -65,7 +67,8 @@ def plan(tasks: Mapping, vocabulary, root: str | os.PathLike,
     A language with a `validation/` folder has shards of each split; otherwise each shard holds
     both splits, documents held out by the hash of their text.
     """
-    from bloom_jax.data import vocabularies  # pylint: disable=g-import-not-at-top  # seqio: main only
+    # seqio and TensorFlow: imported by the caller already, never by the workers.
+    from bloom_jax.data import vocabularies  # pylint: disable=g-import-not-at-top
 
     vocabulary_file = vocabularies.vocabulary_file(vocabulary)
     settings = {"vocabulary": store.file_sha256(vocabulary_file),
@@ -148,7 +151,8 @@ def build(root: str | os.PathLike, tasks: Mapping, vocabulary, *, workers: int |
         store.write_manifest(root, manifest)
     for name in manifest["tasks"]:
         skipped = documents.Skipped(store.bad_records(manifest, name))
-        (logging.warning if skipped else logging.info)("%s: skipped %s.", name, skipped.summary())
+        (logging.warning if skipped else logging.info)("%s: input skipped: %s.", name,
+                                                       skipped.summary())
     return manifest
 
 
@@ -181,8 +185,25 @@ def _run_locally(jobs: Sequence[ShardJob], workers: int | None) -> Iterable[dict
     # TensorFlow, no JAX threads of the caller); each job is one shard.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    with context.Pool(workers, initializer=_single_threaded_tokenizers) as pool:
+    with _main_module_hidden():
+        pool = context.Pool(workers, initializer=_single_threaded_tokenizers)
+    with pool:
         yield from pool.imap_unordered(build_shard, jobs)
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Starts processes that do not import the running command's module again, as
+    multiprocessing otherwise does in each one (and with it TensorFlow, or the trainer): the
+    workers run this module's functions only."""
+    main = sys.modules["__main__"]
+    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if key in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 def _single_threaded_tokenizers() -> None:

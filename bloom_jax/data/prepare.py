@@ -20,7 +20,9 @@ from absl import flags
 from bloom_jax import configs
 from bloom_jax.data import builder
 from bloom_jax.data import documents
+from bloom_jax.data import pipeline
 from bloom_jax.data import store
+from bloom_jax.data import tasks
 
 FLAGS = flags.FLAGS
 
@@ -39,11 +41,6 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     configs.no_arguments(argv)
-    # seqio (TensorFlow) is imported here, not at the top: the worker processes import this
-    # module again and need none of it.
-    from bloom_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    from bloom_jax.data import tasks  # pylint: disable=g-import-not-at-top
-
     # The data settings of a training config; the rest of it is not loaded here.
     configs.parse_flags(skip_unknown=True, default_file=configs.BASE_CONFIG)
     tokens_dir = configs.macro("TOKENS_DIR")

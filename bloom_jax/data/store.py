@@ -18,6 +18,7 @@ second.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import functools
@@ -26,6 +27,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -35,6 +37,7 @@ SHARD_INFO = "shard.json"
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1
 _TEMPORARY = ".tmp-"  # infix of a shard folder or manifest being written
+_MAPPED = 64  # shard files kept mapped per task and split
 
 
 class StoreError(ValueError):
@@ -70,7 +73,8 @@ def write_shard(folder: pathlib.Path, splits: Mapping[str, tuple[np.ndarray, np.
                 info: dict) -> dict:
     """Writes one shard atomically: `splits` maps a split to (tokens, starts); returns `info`
     with each split's documents, tokens and file sizes, as `shard.json` holds it."""
-    temporary = folder.with_name(f"{folder.name}{_TEMPORARY}{os.getpid()}")
+    writer = f"{socket.gethostname()}-{os.getpid()}"
+    temporary = folder.with_name(f"{folder.name}{_TEMPORARY}{writer}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     info = dict(info)
@@ -182,20 +186,24 @@ class _Shards:
         self._split = split
         self.infos = [s for s in shards if s[split]["documents"]]
         self.folders = [shard_folder(root, task, s["name"]) for s in self.infos]
-        self._arrays = {}
+        self._arrays = collections.OrderedDict()  # the most recently read, at most _MAPPED
 
     def array(self, index: int, kind: str) -> np.ndarray:
         """The memory-mapped `kind` ("tokens" or "starts") array of shard `index`."""
         key = (index, kind)
-        if key not in self._arrays:
+        if key in self._arrays:
+            self._arrays.move_to_end(key)
+        else:
             self._arrays[key] = self._load(index, kind)
+            if len(self._arrays) > _MAPPED:  # each map holds a file descriptor
+                self._arrays.popitem(last=False)
         return self._arrays[key]
 
     def _load(self, index: int, kind: str) -> np.ndarray:
         info, folder = self.infos[index][self._split], self.folders[index]
         path = folder / f"{self._split}.{kind}.npy"
-        fix = (f"run the same `python -m bloom_jax.data.prepare` again to rewrite it (it "
-               f"redoes only missing or damaged shards)")
+        fix = ("run the same `python -m bloom_jax.data.prepare` again to rewrite it (it redoes "
+               "only missing or damaged shards)")
         if not path.is_file():
             raise StoreError(f"Token store shard {folder} is missing {path.name}: {fix}.")
         size = path.stat().st_size
