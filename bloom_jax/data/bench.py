@@ -6,10 +6,11 @@
 Rows are as long as the config's SEQUENCE_LENGTH (gin_configs/base.gin's without --gin_file).
 
 --prepare prints one JSON line: `prepare_mb_per_s` (text megabytes per second of a prepare with
-every core), `encode_batch_mb_per_s` (the vocabulary's own batched encoder on the same texts,
-in memory, every core) and their ratio; then `first_step_s` and `peak_rss_mb` of
-`bloom_jax.train` (tiny.gin, one step) reading a store of about --small_store_mb and one
---large_factor times larger, both made by repeating the prepared store's tokens.
+every core, of the corpus's files linked --corpus_repeats times), `encode_batch_mb_per_s` (the
+vocabulary's own batched encoder on the same texts, in memory, every core) and their ratio;
+then `first_step_s` (the best of --startup_runs) and `peak_rss_mb` of `bloom_jax.train`
+(tiny.gin, one step) reading a store of about --small_store_mb and one --large_factor times
+larger, both made by repeating the prepared store's tokens.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import numpy as np
 
 from bloom_jax import configs
 from bloom_jax.data import builder
+from bloom_jax.data import documents
 from bloom_jax.data import pipeline
 from bloom_jax.data import store
 from bloom_jax.data import tasks
 from bloom_jax.data import vocabularies
 
 FLAGS = flags.FLAGS
+_SHARD_TOKENS = 32 << 20  # tokens per shard of the repeated stores: a prepare's shard's worth
 
 
 def define_flags() -> None:
@@ -51,6 +54,10 @@ def define_flags() -> None:
                          "the small one.")
     flags.DEFINE_string("work_dir", None, "--prepare: where the stores are written (and removed "
                         "after); default: the system's temporary folder.")
+    flags.DEFINE_integer("corpus_repeats", 1, "--prepare: the corpus's files are prepared this "
+                         "many times over (linked, not copied), for a corpus long enough to time.")
+    flags.DEFINE_integer("startup_runs", 2, "--prepare: train start-ups per store; the fastest "
+                         "counts.")
 
 
 def bench_stream() -> None:
@@ -73,7 +80,10 @@ def bench_stream() -> None:
 def bench_prepare(work_dir: pathlib.Path) -> dict:
     """Prepare against the raw batched encoder, then train start-up on a small and large store."""
     vocabulary = pipeline.as_vocabulary(configs.macro("VOCABULARY"))
-    found = tasks.roots_tasks(data_dir=configs.macro("DATA_DIR"), vocabulary=vocabulary)
+    corpus = _repeated_corpus(tasks.roots_tasks(data_dir=configs.macro("DATA_DIR"),
+                                                vocabulary=vocabulary),
+                              work_dir / "corpus", FLAGS.corpus_repeats)
+    found = tasks.roots_tasks(data_dir=corpus, vocabulary=vocabulary)
     texts = [text for task in found.values() for split in store.SPLITS
              for text in task.source.documents(split)]
     text_mb = sum(len(text.encode("utf-8")) for text in texts) / 1e6
@@ -96,8 +106,11 @@ def bench_prepare(work_dir: pathlib.Path) -> dict:
                    work_dir / "warm_up")  # loads the libraries into the page cache
     for name, repeats in sizes.items():
         root = _repeated_store(work_dir / "prepared", manifest, work_dir / name, repeats)
+        runs = [_train_startup(root, work_dir / f"run_{name}")
+                for _ in range(FLAGS.startup_runs)]
         startups[name] = {"store_mb": round(_store_bytes(root) / 1e6, 1),
-                          **_train_startup(root, work_dir / f"run_{name}")}
+                          "first_step_s": min(run["first_step_s"] for run in runs),
+                          "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
         shutil.rmtree(root)
     for key in ("store_mb", "first_step_s", "peak_rss_mb"):
         result[key] = {name: startups[name][key] for name in sizes}
@@ -107,27 +120,56 @@ def bench_prepare(work_dir: pathlib.Path) -> dict:
     return result
 
 
+def _repeated_corpus(found: dict, root: pathlib.Path, repeats: int) -> pathlib.Path:
+    """A corpus folder whose every language holds its files `repeats` times (symbolic links)."""
+    for task in found.values():
+        source = task.source
+        folder = root / source.language.directory
+        for split in store.SPLITS:
+            if split == "validation" and not documents.has_validation_dir(source.data_dir,
+                                                                          source.language):
+                continue
+            target = folder / (documents.VALIDATION_DIR if split == "validation" else "")
+            target.mkdir(parents=True, exist_ok=True)
+            for index, path in enumerate(documents.language_files(source.data_dir,
+                                                                  source.language, split)):
+                for repeat in range(repeats):
+                    (target / f"{repeat}-{index}-{path.name}").symlink_to(path.resolve())
+    return root
+
+
 def _store_bytes(root: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*.npy"))
 
 
 def _repeated_store(prepared: pathlib.Path, manifest: dict, root: pathlib.Path,
                     repeats: int) -> pathlib.Path:
-    """A store whose every task holds the prepared one's documents `repeats` times over, one
-    shard per task and copy."""
+    """A store whose every task holds the prepared one's documents `repeats` times over, in
+    shards of up to _SHARD_TOKENS tokens."""
     repeated = json.loads(json.dumps(manifest))
     for name, task in repeated["tasks"].items():
-        splits = {split: [store.split_arrays(prepared, manifest, name, split)]
+        arrays = {split: tuple(map(np.asarray, store.split_arrays(prepared, manifest, name,
+                                                                   split)))
                   for split in store.SPLITS}
-        arrays = {split: (np.asarray(tokens).astype(manifest["dtype"]), np.asarray(starts))
-                  for split, [(tokens, starts)] in splits.items()}
+        per_shard = max(1, _SHARD_TOKENS // max(len(arrays["train"][0]), 1))
         info = {key: value for key, value in task["shards"][0].items()
                 if key not in store.SPLITS}
-        task["shards"] = [store.write_shard(store.shard_folder(root, name, f"{copy:05d}"),
-                                            arrays, {**info, "name": f"{copy:05d}"})
-                          for copy in range(repeats)]
+        task["shards"] = []
+        for first in range(0, repeats, per_shard):
+            copies, shard = min(per_shard, repeats - first), f"{first:05d}"
+            tiled = {split: _tiled(tokens.astype(manifest["dtype"]), starts, copies)
+                     for split, (tokens, starts) in arrays.items()}
+            task["shards"].append(store.write_shard(store.shard_folder(root, name, shard),
+                                                    tiled, {**info, "name": shard}))
     store.write_manifest(root, repeated)
     return root
+
+
+def _tiled(tokens: np.ndarray, starts: np.ndarray,
+           copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """`copies` times the documents (tokens [n], starts [documents + 1]) one after another."""
+    shifted = starts[1:][None, :] + len(tokens) * np.arange(copies)[:, None]
+    return np.tile(tokens, copies), np.concatenate([[0], shifted.ravel()]).astype(np.int64)
 
 
 def _train_startup(tokens_dir: pathlib.Path, model_dir: pathlib.Path) -> dict:
