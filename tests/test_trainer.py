@@ -4,6 +4,7 @@ INIT_FROM starts it from a converted checkpoint. (The command's processes: test_
 import json
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import optax
@@ -69,6 +70,23 @@ def test_profile_trace_time_breakdown_and_operative_config(tmp_path):
     assert dict(scalars["time/compile"])[1] > 0  # the step compiled before step 1 ran
     (step, text), = read_tensors(tmp_path)["gin/operative_config"]
     assert step == 0 and b"train.profile_steps = (2, 1)" in text.item()
+
+
+@pytest.mark.slow
+def test_a_run_on_a_token_store_trains_as_one_on_the_raw_corpus(tmp_path):
+    """The raw corpus is tokenized into MODEL_DIR/tokens; a run given that store as TOKENS_DIR
+    reads the same batches, so it logs the same losses."""
+    parse_tiny(tmp_path / "raw", "TRAIN_STEPS = 2", "train.log_every = 1")
+    trainer.train()
+    store = tmp_path / "raw" / "tokens"
+    assert (store / "manifest.json").is_file()
+    gin.clear_config()
+    parse_tiny(tmp_path / "stored", "TRAIN_STEPS = 2", "train.log_every = 1",
+               f"TOKENS_DIR = '{store}'")
+    trainer.train()
+    assert not (tmp_path / "stored" / "tokens").exists()
+    losses = [read_scalars(tmp_path / run)["loss"] for run in ("raw", "stored")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
 def test_profile_steps_are_start_and_count():

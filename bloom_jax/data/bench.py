@@ -10,7 +10,9 @@ every core, of the corpus's files linked --corpus_repeats times), `encode_batch_
 vocabulary's own batched encoder on the same texts, in memory, every core) and their ratio;
 then `first_step_s` (the best of --startup_runs) and `peak_rss_mb` of `bloom_jax.train`
 (tiny.gin, one step) reading a store of about --small_store_mb and one --large_factor times
-larger, both made by repeating the prepared store's tokens.
+larger, both made by repeating the prepared store's tokens; and the data's own share of that
+start-up, measured in this process: `stream_first_batch_s` and `stream_rss_mb` (the resident
+memory the stream added).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from typing import Sequence
 
 from absl import flags
+import gin
 import numpy as np
 
 from bloom_jax import configs
@@ -110,9 +113,11 @@ def bench_prepare(work_dir: pathlib.Path) -> dict:
                 for _ in range(FLAGS.startup_runs)]
         startups[name] = {"store_mb": round(_store_bytes(root) / 1e6, 1),
                           "first_step_s": min(run["first_step_s"] for run in runs),
-                          "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
+                          "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+                          **_stream_startup(root)}
         shutil.rmtree(root)
-    for key in ("store_mb", "first_step_s", "peak_rss_mb"):
+    for key in ("store_mb", "first_step_s", "peak_rss_mb", "stream_first_batch_s",
+                "stream_rss_mb"):
         result[key] = {name: startups[name][key] for name in sizes}
         if key != "store_mb":
             result[key]["large_to_small"] = round(startups["large"][key] /
@@ -195,6 +200,20 @@ def _train_startup(tokens_dir: pathlib.Path, model_dir: pathlib.Path) -> dict:
         raise RuntimeError(f"train on {tokens_dir} failed:\n{''.join(lines[-20:])}")
     shutil.rmtree(model_dir, ignore_errors=True)
     return {"first_step_s": round(first_step, 2), "peak_rss_mb": round(peak[0] / 1024, 1)}
+
+
+def _stream_startup(tokens_dir: pathlib.Path) -> dict:
+    """The data's share of a start-up, in this process: seconds to the first batch of tiny.gin's
+    stream on `tokens_dir`, and the resident megabytes it added."""
+    rss = lambda: int(re.search(r"VmRSS:\s+(\d+)",
+                                pathlib.Path("/proc/self/status").read_text()).group(1))
+    before, start = rss(), time.perf_counter()
+    with gin.unlock_config():
+        gin.bind_parameter("load_tasks.tokens_dir", str(tokens_dir))
+    next(pipeline.make_stream(batch_size=16, sequence_length=128, process_index=0,
+                              process_count=1))
+    return {"stream_first_batch_s": round(time.perf_counter() - start, 3),
+            "stream_rss_mb": round((rss() - before) / 1024, 1)}
 
 
 def _watch_peak_rss(process: subprocess.Popen, peak: list[int]) -> None:
