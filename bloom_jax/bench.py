@@ -81,10 +81,13 @@ class Result:
 def synthetic_batch(rng: np.random.Generator, micro_batches: int, micro_batch: int,
                     length: int, vocab_size: int) -> dict[str, np.ndarray]:
     """Random tokens packed by the data pipeline's own `pack`: [micro_batches, micro_batch, length]
-    features with documents (segment ids, restarting positions) of random lengths."""
+    features with documents (segment ids, restarting positions) of random lengths. Document
+    masking exercises the general mask; the step costs the same with BLOOM's one segment per row
+    (the mask is built and applied either way)."""
     rows = rng.integers(SYNTHETIC_EOS_ID + 1, vocab_size, (micro_batches * micro_batch, length + 1))
     rows[rng.random(rows.shape) < DOCUMENTS_PER_ROW / length] = SYNTHETIC_EOS_ID
-    packed = pipeline.pack(rows, np.full(len(rows), length), SYNTHETIC_EOS_ID)
+    packed = pipeline.pack(rows, np.full(len(rows), length), SYNTHETIC_EOS_ID,
+                           document_masking=True)
     return {k: v.reshape(micro_batches, micro_batch, length) for k, v in packed.items()}
 
 

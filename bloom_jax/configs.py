@@ -1,7 +1,8 @@
 """Command wiring shared by every `python -m bloom_jax.*` command: flags, gin, one error line.
 
 Every config accepts the same macros (MODEL_DIR, DATA_DIR, TOKENS_DIR, TRAIN_STEPS, BATCH_SIZE,
-SEQUENCE_LENGTH, MICRO_BATCH_SIZE, SEED, INIT_FROM, VOCABULARY; see gin_configs/base.gin).
+SEQUENCE_LENGTH, MICRO_BATCH_SIZE, SEED, INIT_FROM, VOCABULARY, DOCUMENT_MASKING; see
+gin_configs/base.gin).
 `--gin.NAME=VALUE` is t5x's shorthand for `--gin_bindings='NAME = VALUE'`; a VALUE that is not a
 gin literal (a bare path) is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
 
