@@ -13,7 +13,7 @@ from bloom_jax.data import pipeline
 from bloom_jax.data import store
 from bloom_jax.data import tasks
 from bloom_jax.data import tokenized
-from tests.data.helpers import write_jsonl
+from tests.data.helpers import mixture, write_jsonl
 
 
 def _load(corpus, vocabulary, model_dir, split="train"):
@@ -86,8 +86,9 @@ def test_batches_from_a_store_equal_batches_from_the_raw_corpus(tiny_corpus, voc
                  for name, docs in ((name, list(tasks.encoded_documents(task, "train")))
                                     for name, task in found.items())]
     rates = languages.mixture_rates({t.name: t.num_tokens for t in in_memory})
-    reference = pipeline.PackedStream(in_memory, rates, vocabulary, sequence_length=16,
-                                      batch_size=8, seed=3, process_index=0, process_count=1)
+    reference = pipeline.PackedStream(in_memory, mixture(found, rates), vocabulary,
+                                      sequence_length=16, batch_size=8, seed=3,
+                                      process_index=0, process_count=1)
     for _ in range(5):
         want = next(reference)
         for batch in (next(raw), next(stored)):
