@@ -72,6 +72,21 @@ def flops_per_step(config: ModelShape, batch_size: int, seq_len: int,
     return flops_per_token(config, seq_len, remat_policy) * batch_size * seq_len
 
 
+def pipeline_bubble(stages: int, micro_steps: int) -> float:
+    """The share of a pipelined step each stage idles: `model.pipelined_layers` runs GPipe's
+    schedule, M micro-steps in M + S - 1 iterations, S - 1 of them idle per stage."""
+    return (stages - 1) / (micro_steps + stages - 1)
+
+
+def stage_transfer_bytes(config: ModelShape, micro_batch: int, seq_len: int,
+                         mesh: dict[str, int]) -> int:
+    """Bytes one device sends to the next pipeline stage per micro-step in the forward pass (the
+    backward pass sends as many back): its rows of the micro-batch's [micro_batch, seq_len,
+    hidden] residual stream, in the compute dtype (`config.dtype`), whole over `tensor`."""
+    rows = micro_batch // (mesh["data"] * mesh["fsdp"])
+    return rows * seq_len * config.hidden_size * jnp.dtype(config.dtype).itemsize
+
+
 def tflops_per_device(step_flops: float, step_time_s: float, num_devices: int) -> float:
     """Achieved TFLOP/s per device, as BigScience logged it."""
     return step_flops / (step_time_s * num_devices * 1e12)

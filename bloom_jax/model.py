@@ -320,6 +320,10 @@ class BloomForCausalLM(nn.Module):
     positions skip the padding as in the reference) or packed `segment_ids` and `positions`
     (tokens attend only inside their own document).
 
+    stages > 1 runs the layers as a pipeline of that many stages (`pipelined_layers`), the
+    parameters unchanged. Its inputs may then carry a leading micro-batch axis ([micro_batches,
+    batch, length], the logits likewise): the micro-batches flow through the stages together.
+
     decode=True runs the cached path used for generation: `input_ids` ([batch, n]) are the next
     n tokens, appended to the "cache" collection (keys and values stacked over layers, the mask
     of every token written so far and the write index), and `attention_mask` ([batch, n]) marks
@@ -327,6 +331,7 @@ class BloomForCausalLM(nn.Module):
     """
 
     config: BloomConfig
+    stages: int = 1
 
     @nn.compact
     def __call__(
@@ -342,6 +347,14 @@ class BloomForCausalLM(nn.Module):
         cfg = self.config
         if attention_mask is not None and (segment_ids is not None or positions is not None):
             raise ValueError("Pass either attention_mask or segment_ids/positions, not both.")
+        if self.stages > 1 and decode:
+            raise ValueError("Decoding is not pipelined: use a model with stages=1.")
+        micro_batches = input_ids.shape[0] if input_ids.ndim == 3 else 1
+        # [micro_batches, batch, length] -> [batch x micro_batches, length], micro-batch m in rows
+        # r % micro_batches == m, so a batch sharding of the inputs needs no data movement.
+        input_ids, attention_mask, segment_ids, positions = (
+            None if a is None else _merge_micro_batches(a)
+            for a in (input_ids, attention_mask, segment_ids, positions))
         cache_index = None
         if decode:
             if segment_ids is not None or positions is not None:
@@ -386,12 +399,18 @@ class BloomForCausalLM(nn.Module):
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(cfg, deterministic, decode, name="h")(x, alibi, mask, cache_index)
+        if self.stages > 1 and not self.is_initializing():
+            x = pipelined_layers(cfg, self.variables["params"]["h"], x, segment_ids, positions,
+                                 self.stages, micro_batches, deterministic,
+                                 None if deterministic else self.make_rng("dropout"))
+        else:
+            x, _ = stack(cfg, deterministic, decode, name="h")(x, alibi, mask, cache_index)
 
         x = _layer_norm(cfg, "ln_f")(x)
         logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
-        return nn.with_logical_constraint(
+        logits = nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return _split_micro_batches(logits, micro_batches) if micro_batches > 1 else logits
 
     def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
         """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.
@@ -413,3 +432,70 @@ class BloomForCausalLM(nn.Module):
         causal = jnp.arange(max_length)[None, :] <= slots[:, None]  # [n, max_length]
         mask = causal[None] & (token_mask[:, None, :] != 0)
         return _alibi(self.config.n_head, _positions(token_mask)), mask[:, None], start
+
+
+def _merge_micro_batches(a: Array) -> Array:
+    """[micro_batches, batch, ...] -> [batch x micro_batches, ...] (micro-batches interleaved);
+    other arrays unchanged."""
+    return a if a.ndim == 2 else a.swapaxes(0, 1).reshape(-1, *a.shape[2:])
+
+
+def _split_micro_batches(a: Array, micro_batches: int) -> Array:
+    """The inverse of `_merge_micro_batches`: [batch x micro_batches, ...] -> [micro_batches,
+    batch, ...]."""
+    return a.reshape(-1, micro_batches, *a.shape[1:]).swapaxes(0, 1)
+
+
+def pipelined_layers(cfg: BloomConfig, layers: Any, x: Array, segment_ids: Array,
+                     positions: Array, stages: int, micro_batches: int, deterministic: bool,
+                     dropout_rng: Array | None) -> Array:
+    """The layer stack as a GPipe pipeline: stage s holds layers [s L/S, (s+1) L/S) and, at
+    iteration t, runs micro-batch t - s; after each iteration every stage's output moves to the
+    next stage (a roll over the stage axis, which XLA compiles to a collective permute when
+    `activation_stage` is sharded). M micro-batches take M + S - 1 iterations, S - 1 of them
+    idle per stage (`flops.pipeline_bubble`).
+
+    layers: the scanned stack's parameters, [n_layer, ...] leaves; x: [batch x M, length, embed]
+    with micro-batch m in rows r % M == m (as `_merge_micro_batches` lays them out).
+    """
+    if cfg.n_layer % stages:
+        raise ValueError(f"n_layer={cfg.n_layer} layers do not split into {stages} pipeline "
+                         "stages; choose a stage count that divides the layers.")
+    per_stage = cfg.n_layer // stages
+    # [stages, layers per stage, ...]: the "layers" sharding over stage carries over to stages.
+    layers = jax.tree.map(lambda p: p.reshape(stages, per_stage, *p.shape[1:]), layers)
+    inputs, segment_ids, positions = (_split_micro_batches(jnp.asarray(a), micro_batches)
+                                      for a in (x, segment_ids, positions))
+    stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
+    stage_mesh_axis = nn.logical_to_mesh_axes(("activation_stage",))[0]
+
+    block = Block(cfg, deterministic, parent=None).apply
+    if cfg.remat_policy != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+
+    def run_stage(params, x, segment_ids, positions, rngs):
+        """One stage's layers on one micro-batch: [batch, length, embed] -> the same."""
+        alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+
+        def layer(x, params_and_rng):
+            params, rng = params_and_rng
+            x, _ = block({"params": params}, x, alibi, mask,
+                         rngs=None if rng is None else {"dropout": rng})
+            return x, None
+        return jax.lax.scan(layer, x, (params, rngs))[0]
+
+    def iteration(state, t):
+        # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
+        state = jnp.roll(state, 1, axis=0).at[0].set(inputs[jnp.minimum(t, micro_batches - 1)])
+        state = nn.with_logical_constraint(state, stage_axes)
+        micro = jnp.clip(t - jnp.arange(stages), 0, micro_batches - 1)  # [stages]
+        rngs = (None if dropout_rng is None else
+                jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
+        state = jax.vmap(run_stage, spmd_axis_name=stage_mesh_axis)(
+            layers, state, segment_ids[micro], positions[micro], rngs)
+        state = nn.with_logical_constraint(state, stage_axes)
+        return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
+
+    state = jnp.zeros((stages, *inputs.shape[1:]), x.dtype)
+    _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
+    return _merge_micro_batches(finished[stages - 1:])

@@ -173,7 +173,9 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     Raises partitioning's MeshError, naming each array the mesh does not divide and meshes that
     would, before anything is compiled.
     """
-    model = model_lib.BloomForCausalLM(workload.model_config)
+    stages = mesh.shape["stage"]
+    check_stages(workload, stages)
+    model = model_lib.BloomForCausalLM(workload.model_config, stages=stages)
     optimizer = optim.make_optimizer()
     micro_batch = workload.micro_batch(mesh)
     boxed_model_params = boxed_params(model)
@@ -203,6 +205,19 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     return ShardedTraining(workload, mesh, rules, model, optimizer, micro_batch, abstract_state,
                            state_shardings, batch_sharding, MeshFunction(step, mesh, rules),
                            base_shardings, abstract_base)
+
+
+def check_stages(workload: Workload, stages: int) -> None:
+    """Raises MeshError unless the layers split evenly into `stages` pipeline stages (and the
+    run is not LoRA's, which is not pipelined)."""
+    layers = workload.model_config.n_layer
+    if layers % stages:
+        divisors = [d for d in range(1, layers + 1) if layers % d == 0]
+        raise mesh_lib.MeshError(
+            f"n_layer={layers} layers do not split into stage={stages} pipeline stages; set "
+            f"create_mesh.stage to a divisor of {layers}: {', '.join(map(str, divisors))}.")
+    if stages > 1 and workload.lora is not None:
+        raise mesh_lib.MeshError("LoRA does not run pipelined; set create_mesh.stage = 1.")
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:

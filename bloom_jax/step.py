@@ -90,11 +90,12 @@ def uses_dropout(config: Any) -> bool:
 
 def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: LossFn,
                use_dropout: bool, optimizer: optax.GradientTransformation,
-               skip_policy: SkipPolicy = SkipPolicy(),
+               skip_policy: SkipPolicy = SkipPolicy(), pipelined: bool = False,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step of `state.params` over a global batch of [micro_batches, micro_batch,
     length] arrays; `loss(params, micro_batch, rng)` gives (summed losses, summed weights), with
-    a dropout key when `use_dropout`.
+    a dropout key when `use_dropout`. `pipelined`: the loss takes every micro-batch at once
+    (a pipelined model keeps them all in flight) instead of one per accumulation step.
 
     Only the first `batch_size` sequences count: when the mesh's data-parallel size does not
     divide the batch (384 GPUs = 3 x 128 against BLOOM's 2048), the last micro-batch is filled
@@ -103,6 +104,8 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
     micro_batches, micro_batch, length = batch["input_ids"].shape
     rows = jnp.arange(micro_batches * micro_batch).reshape(micro_batches, micro_batch)
     batch = {**batch, "loss_weights": batch["loss_weights"] * (rows < batch_size)[..., None]}
+    if pipelined:
+        batch = jax.tree.map(lambda x: x[None], batch)  # one accumulation step of them all
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def accumulate(carry, micro):
@@ -163,5 +166,5 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     def step(state: TrainState, batch: Batch, batch_size: jax.Array):
         return train_step(state, batch, batch_size, loss=functools.partial(loss_sums, model),
                           use_dropout=uses_dropout(model.config), optimizer=optimizer,
-                          skip_policy=skip_policy)
+                          skip_policy=skip_policy, pipelined=model.stages > 1)
     return step

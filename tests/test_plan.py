@@ -91,7 +91,7 @@ def test_cli_plans_a_sharded_mesh_and_exits_3_when_it_does_not_fit(tmp_path):
     out = result.stdout
     assert f"parameters: {flops.param_count(TINY)}\n" in out
     assert "mesh: data=1, fsdp=4, tensor=2 (8 devices)" in out
-    assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P(None, 'fsdp', 'tensor')" in out
+    assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in out
     param_gib = float(re.search(r"parameters:\s+([\d.]+) GiB", out).group(1))
     assert param_gib == pytest.approx(4 * flops.param_count(TINY) / 8 / 2**30, abs=0.01)
     peak = int(re.search(r"per_device_peak_bytes: (\d+)", out).group(1))

@@ -21,7 +21,7 @@ def workload(batch_size=8, micro_batch_size=None, sequence_length=16):
 
 
 def test_micro_batches_are_per_data_parallel_device_and_the_last_is_padded():
-    mesh = jax.sharding.AbstractMesh((3, 32, 4), mesh_lib.MESH_AXES)
+    mesh = jax.sharding.AbstractMesh((1, 3, 32, 4), mesh_lib.MESH_AXES)
     bloom = workload(batch_size=2048, micro_batch_size=1)
     assert bloom.micro_batch(mesh) == 96
     assert sharded_step.micro_steps(2048, 96) == 22  # 2112 rows, the last 64 masked
@@ -45,7 +45,7 @@ def test_the_step_traces_with_its_own_rules_outside_any_context():
 
 
 def test_an_eval_batch_the_mesh_does_not_divide_is_refused_before_compiling():
-    mesh = jax.sharding.AbstractMesh((2, 2, 2), mesh_lib.MESH_AXES)
+    mesh = jax.sharding.AbstractMesh((1, 2, 2, 2), mesh_lib.MESH_AXES)
     model = BloomForCausalLM(TINY)
     sharded_step.shard_eval(model, mesh, rules_lib.DEFAULT_RULES, 8, 32)
     with pytest.raises(mesh_lib.MeshError, match=r"6 sequences.*data=2 x fsdp=2"):
