@@ -349,7 +349,8 @@ class BloomForCausalLM(nn.Module):
             raise ValueError("Pass either attention_mask or segment_ids/positions, not both.")
         if self.stages > 1 and decode:
             raise ValueError("Decoding is not pipelined: use a model with stages=1.")
-        micro_batches = input_ids.shape[0] if input_ids.ndim == 3 else 1
+        micro_batched = input_ids.ndim == 3
+        micro_batches = input_ids.shape[0] if micro_batched else 1
         # [micro_batches, batch, length] -> [batch x micro_batches, length], micro-batch m in rows
         # r % micro_batches == m, so a batch sharding of the inputs needs no data movement.
         input_ids, attention_mask, segment_ids, positions = (
@@ -410,7 +411,7 @@ class BloomForCausalLM(nn.Module):
         logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
         logits = nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return _split_micro_batches(logits, micro_batches) if micro_batches > 1 else logits
+        return _split_micro_batches(logits, micro_batches) if micro_batched else logits
 
     def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
         """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.

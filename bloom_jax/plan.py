@@ -80,7 +80,6 @@ def define_flags() -> None:
 
 
 GIB = 2**30
-MIB = 2**20
 EXIT_DOES_NOT_FIT = 3
 EXIT_BAD_MESH = 2
 GPUS = ("A100", "H100-SXM")  # keys of flops.PEAK_FLOPS the time table shows
@@ -172,8 +171,8 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
         f"of {plan.micro_batch} sequences (remat: {config.remat_policy})",
         *([f"pipeline: {plan.mesh['stage']} stages, bubble "
            f"{flops.pipeline_bubble(plan.mesh['stage'], plan.micro_batches):.1%} (GPipe); "
-           f"{flops.stage_transfer_bytes(config, plan.micro_batch, seq_len, plan.mesh) / MIB:.1f}"
-           " MiB per device to the next stage per micro-step"]
+           f"{short(flops.stage_transfer_bytes(config, plan.micro_batch, seq_len, plan.mesh))}B "
+           "per device to the next stage per micro-step"]
           if plan.mesh["stage"] > 1 else []),
         "sharding (parameter: shape -> mesh axes):",
         *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),

@@ -141,12 +141,12 @@ def train(
                  training.micro_batch, sequence_length)
     if (stages := mesh.shape["stage"]) > 1:
         steps = training.micro_steps(workload.batch_size)
-        logging.info("Pipeline: %d stages of %d layers, %d micro-steps per step: bubble %.1f%% "
-                     "(GPipe); %d bytes per device to the next stage per micro-step.", stages,
+        logging.info("Pipeline: %d stages x %d layers, %d micro-steps per step: bubble %.1f%% "
+                     "(GPipe); %sB per device to the next stage per micro-step.", stages,
                      model_config.n_layer // stages, steps,
                      100 * flops.pipeline_bubble(stages, steps),
-                     flops.stage_transfer_bytes(model_config, training.micro_batch,
-                                                sequence_length, mesh.shape))
+                     metrics.human(flops.stage_transfer_bytes(
+                         model_config, training.micro_batch, sequence_length, mesh.shape)))
     if eval_every:
         eval_batch_size = eval_batch_size or training.micro_batch
         evaluator = sharded_step.shard_eval(training.model, mesh, rules, eval_batch_size,

@@ -102,6 +102,21 @@ def test_cli_plans_a_sharded_mesh_and_exits_3_when_it_does_not_fit(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_plans_a_pipelined_mesh_with_its_bubble(tmp_path):
+    result = run_plan(tmp_path, "--num_devices=8", "--gin.create_mesh.stage=2",
+                      "--gin.create_mesh.fsdp=2", "--gin.create_mesh.tensor=2",
+                      "--gin.MICRO_BATCH_SIZE=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mesh: stage=2, data=1, fsdp=2, tensor=2 (8 devices)" in result.stdout
+    # 16 sequences in micro-steps of 2 x fsdp 2: (2 - 1) / (4 + 2 - 1); each device sends its
+    # 2 rows of 32 x 64 bfloat16 activations
+    assert ("pipeline: 2 stages, bubble 20.0% (GPipe); 8.19kB per device to the next stage per "
+            "micro-step") in result.stdout
+    assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in (
+        result.stdout)
+
+
+@pytest.mark.slow
 def test_cli_refuses_a_mesh_that_does_not_divide_the_heads(tmp_path):
     result = run_plan(tmp_path, "--num_devices=6", "--gin.create_mesh.tensor=3")
     assert result.returncode == plan.EXIT_BAD_MESH

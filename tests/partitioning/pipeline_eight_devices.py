@@ -33,12 +33,12 @@ from partitioning.shardings import batch_sharding, init_params, put_batch
 from tests.partitioning import eight_devices as run8
 
 CONFIG = BloomConfig(vocab_size=run8.MODEL.config.vocab_size, hidden_size=64, n_layer=4,
-                     n_head=8)
+                     n_head=8, remat_policy="full")
 MESHES = {  # the pipelined meshes the loss and gradients are checked on
     "stage2_fsdp2_tensor2": dict(stage=2, data=1, fsdp=2, tensor=2),
     "stage4_data2": dict(stage=4, data=2),
 }
-MICRO_BATCHES = 2
+MICRO_BATCHES = 4  # of 2 sequences: more micro-batches than stages, and as many
 # The train step: the same 8 devices with and without a pipeline, 2 micro-steps of 4 sequences.
 LAYOUTS = {
     "pipelined": (dict(stage=2, data=1, fsdp=2, tensor=2), 2),  # (mesh, MICRO_BATCH_SIZE)
