@@ -321,8 +321,9 @@ class BloomForCausalLM(nn.Module):
     (tokens attend only inside their own document).
 
     stages > 1 runs the layers as a pipeline of that many stages (`pipelined_layers`), the
-    parameters unchanged. Its inputs may then carry a leading micro-batch axis ([micro_batches,
-    batch, length], the logits likewise): the micro-batches flow through the stages together.
+    parameters unchanged. Its inputs are then micro-batches, [micro_batches, batch, length] (or
+    one, [batch, length]), that flow through the stages together, and so are the logits; when
+    the stages divide the micro-batches, the LM head's work is split over the stages too.
 
     decode=True runs the cached path used for generation: `input_ids` ([batch, n]) are the next
     n tokens, appended to the "cache" collection (keys and values stacked over layers, the mask
@@ -347,15 +348,14 @@ class BloomForCausalLM(nn.Module):
         cfg = self.config
         if attention_mask is not None and (segment_ids is not None or positions is not None):
             raise ValueError("Pass either attention_mask or segment_ids/positions, not both.")
-        if self.stages > 1 and decode:
+        pipelined = self.stages > 1
+        if pipelined and decode:
             raise ValueError("Decoding is not pipelined: use a model with stages=1.")
-        micro_batched = input_ids.ndim == 3
-        micro_batches = input_ids.shape[0] if micro_batched else 1
-        # [micro_batches, batch, length] -> [batch x micro_batches, length], micro-batch m in rows
-        # r % micro_batches == m, so a batch sharding of the inputs needs no data movement.
-        input_ids, attention_mask, segment_ids, positions = (
-            None if a is None else _merge_micro_batches(a)
-            for a in (input_ids, attention_mask, segment_ids, positions))
+        one_micro_batch = pipelined and input_ids.ndim == 2
+        if one_micro_batch:
+            input_ids, attention_mask, segment_ids, positions = (
+                None if a is None else a[None]
+                for a in (input_ids, attention_mask, segment_ids, positions))
         cache_index = None
         if decode:
             if segment_ids is not None or positions is not None:
@@ -370,8 +370,14 @@ class BloomForCausalLM(nn.Module):
             if segment_ids is None:
                 segment_ids = jnp.ones_like(input_ids)
             if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-            alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+                positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+            if not pipelined:  # (each pipeline stage computes its micro-batch's own)
+                alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+        # A leading micro-batch axis, pipelined: whole on every stage into the pipeline, split
+        # over the stages (when they divide it) out of it, for the LM head.
+        micro_in = (None,) if pipelined else ()
+        micro_out = (("activation_stage" if input_ids.shape[0] % self.stages == 0 else None,)
+                     if pipelined else ())
 
         embed = nn.Embed(
             num_embeddings=cfg.vocab_size,
@@ -384,7 +390,7 @@ class BloomForCausalLM(nn.Module):
         x = embed(input_ids)  # [batch, length, embed]
         x = _layer_norm(cfg, "word_embeddings_layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, EMBED_ACTIVATION_AXES)
+        x = nn.with_logical_constraint(x, (*micro_in, *EMBED_ACTIVATION_AXES))
 
         block = Block
         if cfg.remat_policy != "none":
@@ -399,19 +405,24 @@ class BloomForCausalLM(nn.Module):
             length=cfg.n_layer,
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        if self.stages > 1 and not self.is_initializing():
-            x = pipelined_layers(cfg, self.variables["params"]["h"], x, segment_ids, positions,
-                                 self.stages, micro_batches, deterministic,
-                                 None if deterministic else self.make_rng("dropout"))
+        )(cfg, deterministic, decode, name="h")
+        if not pipelined:
+            x, _ = stack(x, alibi, mask, cache_index)
+        elif self.is_initializing():  # creates the stacked parameters that the pipeline runs
+            flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
+            stack(flat(x), *attention_inputs(cfg.n_head, flat(segment_ids), flat(positions)),
+                  None)
         else:
-            x, _ = stack(cfg, deterministic, decode, name="h")(x, alibi, mask, cache_index)
+            x = pipelined_layers(cfg, self.variables["params"]["h"], x, segment_ids, positions,
+                                 self.stages, deterministic,
+                                 None if deterministic else self.make_rng("dropout"))
+            x = nn.with_logical_constraint(x, (*micro_out, *EMBED_ACTIVATION_AXES))
 
         x = _layer_norm(cfg, "ln_f")(x)
         logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
         logits = nn.with_logical_constraint(
-            logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return _split_micro_batches(logits, micro_batches) if micro_batched else logits
+            logits, (*micro_out, "activation_batch", "activation_length", "activation_vocab"))
+        return logits[0] if one_micro_batch else logits
 
     def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
         """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.
@@ -435,20 +446,8 @@ class BloomForCausalLM(nn.Module):
         return _alibi(self.config.n_head, _positions(token_mask)), mask[:, None], start
 
 
-def _merge_micro_batches(a: Array) -> Array:
-    """[micro_batches, batch, ...] -> [batch x micro_batches, ...] (micro-batches interleaved);
-    other arrays unchanged."""
-    return a if a.ndim == 2 else a.swapaxes(0, 1).reshape(-1, *a.shape[2:])
-
-
-def _split_micro_batches(a: Array, micro_batches: int) -> Array:
-    """The inverse of `_merge_micro_batches`: [batch x micro_batches, ...] -> [micro_batches,
-    batch, ...]."""
-    return a.reshape(-1, micro_batches, *a.shape[1:]).swapaxes(0, 1)
-
-
-def pipelined_layers(cfg: BloomConfig, layers: Any, x: Array, segment_ids: Array,
-                     positions: Array, stages: int, micro_batches: int, deterministic: bool,
+def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: Array,
+                     positions: Array, stages: int, deterministic: bool,
                      dropout_rng: Array | None) -> Array:
     """The layer stack as a GPipe pipeline: stage s holds layers [s L/S, (s+1) L/S) and, at
     iteration t, runs micro-batch t - s; after each iteration every stage's output moves to the
@@ -456,17 +455,15 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, x: Array, segment_ids: Array
     `activation_stage` is sharded). M micro-batches take M + S - 1 iterations, S - 1 of them
     idle per stage (`flops.pipeline_bubble`).
 
-    layers: the scanned stack's parameters, [n_layer, ...] leaves; x: [batch x M, length, embed]
-    with micro-batch m in rows r % M == m (as `_merge_micro_batches` lays them out).
+    layers: the scanned stack's parameters, [n_layer, ...] leaves; inputs: [micro_batches,
+    batch, length, embed]; segment_ids, positions: [micro_batches, batch, length]. Returns the
+    last layer's outputs, [micro_batches, batch, length, embed].
     """
-    if cfg.n_layer % stages:
-        raise ValueError(f"n_layer={cfg.n_layer} layers do not split into {stages} pipeline "
-                         "stages; choose a stage count that divides the layers.")
     per_stage = cfg.n_layer // stages
     # [stages, layers per stage, ...]: the "layers" sharding over stage carries over to stages.
     layers = jax.tree.map(lambda p: p.reshape(stages, per_stage, *p.shape[1:]), layers)
-    inputs, segment_ids, positions = (_split_micro_batches(jnp.asarray(a), micro_batches)
-                                      for a in (x, segment_ids, positions))
+    micro_batches = inputs.shape[0]
+    segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
     stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
     stage_mesh_axis = nn.logical_to_mesh_axes(("activation_stage",))[0]
 
@@ -497,6 +494,6 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, x: Array, segment_ids: Array
         state = nn.with_logical_constraint(state, stage_axes)
         return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
 
-    state = jnp.zeros((stages, *inputs.shape[1:]), x.dtype)
+    state = jnp.zeros((stages, *inputs.shape[1:]), inputs.dtype)
     _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
-    return _merge_micro_batches(finished[stages - 1:])
+    return finished[stages - 1:]
