@@ -482,6 +482,11 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
             return x, None
         return jax.lax.scan(layer, x, (params, rngs))[0]
 
+    if cfg.remat_policy != "none":
+        # Across iterations keep only each stage's input, and recompute its layers from it (under
+        # the policy) in the backward pass: memory grows with the micro-steps, not the layers.
+        run_stage = jax.checkpoint(run_stage, prevent_cse=False)
+
     def iteration(state, t):
         # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
         state = jnp.roll(state, 1, axis=0).at[0].set(inputs[jnp.minimum(t, micro_batches - 1)])

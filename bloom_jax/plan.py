@@ -164,6 +164,7 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
                                    workload.sequence_length)
     num_devices = math.prod(plan.mesh.values())
     model_flops = flops.flops_per_step(config, batch_size, seq_len)
+    hardware = flops.flops_per_token(config, seq_len, config.remat_policy, plan.mesh["stage"])
     lines = [
         f"parameters: {flops.param_count(config)}",
         f"mesh: {format_shape(plan.mesh)} ({num_devices} devices)",
@@ -186,8 +187,7 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
         f"per_device_peak_bytes: {plan.peak_bytes}",
         f"model FLOPs per step: {model_flops:.4g} (per token: "
         f"{flops.flops_per_token(config, seq_len):.4g}; hardware, with remat "
-        f"{config.remat_policy}'s recomputation: "
-        f"{flops.flops_per_token(config, seq_len, config.remat_policy):.4g})",
+        f"{config.remat_policy}'s recomputation: {hardware:.4g})",
         f"predicted at {mfu:.0%} MFU (bfloat16 dense peak):",
     ]
     for gpu in GPUS:

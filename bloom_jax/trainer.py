@@ -168,7 +168,7 @@ def train(
     logger.write_text(0, "gin/operative_config", operative_config)
     # Per sequence: model FLOPs (MFU) and with the remat policy's recomputation (HFU).
     sequence_flops, sequence_hardware_flops = (
-        flops.flops_per_step(model_config, 1, sequence_length, policy)
+        flops.flops_per_step(model_config, 1, sequence_length, policy, mesh.shape["stage"])
         for policy in ("none", model_config.remat_policy))
     peak = flops.peak_flops(jax.devices()[0], model_config.dtype.name)
     step, consumed = int(state.step), int(state.consumed_samples)

@@ -101,7 +101,8 @@ def hosts_split(shape: dict[str, int], num_hosts: int) -> tuple[tuple[int, ...],
 
 
 def device_grid(shape: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
-    """Devices arranged as a [stage, data, fsdp, tensor] array by jax's topology-aware mesh_utils."""
+    """Devices arranged as a [stage, data, fsdp, tensor] array by jax's topology-aware
+    mesh_utils."""
     num_hosts = len({device.process_index for device in devices})
     if num_hosts == 1:
         return mesh_utils.create_device_mesh(tuple(shape.values()), devices)

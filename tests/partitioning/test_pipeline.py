@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bloom_jax import flops, optim, sharded_step
+from bloom_jax import optim, sharded_step
 from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError
 from tests.partitioning import pipeline_eight_devices as pipe8
@@ -48,15 +48,6 @@ def test_layers_that_do_not_split_into_the_stages_are_refused_naming_the_fix():
     with pytest.raises(MeshError, match="n_layer=6 layers do not split into stage=4 pipeline "
                        "stages; set create_mesh.stage to a divisor of 6: 1, 2, 3, 6"):
         sharded_step.shard_training(workload, mesh, ())
-
-
-def test_bubble_and_stage_transfer_bytes():
-    assert flops.pipeline_bubble(1, 8) == 0
-    assert flops.pipeline_bubble(4, 8) == pytest.approx(3 / 11)  # GPipe: (S - 1) / (M + S - 1)
-    config = BloomConfig(hidden_size=14336, n_head=112, dtype="bfloat16")
-    # 8 sequences over data x fsdp = 4: 2 rows of 2048 x 14336 bfloat16 values per device
-    assert flops.stage_transfer_bytes(config, 8, 2048, {"data": 2, "fsdp": 2}) == (
-        2 * 2048 * 14336 * 2)
 
 
 @pytest.mark.slow

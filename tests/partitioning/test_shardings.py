@@ -41,7 +41,8 @@ def test_parameter_shardings_follow_the_rules(abstract):
     shardings = logical_shardings(abstract, create_mesh(), RULES)
     specs = {path: s.spec for path, s in run8.flat(shardings).items()}
     assert specs["word_embeddings/embedding"] == P("tensor", "fsdp")  # [vocab, embed]
-    assert specs["h/self_attention/query_key_value/kernel"] == P("stage", "fsdp", "tensor", None, None)
+    assert specs["h/self_attention/query_key_value/kernel"] == P(
+        "stage", "fsdp", "tensor", None, None)
     assert specs["h/self_attention/dense/kernel"] == P("stage", "tensor", None, "fsdp")
     assert specs["h/mlp/dense_4h_to_h/kernel"] == P("stage", "tensor", "fsdp")
     assert specs["ln_f/scale"] == P("fsdp")

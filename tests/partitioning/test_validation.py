@@ -46,7 +46,8 @@ def test_with_no_mesh_of_the_device_count_the_nearest_counts_are_proposed(tiny_p
     with pytest.raises(MeshError) as e:
         check_mesh(shape(1, 1, 3), tiny_params, RULES, batch_shape=(8, 16))
     message = str(e.value)
-    assert "3 has the prime factor(s) [3], which no sharded axis size has (2, 8, 64, 256)" in message
+    assert ("3 has the prime factor(s) [3], which no sharded axis size has (2, 8, 64, 256)"
+            in message)
     assert ("2 devices (data=1, fsdp=2, tensor=1) and 4 devices (data=1, fsdp=4, tensor=1)"
             in message)
 
