@@ -165,13 +165,14 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
     num_devices = math.prod(plan.mesh.values())
     model_flops = flops.flops_per_step(config, batch_size, seq_len)
     hardware = flops.flops_per_token(config, seq_len, config.remat_policy, plan.mesh["stage"])
+    per_pass = workload.pipeline_micro_steps or plan.micro_batches
     lines = [
         f"parameters: {flops.param_count(config)}",
         f"mesh: {format_shape(plan.mesh)} ({num_devices} devices)",
         f"batch: {batch_size} sequences x {seq_len} tokens = {plan.micro_batches} micro-steps "
         f"of {plan.micro_batch} sequences (remat: {config.remat_policy})",
-        *([f"pipeline: {plan.mesh['stage']} stages, bubble "
-           f"{flops.pipeline_bubble(plan.mesh['stage'], plan.micro_batches):.1%} (GPipe); "
+        *([f"pipeline: {plan.mesh['stage']} stages, passes of {per_pass} micro-steps, bubble "
+           f"{flops.pipeline_bubble(plan.mesh['stage'], per_pass):.1%} (GPipe); "
            f"{short(flops.stage_transfer_bytes(config, plan.micro_batch, seq_len, plan.mesh))}B "
            "per device to the next stage per micro-step"]
           if plan.mesh["stage"] > 1 else []),

@@ -140,11 +140,11 @@ def train(
                  mesh_lib.shown(dict(mesh.shape)), f"{flops.param_count(model_config):,}",
                  training.micro_batch, sequence_length)
     if (stages := mesh.shape["stage"]) > 1:
-        steps = training.micro_steps(workload.batch_size)
-        logging.info("Pipeline: %d stages x %d layers, %d micro-steps per step: bubble %.1f%% "
+        per_pass = training.pipeline_pass(workload.batch_size)
+        logging.info("Pipeline: %d stages x %d layers, passes of %d micro-steps: bubble %.1f%% "
                      "(GPipe); %sB per device to the next stage per micro-step.", stages,
-                     model_config.n_layer // stages, steps,
-                     100 * flops.pipeline_bubble(stages, steps),
+                     model_config.n_layer // stages, per_pass,
+                     100 * flops.pipeline_bubble(stages, per_pass),
                      metrics.human(flops.stage_transfer_bytes(
                          model_config, training.micro_batch, sequence_length, mesh.shape)))
     if eval_every:

@@ -8,7 +8,8 @@ It writes OUT_DIR/results.npz, keyed "<run>/<what>":
   - "single/...": loss and gradients of the unpipelined model on one device; "<mesh>/...": the
     same from the pipelined model on that mesh;
   - "step_<layout>/...": loss, gradient norm and parameters after one train step
-    (`shard_training`) on the pipelined and the unpipelined layout of the same 8 devices;
+    (`shard_training`) on pipelined (in one pass or two) and unpipelined layouts of the same 8
+    devices;
   - "restored_<from>_on_<to>/...": the parameters a checkpoint of one layout restores to on the
     other;
 and OUT_DIR/counts.json: collective permutes in each compiled program, and the shardings of the
@@ -39,10 +40,12 @@ MESHES = {  # the pipelined meshes the loss and gradients are checked on
     "stage4_data2": dict(stage=4, data=2),
 }
 MICRO_BATCHES = 4  # of 2 sequences: more micro-batches than stages, and as many
-# The train step: the same 8 devices with and without a pipeline, 2 micro-steps of 4 sequences.
+# The train step: the same 8 devices with and without a pipeline, 2 micro-steps of 4 sequences
+# (mesh, MICRO_BATCH_SIZE, Workload.pipeline_micro_steps): through the pipeline in one pass or two.
 LAYOUTS = {
-    "pipelined": (dict(stage=2, data=1, fsdp=2, tensor=2), 2),  # (mesh, MICRO_BATCH_SIZE)
-    "plain": (dict(data=1, fsdp=4, tensor=2), 1),
+    "pipelined": (dict(stage=2, data=1, fsdp=2, tensor=2), 2, None),
+    "pipelined_in_passes": (dict(stage=2, data=1, fsdp=2, tensor=2), 2, 1),
+    "plain": (dict(data=1, fsdp=4, tensor=2), 1, None),
 }
 
 
@@ -84,10 +87,12 @@ def run_pipelined(shape: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
     return run8.as_arrays(params, loss, grads), compiled.as_text().count("collective-permute(")
 
 
-def shard_layout(shape: dict[str, int], micro_batch_size: int) -> sharded_step.ShardedTraining:
+def shard_layout(shape: dict[str, int], micro_batch_size: int,
+                 pipeline_micro_steps: int | None) -> sharded_step.ShardedTraining:
     workload = sharded_step.Workload(
         CONFIG, sequence_length=run8.LENGTH, micro_batch_size=micro_batch_size,
-        batch_ramp=optim.BatchRampUp(global_batch_size=run8.BATCH, start=run8.BATCH))
+        batch_ramp=optim.BatchRampUp(global_batch_size=run8.BATCH, start=run8.BATCH),
+        pipeline_micro_steps=pipeline_micro_steps)
     return sharded_step.shard_training(workload, create_mesh(**shape), logical_axis_rules())
 
 

@@ -64,12 +64,13 @@ def test_pipelined_loss_and_gradients_equal_the_single_device_model(pipeline_run
 
 
 @pytest.mark.slow
-def test_pipelined_train_step_equals_the_plain_one_on_the_same_devices(pipeline_run):
+@pytest.mark.parametrize("layout", ["pipelined", "pipelined_in_passes"])
+def test_pipelined_train_step_equals_the_plain_one_on_the_same_devices(pipeline_run, layout):
     arrays, _ = pipeline_run
     params = keys(arrays, "step_plain", "params/")
     assert params
     for key in ("loss", "grad_norm", *params):
-        np.testing.assert_allclose(arrays[f"step_pipelined/{key}"], arrays[f"step_plain/{key}"],
+        np.testing.assert_allclose(arrays[f"step_{layout}/{key}"], arrays[f"step_plain/{key}"],
                                    rtol=1e-5, atol=1e-7, err_msg=key)
 
 
