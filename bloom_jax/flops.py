@@ -57,19 +57,39 @@ RECOMPUTED_LAYER_FLOPS = {
 }
 
 
-def flops_per_token(config: ModelShape, seq_len: int, remat_policy: str = "none") -> float:
+def flops_per_token(config: ModelShape, seq_len: int, remat_policy: str = "none",
+                    stages: int = 1) -> float:
     """Training FLOPs per token: Megatron's model FLOPs (K = 3), plus the forward FLOPs that
-    `remat_policy` recomputes ("none": model FLOPs; any other: hardware FLOPs)."""
+    `remat_policy` recomputes ("none": model FLOPs; any other: hardware FLOPs). Pipelined
+    (stages > 1), a remat policy also recomputes each stage's whole forward from its input."""
     h, layers, vocab = config.hidden_size, config.n_layer, config.vocab_size
     model = 72 * layers * h * h * (1 + seq_len / (6 * h) + vocab / (16 * layers * h))
-    return model + layers * RECOMPUTED_LAYER_FLOPS[remat_policy](h, seq_len)
+    recomputed = RECOMPUTED_LAYER_FLOPS[remat_policy](h, seq_len)
+    if stages > 1 and remat_policy != "none":
+        recomputed += RECOMPUTED_LAYER_FLOPS["full"](h, seq_len)
+    return model + layers * recomputed
 
 
 def flops_per_step(config: ModelShape, batch_size: int, seq_len: int,
-                   remat_policy: str = "none") -> float:
+                   remat_policy: str = "none", stages: int = 1) -> float:
     """Training FLOPs of one optimizer step over `batch_size` sequences of `seq_len` tokens
-    (model FLOPs, plus `remat_policy`'s recomputation)."""
-    return flops_per_token(config, seq_len, remat_policy) * batch_size * seq_len
+    (model FLOPs, plus `remat_policy`'s recomputation on `stages` pipeline stages)."""
+    return flops_per_token(config, seq_len, remat_policy, stages) * batch_size * seq_len
+
+
+def pipeline_bubble(stages: int, micro_steps: int) -> float:
+    """The share of a pipelined step each stage idles: `model.pipelined_layers` runs GPipe's
+    schedule, M micro-steps in M + S - 1 iterations, S - 1 of them idle per stage."""
+    return (stages - 1) / (micro_steps + stages - 1)
+
+
+def stage_transfer_bytes(config: ModelShape, micro_batch: int, seq_len: int,
+                         mesh: dict[str, int]) -> int:
+    """Bytes one device sends to the next pipeline stage per micro-step in the forward pass (the
+    backward pass sends as many back): its rows of the micro-batch's [micro_batch, seq_len,
+    hidden] residual stream, in the compute dtype (`config.dtype`), whole over `tensor`."""
+    rows = micro_batch // (mesh["data"] * mesh["fsdp"])
+    return rows * seq_len * config.hidden_size * jnp.dtype(config.dtype).itemsize
 
 
 def tflops_per_device(step_flops: float, step_time_s: float, num_devices: int) -> float:

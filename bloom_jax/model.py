@@ -320,6 +320,11 @@ class BloomForCausalLM(nn.Module):
     positions skip the padding as in the reference) or packed `segment_ids` and `positions`
     (tokens attend only inside their own document).
 
+    stages > 1 runs the layers as a pipeline of that many stages (`pipelined_layers`), the
+    parameters unchanged. Its inputs are then micro-batches, [micro_batches, batch, length] (or
+    one, [batch, length]), that flow through the stages together, and so are the logits; when
+    the stages divide the micro-batches, the LM head's work is split over the stages too.
+
     decode=True runs the cached path used for generation: `input_ids` ([batch, n]) are the next
     n tokens, appended to the "cache" collection (keys and values stacked over layers, the mask
     of every token written so far and the write index), and `attention_mask` ([batch, n]) marks
@@ -327,6 +332,7 @@ class BloomForCausalLM(nn.Module):
     """
 
     config: BloomConfig
+    stages: int = 1
 
     @nn.compact
     def __call__(
@@ -342,6 +348,14 @@ class BloomForCausalLM(nn.Module):
         cfg = self.config
         if attention_mask is not None and (segment_ids is not None or positions is not None):
             raise ValueError("Pass either attention_mask or segment_ids/positions, not both.")
+        pipelined = self.stages > 1
+        if pipelined and decode:
+            raise ValueError("Decoding is not pipelined: use a model with stages=1.")
+        one_micro_batch = pipelined and input_ids.ndim == 2
+        if one_micro_batch:
+            input_ids, attention_mask, segment_ids, positions = (
+                None if a is None else a[None]
+                for a in (input_ids, attention_mask, segment_ids, positions))
         cache_index = None
         if decode:
             if segment_ids is not None or positions is not None:
@@ -356,8 +370,14 @@ class BloomForCausalLM(nn.Module):
             if segment_ids is None:
                 segment_ids = jnp.ones_like(input_ids)
             if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-            alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+                positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+            if not pipelined:  # (each pipeline stage computes its micro-batch's own)
+                alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+        # A leading micro-batch axis, pipelined: whole on every stage into the pipeline, split
+        # over the stages (when they divide it) out of it, for the LM head.
+        micro_in = (None,) if pipelined else ()
+        micro_out = (("activation_stage" if input_ids.shape[0] % self.stages == 0 else None,)
+                     if pipelined else ())
 
         embed = nn.Embed(
             num_embeddings=cfg.vocab_size,
@@ -370,7 +390,7 @@ class BloomForCausalLM(nn.Module):
         x = embed(input_ids)  # [batch, length, embed]
         x = _layer_norm(cfg, "word_embeddings_layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, EMBED_ACTIVATION_AXES)
+        x = nn.with_logical_constraint(x, (*micro_in, *EMBED_ACTIVATION_AXES))
 
         block = Block
         if cfg.remat_policy != "none":
@@ -385,13 +405,24 @@ class BloomForCausalLM(nn.Module):
             length=cfg.n_layer,
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = stack(cfg, deterministic, decode, name="h")(x, alibi, mask, cache_index)
+        )(cfg, deterministic, decode, name="h")
+        if not pipelined:
+            x, _ = stack(x, alibi, mask, cache_index)
+        elif self.is_initializing():  # creates the stacked parameters that the pipeline runs
+            flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
+            stack(flat(x), *attention_inputs(cfg.n_head, flat(segment_ids), flat(positions)),
+                  None)
+        else:
+            x = pipelined_layers(cfg, self.variables["params"]["h"], x, segment_ids, positions,
+                                 self.stages, deterministic,
+                                 None if deterministic else self.make_rng("dropout"))
+            x = nn.with_logical_constraint(x, (*micro_out, *EMBED_ACTIVATION_AXES))
 
         x = _layer_norm(cfg, "ln_f")(x)
         logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
-        return nn.with_logical_constraint(
-            logits, ("activation_batch", "activation_length", "activation_vocab"))
+        logits = nn.with_logical_constraint(
+            logits, (*micro_out, "activation_batch", "activation_length", "activation_vocab"))
+        return logits[0] if one_micro_batch else logits
 
     def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
         """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.
@@ -413,3 +444,61 @@ class BloomForCausalLM(nn.Module):
         causal = jnp.arange(max_length)[None, :] <= slots[:, None]  # [n, max_length]
         mask = causal[None] & (token_mask[:, None, :] != 0)
         return _alibi(self.config.n_head, _positions(token_mask)), mask[:, None], start
+
+
+def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: Array,
+                     positions: Array, stages: int, deterministic: bool,
+                     dropout_rng: Array | None) -> Array:
+    """The layer stack as a GPipe pipeline: stage s holds layers [s L/S, (s+1) L/S) and, at
+    iteration t, runs micro-batch t - s; after each iteration every stage's output moves to the
+    next stage (a roll over the stage axis, which XLA compiles to a collective permute when
+    `activation_stage` is sharded). M micro-batches take M + S - 1 iterations, S - 1 of them
+    idle per stage (`flops.pipeline_bubble`).
+
+    layers: the scanned stack's parameters, [n_layer, ...] leaves; inputs: [micro_batches,
+    batch, length, embed]; segment_ids, positions: [micro_batches, batch, length]. Returns the
+    last layer's outputs, [micro_batches, batch, length, embed].
+    """
+    per_stage = cfg.n_layer // stages
+    # [stages, layers per stage, ...]: the "layers" sharding over stage carries over to stages.
+    layers = jax.tree.map(lambda p: p.reshape(stages, per_stage, *p.shape[1:]), layers)
+    micro_batches = inputs.shape[0]
+    segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
+    stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
+    stage_mesh_axis = nn.logical_to_mesh_axes(("activation_stage",))[0]
+
+    block = Block(cfg, deterministic, parent=None).apply
+    if cfg.remat_policy != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+
+    def run_stage(params, x, segment_ids, positions, rngs):
+        """One stage's layers on one micro-batch: [batch, length, embed] -> the same."""
+        alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+
+        def layer(x, params_and_rng):
+            params, rng = params_and_rng
+            x, _ = block({"params": params}, x, alibi, mask,
+                         rngs=None if rng is None else {"dropout": rng})
+            return x, None
+        return jax.lax.scan(layer, x, (params, rngs))[0]
+
+    if cfg.remat_policy != "none":
+        # Across iterations keep only each stage's input, and recompute its layers from it (under
+        # the policy) in the backward pass: memory grows with the micro-steps, not the layers.
+        run_stage = jax.checkpoint(run_stage, prevent_cse=False)
+
+    def iteration(state, t):
+        # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
+        state = jnp.roll(state, 1, axis=0).at[0].set(inputs[jnp.minimum(t, micro_batches - 1)])
+        state = nn.with_logical_constraint(state, stage_axes)
+        micro = jnp.clip(t - jnp.arange(stages), 0, micro_batches - 1)  # [stages]
+        rngs = (None if dropout_rng is None else
+                jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
+        state = jax.vmap(run_stage, spmd_axis_name=stage_mesh_axis)(
+            layers, state, segment_ids[micro], positions[micro], rngs)
+        state = nn.with_logical_constraint(state, stage_axes)
+        return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
+
+    state = jnp.zeros((stages, *inputs.shape[1:]), inputs.dtype)
+    _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
+    return finished[stages - 1:]

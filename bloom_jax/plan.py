@@ -164,11 +164,18 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
                                    workload.sequence_length)
     num_devices = math.prod(plan.mesh.values())
     model_flops = flops.flops_per_step(config, batch_size, seq_len)
+    hardware = flops.flops_per_token(config, seq_len, config.remat_policy, plan.mesh["stage"])
+    per_pass = workload.pipeline_micro_steps or plan.micro_batches
     lines = [
         f"parameters: {flops.param_count(config)}",
         f"mesh: {format_shape(plan.mesh)} ({num_devices} devices)",
         f"batch: {batch_size} sequences x {seq_len} tokens = {plan.micro_batches} micro-steps "
         f"of {plan.micro_batch} sequences (remat: {config.remat_policy})",
+        *([f"pipeline: {plan.mesh['stage']} stages, passes of {per_pass} micro-steps, bubble "
+           f"{flops.pipeline_bubble(plan.mesh['stage'], per_pass):.1%} (GPipe); "
+           f"{short(flops.stage_transfer_bytes(config, plan.micro_batch, seq_len, plan.mesh))}B "
+           "per device to the next stage per micro-step"]
+          if plan.mesh["stage"] > 1 else []),
         "sharding (parameter: shape -> mesh axes):",
         *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
         "per-device memory:",
@@ -181,8 +188,7 @@ def format_plan(plan: Plan, workload: sharded_step.Workload, mfu: float) -> str:
         f"per_device_peak_bytes: {plan.peak_bytes}",
         f"model FLOPs per step: {model_flops:.4g} (per token: "
         f"{flops.flops_per_token(config, seq_len):.4g}; hardware, with remat "
-        f"{config.remat_policy}'s recomputation: "
-        f"{flops.flops_per_token(config, seq_len, config.remat_policy):.4g})",
+        f"{config.remat_policy}'s recomputation: {hardware:.4g})",
         f"predicted at {mfu:.0%} MFU (bfloat16 dense peak):",
     ]
     for gpu in GPUS:

@@ -48,6 +48,10 @@ class Workload:
     batch_ramp: the global batch size over the run; `batch_size` is its final size.
     lora: train low-rank adapters on a frozen base instead of every parameter (None: full
       training). Gin: `Workload.lora = @LoraConfig()`.
+    pipeline_micro_steps: on a mesh with pipeline stages, the micro-steps that go through the
+      pipeline together, whose activations and logits are held at once; a step takes passes of
+      them (its micro-steps rounded up to a multiple, the surplus masked). Each pass idles
+      (stages - 1) / (pipeline_micro_steps + stages - 1). None: one pass of all the micro-steps.
     """
 
     model_config: model_lib.BloomConfig = gin.REQUIRED
@@ -55,9 +59,12 @@ class Workload:
     micro_batch_size: int | None = None
     batch_ramp: optim.BatchRampUp = dataclasses.field(default_factory=optim.BatchRampUp)
     lora: lora_lib.LoraConfig | None = None
+    pipeline_micro_steps: int | None = None
 
     def __post_init__(self):
         check_positive_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
+        if self.pipeline_micro_steps is not None:
+            check_positive_int("Workload.pipeline_micro_steps", self.pipeline_micro_steps, "8")
 
     @property
     def batch_size(self) -> int:
@@ -151,7 +158,16 @@ class ShardedTraining:
         return () if self.abstract_base is None else (self.abstract_base,)
 
     def micro_steps(self, batch_size: int) -> int:
-        return micro_steps(batch_size, self.micro_batch)
+        """Micro-steps that hold `batch_size` sequences, in whole pipeline passes."""
+        steps = micro_steps(batch_size, self.micro_batch)
+        per_pass = self.pipeline_pass(batch_size)
+        return -(-steps // per_pass) * per_pass
+
+    def pipeline_pass(self, batch_size: int) -> int:
+        """Micro-steps that go through the pipeline together (1 without pipeline stages)."""
+        if self.mesh.shape["stage"] == 1:
+            return 1
+        return self.workload.pipeline_micro_steps or micro_steps(batch_size, self.micro_batch)
 
     @property
     def buffer_micro_steps(self) -> int:
@@ -187,7 +203,9 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     Raises partitioning's MeshError, naming each array the mesh does not divide and meshes that
     would, before anything is compiled.
     """
-    model = model_lib.BloomForCausalLM(workload.model_config)
+    stages = mesh.shape["stage"]
+    check_stages(workload, stages)
+    model = model_lib.BloomForCausalLM(workload.model_config, stages=stages)
     optimizer = optim.make_optimizer()
     micro_batch = workload.micro_batch(mesh)
     boxed_model_params = boxed_params(model)
@@ -195,7 +213,8 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
                           (micro_batch, workload.sequence_length))
     skip_policy = skip_policy or step_lib.SkipPolicy()
     trained, base_shardings, abstract_base = boxed_model_params, None, None
-    make_step = step_lib.make_train_step(model, optimizer, skip_policy)
+    make_step = step_lib.make_train_step(model, optimizer, skip_policy,
+                                         workload.pipeline_micro_steps)
     if workload.lora is not None:
         trained = lora_lib.abstract_adapters(workload.lora, boxed_model_params)
         base_shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
@@ -217,6 +236,19 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     return ShardedTraining(workload, mesh, rules, model, optimizer, micro_batch, abstract_state,
                            state_shardings, batch_sharding, MeshFunction(step, mesh, rules),
                            base_shardings, abstract_base)
+
+
+def check_stages(workload: Workload, stages: int) -> None:
+    """Raises MeshError unless the layers split evenly into `stages` pipeline stages (and the
+    run is not LoRA's, which is not pipelined)."""
+    layers = workload.model_config.n_layer
+    if layers % stages:
+        divisors = [d for d in range(1, layers + 1) if layers % d == 0]
+        raise mesh_lib.MeshError(
+            f"n_layer={layers} layers do not split into stage={stages} pipeline stages; set "
+            f"create_mesh.stage to a divisor of {layers}: {', '.join(map(str, divisors))}.")
+    if stages > 1 and workload.lora is not None:
+        raise mesh_lib.MeshError("LoRA does not run pipelined; set create_mesh.stage = 1.")
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:

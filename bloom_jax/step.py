@@ -90,11 +90,13 @@ def uses_dropout(config: Any) -> bool:
 
 def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: LossFn,
                use_dropout: bool, optimizer: optax.GradientTransformation,
-               skip_policy: SkipPolicy = SkipPolicy(),
+               skip_policy: SkipPolicy = SkipPolicy(), pipeline_pass: int | None = None,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step of `state.params` over a global batch of [micro_batches, micro_batch,
     length] arrays; `loss(params, micro_batch, rng)` gives (summed losses, summed weights), with
-    a dropout key when `use_dropout`.
+    a dropout key when `use_dropout`. `pipeline_pass`: the loss takes that many micro-batches at
+    once, [pipeline_pass, micro_batch, length] (a pipelined model keeps them in flight together),
+    per accumulation step; None: one.
 
     Only the first `batch_size` sequences count: when the mesh's data-parallel size does not
     divide the batch (384 GPUs = 3 x 128 against BLOOM's 2048), the last micro-batch is filled
@@ -105,6 +107,8 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
     micro_batches, micro_batch, length = batch["input_ids"].shape
     rows = jnp.arange(micro_batches * micro_batch).reshape(micro_batches, micro_batch)
     batch = {**batch, "loss_weights": batch["loss_weights"] * (rows < batch_size)[..., None]}
+    if pipeline_pass:
+        batch = jax.tree.map(lambda x: x.reshape(-1, pipeline_pass, *x.shape[1:]), batch)
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def accumulate(index, carry):
@@ -167,11 +171,15 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    skip_policy: SkipPolicy = SkipPolicy()) -> Callable:
+                    skip_policy: SkipPolicy = SkipPolicy(),
+                    pipeline_pass: int | None = None) -> Callable:
     """train_step with the model, optimizer and skip policy bound:
-    (state, batch, batch_size) -> (state, metrics)."""
+    (state, batch, batch_size) -> (state, metrics). A pipelined model takes `pipeline_pass`
+    micro-batches at once (None: all of the step's)."""
     def step(state: TrainState, batch: Batch, batch_size: jax.Array):
+        micro_batches = pipeline_pass or batch["input_ids"].shape[0]
         return train_step(state, batch, batch_size, loss=functools.partial(loss_sums, model),
                           use_dropout=uses_dropout(model.config), optimizer=optimizer,
-                          skip_policy=skip_policy)
+                          skip_policy=skip_policy,
+                          pipeline_pass=micro_batches if model.stages > 1 else None)
     return step

@@ -28,7 +28,9 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("qkv", None),
     ("kv", None),
-    ("layers", None),
+    # The stacked layer axis is split into pipeline stages (contiguous layers per stage); with
+    # stage=1 (the default mesh) this replicates it, as before.
+    ("layers", "stage"),
     # Activations: the batch is split over every data-parallel device; heads, MLP and logits
     # follow their weights over tensor.
     ("activation_batch", ("data", "fsdp")),
@@ -38,6 +40,7 @@ DEFAULT_RULES: Rules = (
     ("activation_embed", None),
     ("activation_length", None),
     ("activation_kv", None),
+    ("activation_stage", "stage"),  # the pipeline's per-stage activations [stages, batch, ...]
 )
 
 

@@ -83,10 +83,12 @@ def mesh_problems(mesh_shape: Mapping[str, int], axes: list[ShardedAxis]) -> lis
     ]
 
 
-def divisible_meshes(num_devices: int, axes: list[ShardedAxis]) -> list[dict[str, int]]:
-    """Meshes of `num_devices` that divide every sharded axis, least tensor parallelism (the
-    most communication) first, then most fsdp (the least memory)."""
-    fits = [shape for shape in factorizations(num_devices) if not mesh_problems(shape, axes)]
+def divisible_meshes(num_devices: int, axes: list[ShardedAxis],
+                     stage: int = 1) -> list[dict[str, int]]:
+    """Meshes of `num_devices` with `stage` pipeline stages that divide every sharded axis, least
+    tensor parallelism (the most communication) first, then most fsdp (the least memory)."""
+    fits = [shape for shape in factorizations(num_devices, stage)
+            if not mesh_problems(shape, axes)]
     return sorted(fits, key=lambda shape: (shape["tensor"], -shape["fsdp"]))
 
 
@@ -101,8 +103,8 @@ def _nearest_device_counts(num_devices: int, axes: list[ShardedAxis]) -> list[st
     return found
 
 
-def _proposal(num_devices: int, axes: list[ShardedAxis]) -> str:
-    meshes = divisible_meshes(num_devices, axes)
+def _proposal(num_devices: int, axes: list[ShardedAxis], stage: int) -> str:
+    meshes = divisible_meshes(num_devices, axes, stage)
     if meshes:
         return (f"Meshes of {num_devices} devices that divide every sharded axis: "
                 + "; ".join(f"({format_shape(shape)})" for shape in meshes[:5]) + ".")
@@ -126,7 +128,8 @@ def check_mesh(
 ) -> None:
     """Raises MeshError naming every axis the mesh does not divide, and meshes that would.
 
-    mesh_shape: `mesh.shape`, or any {"data": .., "fsdp": .., "tensor": ..} mapping.
+    mesh_shape: `mesh.shape`, or any {"stage": .., "data": .., "fsdp": .., "tensor": ..}
+        mapping.
     abstract_params: the boxed "params" of `jax.eval_shape(model.init, ...)`.
     batch_shape: the global [batch, length] of one forward pass (one micro-batch when
         gradients are accumulated), if the batch is to be checked too.
@@ -138,4 +141,4 @@ def check_mesh(
         raise MeshError(
             f"The mesh ({format_shape({a: mesh_shape[a] for a in MESH_AXES})}) does not "
             "divide the arrays it shards:\n  - " + "\n  - ".join(problems) + "\n"
-            + _proposal(num_devices, axes))
+            + _proposal(num_devices, axes, mesh_shape["stage"]))

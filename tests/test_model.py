@@ -137,6 +137,21 @@ def test_dropout_is_active_only_when_not_deterministic():
     assert not np.allclose(train_logits, eval_logits)
 
 
+def test_pipelined_micro_batches_equal_the_stack_and_draw_their_own_dropout():
+    """stages=2 over two identical micro-batches: without dropout both give the plain model's
+    logits; with it each micro-batch (and each stage and layer) draws its own masks."""
+    config = dataclasses.replace(TINY, n_layer=2, hidden_dropout=0.5)
+    params = init_params(config)
+    ids = random_ids((1, 12), config.vocab_size)
+    twice = jnp.stack([ids, ids])  # [micro_batches, batch, length]
+    plain = BloomForCausalLM(config).apply({"params": params}, ids)
+    logits = BloomForCausalLM(config, stages=2).apply({"params": params}, twice)
+    np.testing.assert_allclose(logits, jnp.stack([plain, plain]), rtol=1e-5, atol=1e-6)
+    dropped = BloomForCausalLM(config, stages=2).apply(
+        {"params": params}, twice, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
+    assert not np.allclose(dropped[0], dropped[1]) and not np.allclose(dropped[0], plain)
+
+
 def test_config_rejects_bad_shapes():
     with pytest.raises(ValueError, match="not divisible by n_head"):
         BloomConfig(hidden_size=50, n_head=6)

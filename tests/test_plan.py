@@ -91,7 +91,7 @@ def test_cli_plans_a_sharded_mesh_and_exits_3_when_it_does_not_fit(tmp_path):
     out = result.stdout
     assert f"parameters: {flops.param_count(TINY)}\n" in out
     assert "mesh: data=1, fsdp=4, tensor=2 (8 devices)" in out
-    assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P(None, 'fsdp', 'tensor')" in out
+    assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in out
     param_gib = float(re.search(r"parameters:\s+([\d.]+) GiB", out).group(1))
     assert param_gib == pytest.approx(4 * flops.param_count(TINY) / 8 / 2**30, abs=0.01)
     peak = int(re.search(r"per_device_peak_bytes: (\d+)", out).group(1))
@@ -99,6 +99,21 @@ def test_cli_plans_a_sharded_mesh_and_exits_3_when_it_does_not_fit(tmp_path):
     assert result.returncode == plan.EXIT_DOES_NOT_FIT, result.stderr
     assert re.search(r"does not fit: .* GiB per device > 0.0001 GiB; largest consumer: ",
                      result.stderr)
+
+
+@pytest.mark.slow
+def test_cli_plans_a_pipelined_mesh_with_its_bubble(tmp_path):
+    result = run_plan(tmp_path, "--num_devices=8", "--gin.create_mesh.stage=2",
+                      "--gin.create_mesh.fsdp=2", "--gin.create_mesh.tensor=2",
+                      "--gin.MICRO_BATCH_SIZE=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mesh: stage=2, data=1, fsdp=2, tensor=2 (8 devices)" in result.stdout
+    # 16 sequences in micro-steps of 2 x fsdp 2: (2 - 1) / (4 + 2 - 1); each device sends its
+    # 2 rows of 32 x 64 bfloat16 activations
+    assert ("pipeline: 2 stages, passes of 4 micro-steps, bubble 20.0% (GPipe); 8.19kB per "
+            "device to the next stage per micro-step") in result.stdout
+    assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in (
+        result.stdout)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The sharded step: the workload's micro-batch arithmetic, and jitted steps that carry their own
 mesh and rules (traced anywhere, they shard the model's activations)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -21,12 +23,24 @@ def workload(batch_size=8, micro_batch_size=None, sequence_length=16):
 
 
 def test_micro_batches_are_per_data_parallel_device_and_the_last_is_padded():
-    mesh = jax.sharding.AbstractMesh((3, 32, 4), mesh_lib.MESH_AXES)
+    mesh = jax.sharding.AbstractMesh((1, 3, 32, 4), mesh_lib.MESH_AXES)
     bloom = workload(batch_size=2048, micro_batch_size=1)
     assert bloom.micro_batch(mesh) == 96
     assert sharded_step.micro_steps(2048, 96) == 22  # 2112 rows, the last 64 masked
     assert workload(batch_size=2048).micro_batch(mesh) == 2048  # None: the whole batch
     assert bloom.tokens == 2048 * 16
+
+
+def test_pipeline_passes_round_the_micro_steps_up_to_whole_passes():
+    mesh = jax.sharding.AbstractMesh((2, 1, 4, 1), mesh_lib.MESH_AXES)
+    passes = dataclasses.replace(workload(batch_size=40, micro_batch_size=2),
+                                 pipeline_micro_steps=2)
+    training = sharded_step.shard_training(passes, mesh, rules_lib.DEFAULT_RULES)
+    assert training.micro_batch == 8 and training.pipeline_pass(40) == 2
+    assert training.micro_steps(40) == 6  # 5 micro-steps of 8 sequences, in passes of 2
+    whole = sharded_step.shard_training(workload(batch_size=40, micro_batch_size=2), mesh,
+                                        rules_lib.DEFAULT_RULES)
+    assert whole.pipeline_pass(40) == whole.micro_steps(40) == 5  # one pass of them all
 
 
 def test_the_step_traces_with_its_own_rules_outside_any_context():
@@ -45,7 +59,7 @@ def test_the_step_traces_with_its_own_rules_outside_any_context():
 
 
 def test_an_eval_batch_the_mesh_does_not_divide_is_refused_before_compiling():
-    mesh = jax.sharding.AbstractMesh((2, 2, 2), mesh_lib.MESH_AXES)
+    mesh = jax.sharding.AbstractMesh((1, 2, 2, 2), mesh_lib.MESH_AXES)
     model = BloomForCausalLM(TINY)
     sharded_step.shard_eval(model, mesh, rules_lib.DEFAULT_RULES, 8, 32)
     with pytest.raises(mesh_lib.MeshError, match=r"6 sequences.*data=2 x fsdp=2"):

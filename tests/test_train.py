@@ -192,6 +192,21 @@ def test_mesh_2_2_2_on_8_devices_logs_the_losses_of_one_device(compile_cache, re
 
 
 @pytest.mark.slow
+def test_pipelined_run_on_8_devices_logs_its_bubble_and_the_losses_of_one_device(
+        compile_cache, reference, tmp_path):
+    pipelined = ok(train(compile_cache, tmp_path, "--gin.create_mesh.stage=2",
+                         "--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=2", devices=8))
+    assert "Mesh {'stage': 2, 'data': 2, 'fsdp': 2, 'tensor': 1}" in pipelined.stderr
+    # The reference's batches: one micro-step of all 16 sequences, (2 - 1) / (1 + 2 - 1) idle
+    assert ("Pipeline: 2 stages x 1 layers, passes of 1 micro-steps: bubble 50.0% (GPipe)"
+            in pipelined.stderr)
+    expected, got = read_scalars(reference), read_scalars(tmp_path)
+    for tag in ("loss", "grad_norm"):
+        np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in expected[tag]],
+                                   rtol=1e-5, err_msg=tag)
+
+
+@pytest.mark.slow
 def test_checkpoint_of_one_device_resumes_on_mesh_2_2_2(compile_cache, reference, tmp_path):
     # MODEL_DIR holding the reference run's step-EVERY checkpoint only.
     for name in ("config.json", str(EVERY)):

@@ -11,7 +11,8 @@ def test_defaults_shard_parameters_over_fsdp_and_tensor_and_the_batch_over_both_
     assert rules["embed"] == "fsdp"
     assert rules["heads"] == rules["mlp"] == rules["vocab"] == "tensor"
     assert rules["activation_batch"] == ("data", "fsdp")
-    assert rules["kv"] is rules["qkv"] is rules["layers"] is None
+    assert rules["kv"] is rules["qkv"] is None
+    assert rules["layers"] == rules["activation_stage"] == "stage"  # pipeline stages
     assert logical_axis_rules() == DEFAULT_RULES
 
 

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bloom_jax.optim import make_optimizer
-from partitioning.mesh import MESH_AXES, create_mesh
+from partitioning.mesh import create_mesh, resolve_mesh_shape
 from partitioning.rules import logical_axis_rules
 from partitioning.shardings import (
     abstract_params, batch_sharding, optimizer_shardings, logical_shardings)
@@ -41,9 +41,10 @@ def test_parameter_shardings_follow_the_rules(abstract):
     shardings = logical_shardings(abstract, create_mesh(), RULES)
     specs = {path: s.spec for path, s in run8.flat(shardings).items()}
     assert specs["word_embeddings/embedding"] == P("tensor", "fsdp")  # [vocab, embed]
-    assert specs["h/self_attention/query_key_value/kernel"] == P(None, "fsdp", "tensor", None, None)
-    assert specs["h/self_attention/dense/kernel"] == P(None, "tensor", None, "fsdp")
-    assert specs["h/mlp/dense_4h_to_h/kernel"] == P(None, "tensor", "fsdp")
+    assert specs["h/self_attention/query_key_value/kernel"] == P(
+        "stage", "fsdp", "tensor", None, None)
+    assert specs["h/self_attention/dense/kernel"] == P("stage", "tensor", None, "fsdp")
+    assert specs["h/mlp/dense_4h_to_h/kernel"] == P("stage", "tensor", "fsdp")
     assert specs["ln_f/scale"] == P("fsdp")
 
 
@@ -92,7 +93,7 @@ def test_every_parameter_is_sharded_as_the_rules_say(eight_device_run, abstract,
     _, shardings = eight_device_run
     boxes = dict(jax.tree_util.tree_leaves_with_path(
         abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
-    expected_mesh = dict(zip(MESH_AXES, map(int, mesh.split("x"))))
+    expected_mesh = resolve_mesh_shape(*map(int, mesh.split("x")), num_devices=8)
     assert len(boxes) == len(run8.flat(nn.unbox(abstract)))
     for path, box in boxes.items():
         read_back = shardings[mesh][jax.tree_util.keystr(path, simple=True, separator="/")]

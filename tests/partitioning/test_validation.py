@@ -18,7 +18,7 @@ BLOOM_176B = BloomForCausalLM(BloomConfig(
 
 
 def shape(data, fsdp, tensor):
-    return dict(zip(MESH_AXES, (data, fsdp, tensor)))
+    return dict(zip(MESH_AXES, (1, data, fsdp, tensor)))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def test_with_no_mesh_of_the_device_count_the_nearest_counts_are_proposed(tiny_p
     with pytest.raises(MeshError) as e:
         check_mesh(shape(1, 1, 3), tiny_params, RULES, batch_shape=(8, 16))
     message = str(e.value)
-    assert "3 has the prime factor(s) [3], which no sharded axis size has (8, 64, 256)" in message
+    assert ("3 has the prime factor(s) [3], which no sharded axis size has (2, 8, 64, 256)"
+            in message)
     assert ("2 devices (data=1, fsdp=2, tensor=1) and 4 devices (data=1, fsdp=4, tensor=1)"
             in message)
 
@@ -82,7 +83,7 @@ def test_bloom_176b_on_384_devices_has_no_dividing_mesh_and_gets_alternatives():
 
 
 def test_sharded_init_refuses_a_bad_mesh_before_compiling():
-    mesh = jax.sharding.AbstractMesh((1, 2, 3), MESH_AXES)  # no devices: nothing could compile
+    mesh = jax.sharding.AbstractMesh((1, 1, 2, 3), MESH_AXES)  # no devices: nothing could compile
     with pytest.raises(MeshError, match="'heads' / 'activation_heads' \\(size 8"):
         init_params(TINY, jax.random.key(0), jax.ShapeDtypeStruct((8, 16), jnp.int32),
                     mesh=mesh, rules=RULES)

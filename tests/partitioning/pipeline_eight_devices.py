@@ -1,0 +1,146 @@
+"""Runs a tiny BLOOM pipelined over a `stage` mesh axis on 8 simulated CPU devices, and saves
+what it got next to the unpipelined model's numbers.
+
+Run as a script in a fresh process (the device count is fixed when jax starts):
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/partitioning/pipeline_eight_devices.py OUT_DIR
+It writes OUT_DIR/results.npz, keyed "<run>/<what>":
+  - "single/...": loss and gradients of the unpipelined model on one device; "<mesh>/...": the
+    same from the pipelined model on that mesh;
+  - "step_<layout>/...": loss, gradient norm and parameters after one train step
+    (`shard_training`) on pipelined (in one pass or two) and unpipelined layouts of the same 8
+    devices;
+  - "restored_<from>_on_<to>/...": the parameters a checkpoint of one layout restores to on the
+    other;
+and OUT_DIR/counts.json: collective permutes in each compiled program, and the shardings of the
+restored parameters.
+"""
+
+import json
+import pathlib
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bloom_jax import checkpoints, optim, sharded_step
+from bloom_jax.model import BloomConfig, BloomForCausalLM
+from partitioning.mesh import create_mesh
+from partitioning.rules import activation_sharding, logical_axis_rules
+from partitioning.shardings import batch_sharding, init_params, put_batch
+from tests.partitioning import eight_devices as run8
+
+CONFIG = BloomConfig(vocab_size=run8.MODEL.config.vocab_size, hidden_size=64, n_layer=4,
+                     n_head=8, remat_policy="full")
+MESHES = {  # the pipelined meshes the loss and gradients are checked on
+    "stage2_fsdp2_tensor2": dict(stage=2, data=1, fsdp=2, tensor=2),
+    "stage4_data2": dict(stage=4, data=2),
+}
+MICRO_BATCHES = 4  # of 2 sequences: more micro-batches than stages, and as many
+# The train step: the same 8 devices with and without a pipeline, 2 micro-steps of 4 sequences
+# (mesh, MICRO_BATCH_SIZE, Workload.pipeline_micro_steps): through the pipeline in one pass or two.
+LAYOUTS = {
+    "pipelined": (dict(stage=2, data=1, fsdp=2, tensor=2), 2, None),
+    "pipelined_in_passes": (dict(stage=2, data=1, fsdp=2, tensor=2), 2, 1),
+    "plain": (dict(data=1, fsdp=4, tensor=2), 1, None),
+}
+
+
+def micro_batched(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """[batch, length] -> [MICRO_BATCHES, batch / MICRO_BATCHES, length]."""
+    return {k: v.reshape(MICRO_BATCHES, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
+def loss_fn(model, params, batch) -> jax.Array:
+    """Mean next-token cross-entropy over the scored tokens, of any leading batch shape."""
+    logits = model.apply({"params": params}, batch["input_ids"],
+                         segment_ids=batch["segment_ids"], positions=batch["positions"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"])
+    return jnp.sum(losses * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
+
+
+def run_single_device() -> dict[str, np.ndarray]:
+    model = BloomForCausalLM(CONFIG)
+    params = init_params(model, jax.random.key(run8.SEED), jax.ShapeDtypeStruct((1, 1), jnp.int32),
+                         mesh=create_mesh(devices=jax.devices()[:1]), rules=logical_axis_rules())
+    loss, grads = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(model, p, b)))(
+        params, run8.make_batch())
+    return run8.as_arrays(params, loss, grads)
+
+
+def run_pipelined(shape: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
+    """Loss and gradients of the pipelined model, and the compiled program's permutes."""
+    mesh, rules = create_mesh(**shape), logical_axis_rules()
+    model = BloomForCausalLM(CONFIG, stages=shape["stage"])
+    params = init_params(model, jax.random.key(run8.SEED), jax.ShapeDtypeStruct((1, 1), jnp.int32),
+                         mesh=mesh, rules=rules)
+    with activation_sharding(mesh, rules):
+        batch = put_batch(micro_batched(run8.make_batch()),
+                          batch_sharding(mesh, rules, micro_batch_axis=True))
+        compiled = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(model, p, b))).lower(
+            params, batch).compile()
+        loss, grads = compiled(params, batch)
+    return run8.as_arrays(params, loss, grads), compiled.as_text().count("collective-permute(")
+
+
+def shard_layout(shape: dict[str, int], micro_batch_size: int,
+                 pipeline_micro_steps: int | None) -> sharded_step.ShardedTraining:
+    workload = sharded_step.Workload(
+        CONFIG, sequence_length=run8.LENGTH, micro_batch_size=micro_batch_size,
+        batch_ramp=optim.BatchRampUp(global_batch_size=run8.BATCH, start=run8.BATCH),
+        pipeline_micro_steps=pipeline_micro_steps)
+    return sharded_step.shard_training(workload, create_mesh(**shape), logical_axis_rules())
+
+
+def run_step(training: sharded_step.ShardedTraining) -> dict[str, np.ndarray]:
+    """One train step from the seed's initial state; returns loss, grad norm and parameters."""
+    batch = {k: v.reshape(training.micro_steps(run8.BATCH), training.micro_batch, run8.LENGTH)
+             for k, v in run8.make_batch().items()}
+    state, metrics = training.step(training.init_state(run8.SEED),
+                                   put_batch(batch, training.batch_sharding), run8.BATCH)
+    arrays = {f"params/{k}": np.asarray(v) for k, v in run8.flat(state.params).items()}
+    return {**arrays, "loss": np.asarray(metrics["loss"]),
+            "grad_norm": np.asarray(metrics["grad_norm"])}
+
+
+def restore_across(saved: sharded_step.ShardedTraining, target: sharded_step.ShardedTraining,
+                   directory: pathlib.Path) -> tuple[dict[str, np.ndarray], bool]:
+    """Saves `saved`'s initial state, restores it onto `target`'s layout; returns the restored
+    parameters and whether each landed with `target`'s sharding."""
+    checkpointer = checkpoints.TrainCheckpointer(directory, CONFIG)
+    checkpointer.save(saved.init_state(run8.SEED), {"position": 0}, force=True)
+    checkpointer.close()
+    checkpointer = checkpoints.TrainCheckpointer(directory, CONFIG)
+    state, _ = checkpointer.restore(target.abstract_state)
+    checkpointer.close()
+    placed = all(a.sharding == s for a, s in zip(jax.tree.leaves(state),
+                                                  jax.tree.leaves(target.state_shardings)))
+    return {f"params/{k}": np.asarray(v) for k, v in run8.flat(state.params).items()}, placed
+
+
+def main(out_dir: pathlib.Path) -> None:
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    arrays = {f"single/{k}": v for k, v in run_single_device().items()}
+    counts = {}
+    for name, shape in MESHES.items():
+        mesh_arrays, counts[name] = run_pipelined(shape)
+        arrays.update({f"{name}/{k}": v for k, v in mesh_arrays.items()})
+    layouts = {name: shard_layout(*layout) for name, layout in LAYOUTS.items()}
+    for name, training in layouts.items():
+        arrays.update({f"step_{name}/{k}": v for k, v in run_step(training).items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        for saved, target in (("pipelined", "plain"), ("plain", "pipelined")):
+            run = f"restored_{saved}_on_{target}"
+            restored, counts[f"{run}_placed"] = restore_across(
+                layouts[saved], layouts[target], pathlib.Path(tmp) / run)
+            arrays.update({f"{run}/{k}": v for k, v in restored.items()})
+    np.savez(out_dir / "results.npz", **arrays)
+    (out_dir / "counts.json").write_text(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main(pathlib.Path(sys.argv[1]))

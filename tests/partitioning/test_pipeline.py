@@ -1,0 +1,85 @@
+"""Pipeline parallelism over the `stage` mesh axis: on 8 simulated devices the pipelined layer
+stack equals the plain one (alone and through the real train step), and checkpoints move between
+pipelined and plain layouts.
+
+The 8-device runs happen in one subprocess (tests/partitioning/pipeline_eight_devices.py).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bloom_jax import optim, sharded_step
+from bloom_jax.model import BloomConfig
+from partitioning.mesh import MeshError
+from tests.partitioning import pipeline_eight_devices as pipe8
+from tests.partitioning.test_shardings import XLA_FLAGS
+
+ROOT = pathlib.Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """Runs pipeline_eight_devices.py once; returns its arrays and counts."""
+    out = tmp_path_factory.mktemp("pipeline_eight_devices")
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/partitioning/pipeline_eight_devices.py"), str(out)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return np.load(out / "results.npz"), json.loads((out / "counts.json").read_text())
+
+
+def keys(arrays, run: str, prefix: str = "") -> list[str]:
+    return [k.removeprefix(f"{run}/") for k in arrays if k.startswith(f"{run}/{prefix}")]
+
+
+def test_layers_that_do_not_split_into_the_stages_are_refused_naming_the_fix():
+    workload = sharded_step.Workload(
+        BloomConfig(vocab_size=64, hidden_size=32, n_layer=6, n_head=4), sequence_length=16,
+        batch_ramp=optim.BatchRampUp(global_batch_size=8, start=8))
+    mesh = jax.sharding.AbstractMesh((4, 1, 1, 1), ("stage", "data", "fsdp", "tensor"))
+    with pytest.raises(MeshError, match="n_layer=6 layers do not split into stage=4 pipeline "
+                       "stages; set create_mesh.stage to a divisor of 6: 1, 2, 3, 6"):
+        sharded_step.shard_training(workload, mesh, ())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", list(pipe8.MESHES))
+def test_pipelined_loss_and_gradients_equal_the_single_device_model(pipeline_run, mesh):
+    arrays, counts = pipeline_run
+    grads = keys(arrays, "single", "grads/")
+    assert grads and len(grads) == len(keys(arrays, mesh, "grads/"))
+    np.testing.assert_allclose(arrays[f"{mesh}/loss"], arrays["single/loss"], rtol=1e-6)
+    for key in grads:
+        np.testing.assert_allclose(arrays[f"{mesh}/{key}"], arrays[f"single/{key}"],
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
+    assert counts[mesh] > 0  # micro-batches move between stages by collective permutes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pipelined", "pipelined_in_passes"])
+def test_pipelined_train_step_equals_the_plain_one_on_the_same_devices(pipeline_run, layout):
+    arrays, _ = pipeline_run
+    params = keys(arrays, "step_plain", "params/")
+    assert params
+    for key in ("loss", "grad_norm", *params):
+        np.testing.assert_allclose(arrays[f"step_{layout}/{key}"], arrays[f"step_plain/{key}"],
+                                   rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["restored_pipelined_on_plain", "restored_plain_on_pipelined"])
+def test_checkpoints_restore_across_pipelined_and_plain_layouts(pipeline_run, run):
+    arrays, counts = pipeline_run
+    params = keys(arrays, run, "params/")
+    assert params == keys(arrays, "single", "params/")  # the same tree
+    for key in params:  # the initial parameters, whichever layout saved or restored them
+        np.testing.assert_array_equal(arrays[f"{run}/{key}"], arrays[f"single/{key}"])
+    assert counts[f"{run}_placed"]  # on the restoring layout's shardings
