@@ -107,8 +107,10 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
     micro_batches, micro_batch, length = batch["input_ids"].shape
     rows = jnp.arange(micro_batches * micro_batch).reshape(micro_batches, micro_batch)
     batch = {**batch, "loss_weights": batch["loss_weights"] * (rows < batch_size)[..., None]}
+    rows_per_step = micro_batch * (pipeline_pass or 1)
     if pipeline_pass:
         batch = jax.tree.map(lambda x: x.reshape(-1, pipeline_pass, *x.shape[1:]), batch)
+    accumulation_steps = batch["input_ids"].shape[0]
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def accumulate(index, carry):
@@ -123,12 +125,12 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), state.params)
     init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
-    if micro_batches == 1:  # no loop: XLA fuses the step whole
+    if accumulation_steps == 1:  # no loop: XLA fuses the step whole
         grads, loss_sum, weight_sum = accumulate(0, init)
     else:
         # A traced trip count: the batch ramp changes how many micro-steps run, never the
         # shapes, so one compiled step serves the run; micro-steps past it are never read.
-        used = jnp.minimum(micro_batches, (batch_size + micro_batch - 1) // micro_batch)
+        used = jnp.minimum(accumulation_steps, (batch_size + rows_per_step - 1) // rows_per_step)
         grads, loss_sum, weight_sum = jax.lax.fori_loop(0, used, accumulate, init)
     weight_sum = jnp.maximum(weight_sum, 1.0)
     loss = loss_sum / weight_sum
