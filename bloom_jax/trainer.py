@@ -205,9 +205,11 @@ def train(
             })
         if consecutive_skips > skip_policy.max_consecutive:
             raise TrainingError(
-                f"{consecutive_skips} steps in a row were skipped (non-finite or spiking "
-                f"loss), the last at step {done.step}. Restart from the last checkpoint with "
-                "a lower learning rate, or a data seed that skips the offending batches.")
+                f"{consecutive_skips} steps in a row were skipped (a non-finite loss, "
+                f"gradient or update, or a spiking loss), the last at step {done.step}. Skipped "
+                "updates are never applied, so the checkpoints hold finite parameters: restart "
+                "from the last one with a lower learning rate, or a data seed that skips the "
+                "offending batches.")
 
     batches = prefetch.Prefetcher(prepared_batches(training, workload.batch_ramp, stream,
                                                    consumed), depth=prefetch_depth)
