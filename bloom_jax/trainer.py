@@ -249,6 +249,13 @@ def train(
             if preempted:
                 logging.warning("Preempted: checkpoint of step %d saved; exiting.", step)
                 break
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        raise distributed.PeerFailed(  # e.g. gloo's "Connection closed by peer"
+            f"a step failed in a collective with the other processes "
+            f"({str(error).splitlines()[0]}): one of them probably died, see its log; relaunch "
+            "the run to resume from its last checkpoint") from error
     finally:
         batches.close()
         compiles.close()
