@@ -7,7 +7,8 @@ gin literal (a bare path) is taken as a string, so `--gin.MODEL_DIR=/tmp/run` ne
 
 This module imports nothing of the model, the step or the loop. Configurables are registered by
 the library modules that define them, which each command imports before it parses: the trainer
-registers every configurable a config binds and parses strictly (a misspelled name fails); a
+registers every configurable a config binds and parses strictly (a misspelled name fails;
+so does, in every command, a macro that no config file defines or uses); a
 command that reads a training config without running the loop skips the loop's configurables
 by name (`LOOP_CONFIGURABLES`), and the data tools, which read only a config's data settings,
 skip every configurable they do not load (gin's `skip_unknown`).

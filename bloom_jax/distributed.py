@@ -155,9 +155,9 @@ def initialize(
     `initialization_timeout_s`; a process that stops answering (dead, or hung) for half of
     `heartbeat_timeout_s` ends every other one with an `error:` line naming it (`PeerWatch`),
     before jax's own heartbeat timeout would abort them with a C++ stack trace; and the exit
-    barrier, where a process that failed waits for the others, ends after `shutdown_timeout_s`. `cpu_collectives` ("gloo" or "mpi") carries
-    cross-process collectives between CPU devices. SIGTERM is caught from then on, in one
-    process as in many: poll `reached_preemption`.
+    barrier, where a process that failed waits for the others, ends after `shutdown_timeout_s`.
+    `cpu_collectives` ("gloo" or "mpi") carries cross-process collectives between CPU devices.
+    SIGTERM is caught from then on, in one process as in many: poll `reached_preemption`.
 
     Gin bindings (all optional): initialize.coordinator_address = "node001:7777",
     initialize.num_processes, initialize.process_id, initialize.local_device_ids = [0, 1],
