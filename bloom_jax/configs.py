@@ -1,7 +1,8 @@
 """Command wiring shared by every `python -m bloom_jax.*` command: flags, gin, one error line.
 
 Every config accepts the same macros (MODEL_DIR, DATA_DIR, TRAIN_STEPS, BATCH_SIZE,
-SEQUENCE_LENGTH, MICRO_BATCH_SIZE, SEED, INIT_FROM, VOCABULARY; see gin_configs/base.gin).
+SEQUENCE_LENGTH, MICRO_BATCH_SIZE, SEED, INIT_FROM, VOCABULARY, DOCUMENT_MASKING; see
+gin_configs/base.gin).
 `--gin.NAME=VALUE` is t5x's shorthand for `--gin_bindings='NAME = VALUE'`; a VALUE that is not a
 gin literal (a bare path) is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
 
@@ -33,7 +34,8 @@ GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 BASE_CONFIG = "base.gin"  # the macros and defaults every size file includes
 # Configurables only the training loop registers; plan, bench and evaluate read a training
 # config without the loop and skip their bindings (tests/test_configs.py keeps this list true).
-LOOP_CONFIGURABLES = ("train", "CheckpointOptions", "initialize", "make_instruction_stream")
+LOOP_CONFIGURABLES = ("train", "CheckpointOptions", "initialize", "make_instruction_stream",
+                      "instruction_validation_streams")
 flags.disclaim_key_flags()  # the gin flags are the command's own: its --help lists them
 
 

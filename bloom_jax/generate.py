@@ -56,32 +56,39 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the draws.")
 
 
-def load_model() -> tuple[decoding.Generator, Any, Any]:
-    """(generator on --mesh, its params, vocabulary) from --hf_dir or --ckpt_dir and
-    --vocabulary."""
+def load_model(ckpt_dir: str | None = None, hf_dir: str | None = None,
+               vocabulary: str | None = None,
+               mesh: Sequence[int] = (-1, 1, 1)) -> tuple[decoding.Generator, Any, Any]:
+    """(generator on `mesh` (data, fsdp, tensor), its params, vocabulary) from `hf_dir` or
+    `ckpt_dir` and `vocabulary`, as the flags of the same names give them."""
     # Imported here: they bring in orbax, safetensors and TensorFlow, which generate_ids needs not.
     from bloom_jax import convert, param_store
     from bloom_jax.data import vocabularies
 
-    mesh = create_mesh(*(int(size) for size in FLAGS.mesh))
-    if FLAGS.hf_dir:
-        config, params = convert.load_hf_checkpoint(FLAGS.hf_dir)
+    mesh = create_mesh(*mesh)
+    if hf_dir:
+        config, params = convert.load_hf_checkpoint(hf_dir)
         run = decoding.generator(config, mesh)
         params = run.put_params(params)
-        vocabulary = FLAGS.vocabulary or pathlib.Path(FLAGS.hf_dir) / "tokenizer.json"
+        vocabulary = vocabulary or pathlib.Path(hf_dir) / "tokenizer.json"
     else:
-        config = param_store.load_config(param_store.checkpoint_dir(FLAGS.ckpt_dir))
+        config = param_store.load_config(param_store.checkpoint_dir(ckpt_dir))
         run = decoding.generator(config, mesh)
-        _, params = param_store.load_params(FLAGS.ckpt_dir, shardings=run.param_shardings)
-        vocabulary = FLAGS.vocabulary
+        _, params = param_store.load_params(ckpt_dir, shardings=run.param_shardings)
     vocabulary = vocabularies.load_vocabulary(vocabulary)
     vocabularies.check_fits_model(vocabulary, config.vocab_size)
     return run, params, vocabulary
 
 
+def load_flagged_model() -> tuple[decoding.Generator, Any, Any]:
+    """`load_model` of --ckpt_dir or --hf_dir, --vocabulary and --mesh."""
+    return load_model(FLAGS.ckpt_dir, FLAGS.hf_dir, FLAGS.vocabulary,
+                      [int(size) for size in FLAGS.mesh])
+
+
 def main(argv: Sequence[str]) -> None:
     configs.no_arguments(argv)
-    run, params, vocabulary = load_model()
+    run, params, vocabulary = load_flagged_model()
     prompts = [vocabulary.encode(text) for text in FLAGS.prompt]
     if not all(prompts):
         raise ValueError("a --prompt encodes to no tokens; give it some text.")

@@ -56,7 +56,9 @@ class LoraConfig:
     target_modules: tuple[str, ...] = ("query_key_value",)
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        targets = self.target_modules
+        object.__setattr__(self, "target_modules",
+                           (targets,) if isinstance(targets, str) else tuple(targets))
         unknown = sorted(set(self.target_modules) - set(MODULES))
         if unknown or not self.target_modules:
             raise ValueError(f"LoraConfig.target_modules = {self.target_modules}: "
@@ -225,6 +227,21 @@ def save_config(directory: str | Path, lora: LoraConfig) -> None:
     """Writes `lora.json` beside a run's checkpoints: they hold adapters, not a whole model."""
     text = json.dumps(dataclasses.asdict(lora), indent=2) + "\n"
     (Path(directory) / param_store.ADAPTERS_FILE).write_text(text)
+
+
+def check_resumable(directory: str | Path, lora: LoraConfig | None, has_steps: bool) -> None:
+    """Refuses to resume a run's checkpoints (`directory`) with other adapters than they hold:
+    another LoraConfig, LoRA on a whole model's steps, or a whole model on adapters' steps."""
+    path = Path(directory) / param_store.ADAPTERS_FILE
+    saved = LoraConfig(**json.loads(path.read_text())) if path.is_file() else None
+    if saved == lora or (saved is None and not has_steps):
+        return
+    describe = lambda c: "no LoRA (whole model)" if c is None else (
+        f"LoraConfig(rank={c.rank}, alpha={c.alpha}, dropout={c.dropout}, "
+        f"target_modules={c.target_modules})")
+    raise ValueError(f"{directory} holds checkpoints of {describe(saved)}, but this run asks for "
+                     f"{describe(lora)}; resume with the saved settings (Workload.lora, "
+                     "LoraConfig.*) or use a new MODEL_DIR.")
 
 
 def load_adapters(directory: str | Path, config: BloomConfig) -> tuple[LoraConfig, Any]:

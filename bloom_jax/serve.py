@@ -41,7 +41,7 @@ def main(argv: Sequence[str]) -> None:
     for name in ("max_batch", "max_queue", "context"):
         if FLAGS[name].value < 1:
             raise ValueError(f"--{name}={FLAGS[name].value} must be at least 1.")
-    run, params, vocabulary = generate.load_model()
+    run, params, vocabulary = generate.load_flagged_model()
     engine = serving.Engine(run, params, vocabulary, context=FLAGS.context,
                             max_batch=FLAGS.max_batch, max_queue=FLAGS.max_queue)
     name = FLAGS.model_name or pathlib.Path(FLAGS.hf_dir or FLAGS.ckpt_dir).resolve().name

@@ -56,8 +56,15 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     new_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""  # the completion's text so far
+    prefix_offset: int = 0  # new_ids[prefix_offset:read_offset] are decoded into `text` last
+    read_offset: int = 0
     sent: int = 0  # characters of the completion already sent
     finished: bool = False
+
+    @property
+    def longest_stop(self) -> int:
+        return max((len(s) for s in self.request.stops), default=1)
 
     def send(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -140,31 +147,43 @@ class Engine:
     def _append(self, job: Job, token: int) -> None:
         """Adds a token to a job, sends the text that is final, and ends the job when done."""
         if token == self.vocabulary.eos_id:
-            return self._end(job, self._text(job), "stop")
+            return self._end(job, "stop")
         job.new_ids.append(token)
         last = len(job.new_ids) == job.request.max_tokens
         if not (last or job.request.stream or job.request.stops):
             return None  # nothing to send or check before the end: the text is decoded then
-        text = self._text(job)
-        stops = [i for i in (text.find(s) for s in job.request.stops) if i >= 0]
+        checked = max(0, len(job.text) - job.longest_stop + 1)  # where a new stop could start
+        self._detokenize(job)
+        stops = [i for i in (job.text.find(s, checked) for s in job.request.stops) if i >= 0]
         if stops:
-            return self._end(job, text[:min(stops)], "stop")
+            job.text = job.text[:min(stops)]
+            return self._end(job, "stop", flush=False)
         if last:
-            return self._end(job, text, "length")
-        # Hold back what a stop string could still claim, and a character cut mid-way.
-        held = max((len(s) - 1 for s in job.request.stops), default=0)
-        final = len(text.rstrip("\ufffd")) - held
+            return self._end(job, "length")
+        final = len(job.text) - job.longest_stop + 1  # what a stop string could still claim
         if final > job.sent:
-            job.send("text", text[job.sent:final])
+            job.send("text", job.text[job.sent:final])
             job.sent = final
 
-    def _text(self, job: Job) -> str:
-        return self.vocabulary.decode(job.new_ids)
+    def _detokenize(self, job: Job, flush: bool = False) -> None:
+        """Appends the text of the job's new tokens to `job.text`, decoding only the last few
+        (vLLM's incremental detokenization): the tokens since the last read, after a few
+        already read (so that a word's leading space comes out as in the whole text). Holds
+        back a character cut mid-way unless `flush`."""
+        ids = job.new_ids
+        before = self.vocabulary.decode(ids[job.prefix_offset:job.read_offset])
+        after = self.vocabulary.decode(ids[job.prefix_offset:])
+        if len(after) > len(before) and (flush or not after.endswith("\ufffd")):
+            job.text += after[len(before):]
+            job.prefix_offset, job.read_offset = job.read_offset, len(ids)
 
-    @staticmethod
-    def _end(job: Job, text: str, reason: str) -> None:
-        if len(text) > job.sent:
-            job.send("text", text[job.sent:])
+    def _end(self, job: Job, reason: str, flush: bool = True) -> None:
+        """Sends the rest of the job's text (its last tokens decoded, unless cut at a stop
+        string) and its end."""
+        if flush:
+            self._detokenize(job, flush=True)
+        if len(job.text) > job.sent:
+            job.send("text", job.text[job.sent:])
         job.finished = True
         job.send("end", reason, len(job.new_ids))
 

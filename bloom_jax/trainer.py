@@ -101,6 +101,7 @@ def train(
     profile_steps: tuple[int, int] | None = None,
     compilation_cache_dir: str | None = None,
     make_stream: Callable[..., Iterator[dict]] = pipeline.make_stream,
+    make_validation_streams: Callable[..., dict] = pipeline.validation_streams,
 ) -> step_lib.TrainState:
     """Trains until `train_steps` optimizer steps (restored ones included); returns the state.
 
@@ -117,6 +118,9 @@ def train(
     make_stream: the training data, (batch_size=, sequence_length=) -> a stream with
       `vocabulary`, `get_state` and `set_state`: the ROOTS mixture (pretraining) or
       `make_instruction_stream` (instruction fine-tuning, gin_configs/sft.gin).
+    make_validation_streams: what eval_every evaluates, (vocabulary=, sequence_length=,
+      batch_size=) -> {name: batches}: every language's validation split, or the held-out
+      instructions' targets and prompts (`instruction_validation_streams`, sft.gin).
     Gin: `train.eval_every = 1000`, `train.eval_batch_size = 64`, `train.profile_steps = (10, 5)`
     (`--gin.train.profile_steps=10,5`).
     """
@@ -146,7 +150,7 @@ def train(
         eval_batch_size = eval_batch_size or training.micro_batch
         evaluator = sharded_step.shard_eval(training.model, mesh, rules, eval_batch_size,
                                             sequence_length)
-        eval_streams = pipeline.validation_streams(
+        eval_streams = make_validation_streams(
             vocabulary=stream.vocabulary, sequence_length=sequence_length,
             batch_size=eval_batch_size)
     base = load_lora_base(training, init_from)
@@ -155,6 +159,8 @@ def train(
                                       fix="set INIT_FROM to a checkpoint of this model size")
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
+    lora_lib.check_resumable(checkpointer.directory, workload.lora,
+                             checkpointer.latest_step() is not None)
     state = restore_or_init(training, checkpointer, stream, seed, None if base else init_from)
     checkpointer.claim()  # the start-up is valid: from here on the run writes to MODEL_DIR
     if base and jax.process_index() == 0:

@@ -71,6 +71,20 @@ def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch():
         figures["torch_step_time_s"] / step_time)
 
 
+def test_lora_steps_on_a_base_and_reports_adam_state_as_twice_the_adapters():
+    configs.parse(TINY, [*SMALL_BATCH, "Workload.lora = @LoraConfig()", "LoraConfig.rank = 4"],
+                  skip_unknown=configs.LOOP_CONFIGURABLES)
+    workload = sharded_step.Workload()
+    result = bench.benchmark(steps=1, warmup_steps=0)
+    # query_key_value's A [2 layers, 64, 4] and B [2 layers, 4, 3 x 64] in float32 (4 bytes).
+    adapters = 2 * (64 * 4 + 4 * 3 * 64) * 4
+    assert result.trained_param_bytes == adapters
+    # Adam's mu and nu per adapter parameter, plus a few scalars (count, learning rate).
+    assert 0 <= result.optimizer_state_bytes - 2 * adapters <= 64
+    assert "optimizer state: 16.4kB, 2.00 x the 8.2kB of LoRA adapters" in bench.format_result(
+        result, workload)
+
+
 @pytest.mark.slow
 def test_sweep_lists_every_combination_and_those_that_do_not_fit():
     # One device: fsdp=3 leaves no data-parallel size to infer, a MeshError before compiling.

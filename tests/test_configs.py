@@ -75,13 +75,15 @@ def test_every_config_takes_the_shared_macros(name):
     configs.parse(with_size(name), [
         "MODEL_DIR = '/runs/x'", "DATA_DIR = '/data/roots'", "TRAIN_STEPS = 7",
         "BATCH_SIZE = 48", "SEQUENCE_LENGTH = 64", "SEED = 5", "INIT_FROM = '/ckpt/hf'",
-        "MICRO_BATCH_SIZE = 3", "BatchRampUp.start = 48"])  # 176B's ramp starts at 192
+        "MICRO_BATCH_SIZE = 3", "DOCUMENT_MASKING = True",
+        "BatchRampUp.start = 48"])  # 176B's ramp starts at 192
     train = gin.get_bindings("train")
     assert (train["model_dir"], train["train_steps"], train["seed"], train["init_from"]) == (
         "/runs/x", 7, 5, "/ckpt/hf")
     stream = gin.get_bindings("make_stream")
     assert (stream["data_dir"], stream["sequence_length"], stream["seed"]) == (
         "/data/roots", 64, 5)
+    assert stream["document_masking"] and gin.get_bindings("validation_streams")["document_masking"]
     workload = sharded_step.Workload()
     assert (workload.batch_size, workload.sequence_length, workload.micro_batch_size) == (
         48, 64, 3)

@@ -103,20 +103,29 @@ def test_default_corpus_figures_hang_together(vocabulary, params, mesh):
         np.testing.assert_allclose(one_row_at_a_time[name]["loss"], r["loss"], rtol=1e-5)
 
 
-def test_bits_per_byte_on_a_hand_made_corpus(tmp_path, vocabulary, params, mesh):
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_bits_per_byte_on_a_hand_made_corpus(tmp_path, vocabulary, params, mesh,
+                                             document_masking):
     texts = ["Café crème, naïve façade.", "河流穿过森林。", "Short one.", "Ñandú — ¿qué?"]
     write_jsonl(tmp_path / "en" / "documents.jsonl", ["Training text that is not evaluated."])
     write_jsonl(tmp_path / "en" / "validation" / "documents.jsonl", texts)
     streams = pipeline.validation_streams(data_dir=tmp_path, vocabulary=vocabulary,
-                                          sequence_length=128, batch_size=2, process_index=0,
+                                          sequence_length=128, batch_size=2,
+                                          document_masking=document_masking, process_index=0,
                                           process_count=1)
     result = run_evaluate(params, streams, mesh)["roots_en"]
 
-    # Independently: each document alone, unpacked, after the previous document's EOS (none
-    # for the first, whose first token is context only); one right-padded batch.
     eos = vocabulary.eos_id
     documents = [[*vocabulary.encode(text), eos] for text in texts]
-    pairs = [(documents[0][:-1], documents[0][1:])] + [([eos, *d[:-1]], d) for d in documents[1:]]
+    if document_masking:  # independently: each document alone, unpacked, after the previous
+        # document's EOS (none for the first, whose first token is context only)
+        pairs = [(documents[0][:-1], documents[0][1:])] + [([eos, *d[:-1]], d)
+                                                           for d in documents[1:]]
+    else:  # BLOOM's packing: the documents as one causal sequence (they fit in one row)
+        text = sum(documents, [])
+        assert len(text) <= 129
+        pairs = [(text[:-1], text[1:])]
+    # one right-padded batch
     width = max(len(inputs) for inputs, _ in pairs)
     pad = lambda rows: jnp.array([row + [0] * (width - len(row)) for row in rows])
     inputs, targets = pad([i for i, _ in pairs]), pad([t for _, t in pairs])

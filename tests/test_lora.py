@@ -138,3 +138,18 @@ def test_optimizer_state_is_the_adapters_adam_moments():
     assert jax.tree.structure(adapted.abstract_base) == jax.tree.structure(
         full.abstract_state.params)
     assert nbytes(state.opt_state) < nbytes(full.abstract_state.opt_state) / 10
+
+
+def test_resuming_with_other_adapters_is_refused_naming_both(tmp_path):
+    lora_lib.check_resumable(tmp_path, LORA, has_steps=False)  # a new run
+    lora_lib.check_resumable(tmp_path, None, has_steps=True)  # a whole model's run
+    with pytest.raises(ValueError, match=r"no LoRA \(whole model\), but this run asks for "
+                                         r"LoraConfig\(rank=4"):
+        lora_lib.check_resumable(tmp_path, LORA, has_steps=True)
+    lora_lib.save_config(tmp_path, LORA)
+    lora_lib.check_resumable(tmp_path, LORA, has_steps=True)
+    other = dataclasses.replace(LORA, rank=8, target_modules=("dense",))
+    with pytest.raises(ValueError, match=r"rank=4.*asks for LoraConfig\(rank=8.*\('dense',\)"):
+        lora_lib.check_resumable(tmp_path, other, has_steps=True)
+    with pytest.raises(ValueError, match="asks for no LoRA"):
+        lora_lib.check_resumable(tmp_path, None, has_steps=True)

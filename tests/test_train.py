@@ -315,3 +315,58 @@ def test_a_second_trainer_on_one_model_dir_is_refused(compile_cache, tmp_path):
     assert second.returncode == 1
     assert re.match(rf"error: {tmp_path}/checkpoints is in use by another trainer \(pid "
                     rf"{first.pid} ", last_line), second.stderr
+
+
+@pytest.fixture(scope="module")
+def lora_sft_bindings(tmp_path_factory) -> tuple[str, ...]:
+    """sft.gin's instruction tuning with LoRA adapters, from a converted tiny checkpoint."""
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from bloom_jax import param_store  # pylint: disable=g-import-not-at-top
+    from bloom_jax.model import BloomConfig, BloomForCausalLM  # pylint: disable=g-import-not-at-top
+    from tests.test_trainer import instruction_file  # pylint: disable=g-import-not-at-top
+
+    directory = tmp_path_factory.mktemp("lora_sft")
+    config = BloomConfig(vocab_size=1024, hidden_size=64, n_layer=2, n_head=4, dtype="float32",
+                         scan_layers=False)  # tiny.gin's
+    init = nn.unbox(BloomForCausalLM(config).init(jax.random.PRNGKey(0),
+                                                  np.zeros([1, 1], np.int32))["params"])
+    param_store.save_params(directory / "init", config, jax.tree.map(np.asarray, init))
+    return ("--gin_file=gin_configs/sft.gin", f"--gin.INIT_FROM={directory / 'init'}",
+            f"--gin.SFT_DATA={instruction_file(directory / 'sft.jsonl', 200, 0)}",
+            "--gin.BATCH_SIZE=8", "--gin.SEQUENCE_LENGTH=64", "--gin.Workload.lora=@LoraConfig()",
+            "--gin.LoraConfig.rank=4", "--gin.learning_rate_schedule.peak_lr=3e-3",
+            "--gin.learning_rate_schedule.min_lr=3e-3")
+
+
+@pytest.mark.slow
+def test_lora_instruction_tuning_resumes_exactly_after_sigkill_and_keeps_its_adapters(
+        compile_cache, lora_sft_bindings, tmp_path):
+    """The adapters, their Adam state and the instruction stream's position come back from the
+    step-EVERY checkpoint: the resumed steps' losses are the uninterrupted run's, bit for bit.
+    A relaunch that asks for other adapters is refused with one line."""
+    reference = ok(train(compile_cache, tmp_path / "reference", *lora_sft_bindings))
+    assert "LoRA: " in reference.stderr
+    model_dir, log = tmp_path / "run", tmp_path / "killed.log"
+    proc = start_train(compile_cache, model_dir, log, *lora_sft_bindings, train_steps=1000)
+    try:
+        wait_for(lambda: (model_dir / "checkpoints" / str(EVERY)).is_dir(), proc,
+                 f"checkpoint {EVERY}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert checkpoint_steps(model_dir) == [1, EVERY], "killed too late to test the restart"
+
+    before = set(model_dir.glob("events.out.tfevents.*"))
+    restarted = ok(train(compile_cache, model_dir, *lora_sft_bindings))
+    assert f"Resumed from step {EVERY}" in restarted.stderr
+    expected = event_losses(tmp_path / "reference")
+    assert event_losses(new_event_file(model_dir, before)) == {
+        s: expected[s] for s in range(EVERY + 1, TRAIN_STEPS + 1)}
+
+    other = train(compile_cache, model_dir, *lora_sft_bindings, "--gin.LoraConfig.rank=8",
+                  train_steps=2 * TRAIN_STEPS)
+    last_line = other.stderr.rstrip("\n").splitlines()[-1]
+    assert other.returncode == 1 and last_line.startswith("error: "), other.stderr
+    assert "LoraConfig(rank=4" in last_line and "asks for LoraConfig(rank=8" in last_line

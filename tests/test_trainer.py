@@ -112,25 +112,32 @@ def instruction_file(path, count, seed):
     return path
 
 
-def prompt_and_target_loss(params, config, stream):
-    """Mean token loss on the prompts and on the targets of the stream's next batch."""
-    batch = next(stream)
-    logits = BloomForCausalLM(config).apply(
-        {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
-        positions=batch["positions"])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    target = batch["loss_weights"] == 1
-    prompt = (batch["segment_ids"] > 0) & ~target
-    return float(losses[prompt].mean()), float(losses[target].mean())
+def mean_losses(params, config, streams):
+    """{part: mean token loss} of held-out batches scored on their targets and prompts."""
+    model = BloomForCausalLM(config)
+    means = {}
+    for part, batches in streams.items():
+        loss_sum = weight_sum = 0.0
+        for batch in batches:
+            logits = model.apply({"params": params}, batch["input_ids"],
+                                 segment_ids=batch["segment_ids"], positions=batch["positions"])
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            loss_sum += float((losses * batch["loss_weights"]).sum())
+            weight_sum += float(batch["loss_weights"].sum())
+        means[part] = loss_sum / weight_sum
+    return means
 
 
 @pytest.mark.slow
 def test_instruction_tuning_learns_the_targets_not_the_prompts(tmp_path):
+    """The trainer's held-out evaluation (SFT_EVAL_DATA): the targets' loss falls, the prompts'
+    does not (nothing trains on them), and the logged figures are the model's own losses."""
     data, held_out = (instruction_file(tmp_path / f"{n}.jsonl", 200, seed)
                       for n, seed in (("train", 0), ("held_out", 1)))
     configs.parse(["tiny.gin", "sft.gin"], [
         f"MODEL_DIR = '{tmp_path / 'run'}'", f"SFT_DATA = '{data}'", "TRAIN_STEPS = 60",
         "BATCH_SIZE = 8", "SEQUENCE_LENGTH = 64", f"INIT_FROM = '{tmp_path / 'init'}'",
+        f"SFT_EVAL_DATA = '{held_out}'", "train.eval_every = 30",
         "learning_rate_schedule.peak_lr = 3e-3", "learning_rate_schedule.min_lr = 3e-3"])
     config = sharded_step.Workload().model_config
     init = nn.unbox(BloomForCausalLM(config).init(jax.random.PRNGKey(0),
@@ -138,11 +145,14 @@ def test_instruction_tuning_learns_the_targets_not_the_prompts(tmp_path):
     param_store.save_params(tmp_path / "init", config, jax.tree.map(np.asarray, init))
     state = trainer.train()
 
-    evaluate = lambda params: prompt_and_target_loss(params, config, instructions.
-                                                     make_instruction_stream(
-        data=held_out, sequence_length=64, batch_size=16, process_index=0, process_count=1))
-    prompt_before, target_before = evaluate(init)
-    prompt_after, target_after = evaluate(state.params)
-    assert target_after < 0.3 * target_before, (target_before, target_after)
+    streams = instructions.instruction_validation_streams(
+        data=held_out, sequence_length=64, batch_size=8, process_index=0, process_count=1)
+    before, after = mean_losses(init, config, streams), mean_losses(state.params, config, streams)
+    scalars = read_scalars(tmp_path / "run")
+    for part in ("targets", "prompts"):
+        logged = dict(scalars[f"eval/loss/{part}"])
+        assert list(logged) == [30, 60]
+        assert logged[60] == pytest.approx(after[part], abs=1e-4)
+    assert after["targets"] < 0.3 * before["targets"], (before, after)
     # Nothing teaches the prompts: their loss does not fall.
-    assert prompt_after > prompt_before - 0.1, (prompt_before, prompt_after)
+    assert after["prompts"] > before["prompts"] - 0.1, (before, after)

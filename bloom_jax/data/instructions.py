@@ -3,8 +3,9 @@ deterministic, resumable stream of batches whose loss is on the targets only.
 
 Each example is `inputs + targets + EOS`, the two tokenized separately and concatenated (no
 separator, no BOS), as a prompt is fed at inference. It is scored on its targets and EOS only:
-the loss weight of a position is 1 where the token it predicts belongs to the targets. An example
-longer than a row loses the start of its inputs (then of its targets).
+the loss weight of a position is 1 where the token it predicts belongs to the targets (with
+`norm_target_loss`, 1 / the example's target tokens, so that every target weighs the same).
+An example longer than a row loses the start of its inputs (then of its targets).
 
 Examples are read in epochs, each a fresh permutation drawn from the seed. With packing (BLOOMZ's
 choice) a row holds as many whole examples as fit, in stream order, each its own segment (tokens
@@ -46,6 +47,13 @@ class Examples:
     def sequence(self, i: int) -> np.ndarray:
         return self.tokens[self.starts[i]:self.starts[i + 1]]
 
+    def fitted(self, i: int, length: int) -> tuple[np.ndarray, int]:
+        """Example i's last `length + 1` tokens (a row's inputs and targets), and how many of
+        them are its prompt."""
+        sequence = self.sequence(i)
+        cut = max(len(sequence) - (length + 1), 0)
+        return sequence[cut:], max(int(self.prompt_lengths[i]) - cut, 0)
+
 
 def jsonl_files(path: str | pathlib.Path) -> list[pathlib.Path]:
     """`path` itself if a file, else the `*.jsonl` files under it, sorted."""
@@ -83,8 +91,13 @@ def tokenize_examples(path: str | pathlib.Path, vocabulary: seqio.Vocabulary) ->
                     np.concatenate([[0], np.cumsum(lengths)]), np.array(prompt_lengths, np.int64))
 
 
-def fill_row(examples: list[tuple[np.ndarray, int]], length: int) -> dict[str, np.ndarray]:
-    """Batch features [length] of whole examples (sequence, prompt length) laid end to end."""
+def fill_row(examples: list[tuple[np.ndarray, int]], length: int,
+             norm_target_loss: bool = False) -> dict[str, np.ndarray]:
+    """Batch features [length] of whole examples (sequence, prompt length) laid end to end.
+
+    A target token's loss weight is 1, or 1 / (its example's target tokens) with
+    `norm_target_loss`, so that every example's target weighs the same.
+    """
     row = {name: np.zeros(length, dtype) for name, dtype in pipeline.BATCH_FEATURES.items()}
     offset = 0
     for segment, (sequence, prompt_length) in enumerate(examples, start=1):
@@ -94,7 +107,8 @@ def fill_row(examples: list[tuple[np.ndarray, int]], length: int) -> dict[str, n
         row["targets"][span] = sequence[1:]
         row["segment_ids"][span] = segment
         row["positions"][span] = np.arange(n)
-        row["loss_weights"][span] = np.arange(1, n + 1) >= prompt_length
+        scored = np.arange(1, n + 1) >= prompt_length
+        row["loss_weights"][span] = scored / scored.sum() if norm_target_loss else scored
         offset += n
     return row
 
@@ -104,13 +118,15 @@ class InstructionStream:
 
     def __init__(self, examples: Examples, vocabulary: seqio.Vocabulary, *,
                  sequence_length: int, batch_size: int, seed: int, packing: bool = True,
-                 process_index: int | None = None, process_count: int | None = None):
+                 norm_target_loss: bool = False, process_index: int | None = None,
+                 process_count: int | None = None):
         self.examples = examples
         self.vocabulary = vocabulary
         self.sequence_length = sequence_length
         self.batch_size = batch_size
         self.seed = seed
         self.packing = packing
+        self.norm_target_loss = norm_target_loss
         self._rows = pipeline.process_rows(batch_size, process_index, process_count)
         self._consumed = 0  # examples taken from the endless, epoch by epoch, stream
         self._order = functools.lru_cache(maxsize=2)(self._epoch_order)
@@ -125,10 +141,7 @@ class InstructionStream:
         """Example k of the endless stream, its last `sequence_length + 1` tokens: (tokens,
         prompt length)."""
         epoch, index = divmod(k, len(self.examples))
-        i = self._order(epoch)[index]
-        sequence = self.examples.sequence(i)
-        cut = max(len(sequence) - (self.sequence_length + 1), 0)
-        return sequence[cut:], max(int(self.examples.prompt_lengths[i]) - cut, 0)
+        return self.examples.fitted(self._order(epoch)[index], self.sequence_length)
 
     def __next__(self) -> pipeline.Batch:
         rows = []
@@ -142,7 +155,8 @@ class InstructionStream:
                 used += len(example[0]) - 1
                 self._consumed += 1
             rows.append(row)
-        features = [fill_row(row, self.sequence_length) for row in rows[self._rows]]
+        features = [fill_row(row, self.sequence_length, self.norm_target_loss)
+                    for row in rows[self._rows]]
         return {name: np.stack([f[name] for f in features]) for name in pipeline.BATCH_FEATURES}
 
     def get_state(self) -> dict:
@@ -163,17 +177,98 @@ class InstructionStream:
         self._consumed = int(state["examples_consumed"])
 
 
+class HeldOutBatches:
+    """One pass over held-out examples in file order, packed as training packs them, with the
+    loss weight on their targets (and EOS), or on their prompts (`part="prompts"`): the
+    trainer's evaluation reports both, and fine-tuning should lower the first only.
+
+    The last batch is padded with empty rows (segment 0, loss weight 0) so shapes stay fixed.
+    """
+
+    def __init__(self, examples: Examples, vocabulary: seqio.Vocabulary, *, part: str,
+                 sequence_length: int, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None):
+        if part not in ("targets", "prompts"):
+            raise ValueError(f"part={part!r}; use 'targets' or 'prompts'.")
+        self.examples, self.vocabulary, self.part = examples, vocabulary, part
+        self._length, self._batch_size = sequence_length, batch_size
+        self._process_rows = pipeline.process_rows(batch_size, process_index, process_count)
+        self._rows: list[list[int]] = [[]]
+        used = 0
+        for i in range(len(examples)):
+            n = len(examples.fitted(i, sequence_length)[0]) - 1
+            if self._rows[-1] and used + n > sequence_length:
+                self._rows.append([])
+                used = 0
+            self._rows[-1].append(i)
+            used += n
+
+    def __len__(self) -> int:
+        return -(-len(self._rows) // self._batch_size)
+
+    @functools.cached_property
+    def num_bytes(self) -> int:
+        """UTF-8 bytes of the scored text (every example's prompt, or its target)."""
+        total = 0
+        for i in range(len(self.examples)):
+            sequence = self.examples.sequence(i)
+            prompt = int(self.examples.prompt_lengths[i])
+            part = sequence[:prompt] if self.part == "prompts" else sequence[prompt:-1]
+            total += len(self.vocabulary.decode(part.tolist()).encode("utf-8"))
+        return total
+
+    def __iter__(self) -> Iterator[pipeline.Batch]:
+        for batch in range(len(self)):
+            rows = self._rows[batch * self._batch_size:(batch + 1) * self._batch_size]
+            rows += [[]] * (self._batch_size - len(rows))
+            features = [fill_row([self.examples.fitted(i, self._length) for i in row],
+                                 self._length) for row in rows[self._process_rows]]
+            batch = {name: np.stack([f[name] for f in features])
+                     for name in pipeline.BATCH_FEATURES}
+            if self.part == "prompts":
+                batch["loss_weights"] = ((batch["segment_ids"] > 0)
+                                         & (batch["loss_weights"] == 0)).astype(np.float32)
+            yield batch
+
+
+@gin.configurable
+def instruction_validation_streams(*, data: str | pathlib.Path | None = None,
+                                   vocabulary: seqio.Vocabulary | str | None = None,
+                                   sequence_length: int = 2048, batch_size: int,
+                                   process_index: int | None = None,
+                                   process_count: int | None = None) -> dict[str, HeldOutBatches]:
+    """The held-out examples of `data` (a JSONL file or a folder of them) scored on their
+    targets and, apart, on their prompts: the trainer's `eval/loss/targets` and
+    `eval/loss/prompts`.
+
+    Gin (sft.gin): `train.make_validation_streams = @instruction_validation_streams`,
+    `instruction_validation_streams.data = %SFT_EVAL_DATA`.
+    """
+    if data is None:
+        raise ValueError("SFT_EVAL_DATA is not set, and train.eval_every asks for an evaluation: "
+                         "pass --gin.SFT_EVAL_DATA=/path/to/held_out.jsonl (inputs and targets "
+                         "as SFT_DATA), or leave train.eval_every at 0.")
+    vocabulary = pipeline.as_vocabulary(vocabulary)
+    examples = tokenize_examples(data, vocabulary)
+    return {part: HeldOutBatches(examples, vocabulary, part=part,
+                                 sequence_length=sequence_length, batch_size=batch_size,
+                                 process_index=process_index, process_count=process_count)
+            for part in ("targets", "prompts")}
+
+
 @gin.configurable
 def make_instruction_stream(*, data: str | pathlib.Path = gin.REQUIRED,
                             vocabulary: seqio.Vocabulary | str | None = None,
                             sequence_length: int = 2048, batch_size: int, seed: int = 42,
-                            packing: bool = True, process_index: int | None = None,
+                            packing: bool = True, norm_target_loss: bool = False,
+                            process_index: int | None = None,
                             process_count: int | None = None) -> InstructionStream:
     """The instruction examples of `data` (a JSONL file or a folder of them) as an endless
     stream of global batches of `batch_size` rows (this process gets its share).
 
     Gin: `make_instruction_stream.data = %SFT_DATA`, `make_instruction_stream.packing = False`
-    (one example per row, padded).
+    (one example per row, padded), `make_instruction_stream.norm_target_loss = True` (every
+    example's target weighs the same in the loss, as Megatron-DeepSpeed's --norm-target-loss).
     """
     if data is None:
         raise ValueError("SFT_DATA is not set: pass --gin.SFT_DATA=/path/to/xp3 (a JSONL file or "
@@ -186,5 +281,6 @@ def make_instruction_stream(*, data: str | pathlib.Path = gin.REQUIRED,
                         "inputs.", too_long, len(examples), sequence_length + 1)
     return InstructionStream(examples, vocabulary,
                              sequence_length=sequence_length, batch_size=batch_size, seed=seed,
-                             packing=packing, process_index=process_index,
+                             packing=packing, norm_target_loss=norm_target_loss,
+                             process_index=process_index,
                              process_count=process_count)

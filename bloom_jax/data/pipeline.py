@@ -1,16 +1,22 @@
 """The packed, deterministic, resumable stream of training batches, and validation batches.
 
-Each task's documents are tokenized once (see `tokenized.py`) and kept as one token array.
-Every task then reads as an endless token stream: epoch after epoch of its documents, each epoch
-in a fresh order drawn from the seed. Packed row k of a task is the window of `length + 1` tokens
-starting at token k * length of that stream (BLOOM's Megatron packing: no padding, a document may
-continue into the next row). Which task fills each row of a global batch is drawn from the seed
-and the batch number. So a batch is a pure function of (seed, batch number, rows drawn so far per
-task), and the state that restores it exactly is those few integers.
+Sampling follows Megatron's GPT dataset. Each task's documents are tokenized once (see
+`tokenized.py`); its endless token stream is epoch after epoch of its documents, each epoch in a
+fresh seeded order (Megatron's doc_idx). The stream is cut into windows of `length + 1` tokens,
+window w starting at token w * length (sample_idx: no padding, a document may continue into the
+next window). Windows are read in a seeded shuffled order, one permutation per epoch's worth of
+windows (shuffle_idx), so the rows of a batch are not neighbours in a document. Which task fills
+each row is Megatron's blending (`build_blending_indices`): row i of the run goes to the task
+furthest below its rate, the rates being those of the seqio Mixture the stream is built from.
+So a batch is a pure function of (seed, windows read so far per task), and those few integers
+are the state that restores it exactly. Index arrays are built lazily per epoch and hold one
+entry per document or window, never the tokens; tokens are read by one gather per task and batch.
 
-Rows are shifted into inputs and targets. The EOS that closes a document starts the next
-document's segment (it plays the role of BOS), so every target is scored inside its own segment
-and each document's targets end with EOS.
+Rows are shifted into inputs and targets. BLOOM's packing (tr11 set none of Megatron's
+--reset-attention-mask, --reset-position-ids, --eod-mask-loss): a row is one segment, plain
+causal attention across the documents in it, positions counting from 0 and every target scored.
+With `document_masking`, the EOS that closes a document starts the next document's segment (it
+plays the role of BOS), positions restart there and tokens attend only inside their segment.
 
 Every process computes the same task choices for the global batch and reads only its own
 contiguous block of rows, so the union over processes is the batch one process would read.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import zlib
 from typing import Iterator, Mapping, Sequence
 
 import gin
@@ -32,45 +39,76 @@ from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
 
 Batch = dict[str, np.ndarray]  # each [per_process_batch, length]
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 1: rows drawn in stream order, the task of a row drawn at random
 
 
-class _EndlessTokens:
-    """A task's tokens as an endless stream of epochs, each a seeded permutation of its
-    documents."""
+class TaskWindows:
+    """One task's windows of `length + 1` tokens in Megatron's order, as indices into its tokens.
 
-    def __init__(self, task: tokenized.TokenizedTask, seed: int, task_index: int):
-        if task.num_tokens == 0:
+    Needs only `task.starts` in memory; `task.tokens` may be a lazily read array.
+    """
+
+    def __init__(self, task: tokenized.TokenizedTask, length: int, seed: int):
+        self._starts = np.asarray(task.starts, np.int64)  # [documents + 1]
+        self._lengths = np.diff(self._starts)  # [documents]
+        self.num_tokens = int(self._starts[-1])
+        if self.num_tokens == 0:
             raise ValueError(f"Task {task.name} has no tokens; give it documents or leave it out.")
-        self._task = task
-        self._lengths = np.diff(task.starts)
-        self._seed = (seed, task_index)
-        self._epoch = functools.lru_cache(maxsize=2)(self._epoch_order)
+        self.length = length
+        self.windows_per_epoch = max(1, self.num_tokens // length)  # shuffled together
+        self._seed = (seed, zlib.crc32(task.name.encode()))
+        self._documents = functools.lru_cache(maxsize=4)(self._document_order)
+        self._shuffle = functools.lru_cache(maxsize=2)(self._window_order)
 
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        order = np.random.default_rng((*self._seed, epoch)).permutation(self._task.num_documents)
-        return order, np.cumsum(self._lengths[order])  # [documents], [documents] ends in the epoch
+    def _document_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Megatron's doc_idx for one epoch, and where each of its documents ends in the epoch."""
+        order = _permutation((*self._seed, epoch), len(self._lengths))
+        return order, np.cumsum(self._lengths[order])  # [documents], [documents]
 
-    def read(self, position: int, count: int) -> np.ndarray:
-        """`count` tokens of the stream from `position` on."""
-        pieces = []
-        while count > 0:
-            epoch, offset = divmod(position, self._task.num_tokens)
-            order, ends = self._epoch(epoch)
-            first = np.searchsorted(ends, offset, side="right")
-            last = np.searchsorted(ends, min(offset + count, self._task.num_tokens) - 1,
-                                   side="right")
-            docs = order[first:last + 1]  # the documents this read touches, in stream order
-            run_ends = np.cumsum(self._lengths[docs])
-            wanted = offset - (ends[first] - run_ends[0]) + np.arange(
-                min(count, self._task.num_tokens - offset))  # positions in the run of docs
-            doc = np.searchsorted(run_ends, wanted, side="right")
-            run_starts = run_ends - self._lengths[docs]
-            piece = self._task.tokens[self._task.starts[docs][doc] + wanted - run_starts[doc]]
-            pieces.append(piece)
-            position += len(piece)
-            count -= len(piece)
-        return np.concatenate(pieces)
+    def _window_order(self, epoch: int) -> np.ndarray:
+        """Megatron's shuffle_idx over one epoch's worth of windows."""
+        return _permutation((*self._seed, epoch, 1), self.windows_per_epoch)
+
+    def windows(self, samples: np.ndarray) -> np.ndarray:
+        """The windows [n] that the task's samples [n] (its k-th rows read, k >= 0) read."""
+        epoch, index = np.divmod(np.asarray(samples, np.int64), self.windows_per_epoch)
+        windows = np.empty_like(epoch)
+        for e in np.unique(epoch):
+            at = epoch == e
+            windows[at] = e * self.windows_per_epoch + self._shuffle(int(e))[index[at]]
+        return windows
+
+    def token_indices(self, windows: np.ndarray) -> np.ndarray:
+        """Indices [n, length + 1] into the task's tokens of windows [n] of its endless stream."""
+        positions = np.asarray(windows, np.int64)[:, None] * self.length + np.arange(
+            self.length + 1)
+        epoch, offset = np.divmod(positions, self.num_tokens)
+        indices = np.empty_like(positions)
+        for e in np.unique(epoch):
+            at = epoch == e
+            order, ends = self._documents(int(e))
+            rank = np.searchsorted(ends, offset[at], side="right")  # sample_idx, per token
+            document = order[rank]
+            indices[at] = self._starts[document] + offset[at] - ends[rank] + self._lengths[document]
+        return indices
+
+
+def _permutation(seed: tuple[int, ...], n: int) -> np.ndarray:
+    """A seeded permutation of range(n), in int32 where it fits (Megatron's index dtype)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order.astype(np.int32) if n < 2**31 else order
+
+
+def blend(weights: np.ndarray, drawn: np.ndarray, count: int) -> np.ndarray:
+    """Megatron's `build_blending_indices` for the next `count` samples: each goes to the task
+    furthest below its weight, given the samples `drawn` [tasks] so far. Returns tasks [count]."""
+    drawn = np.array(drawn, np.float64)
+    first = int(drawn.sum())
+    choices = np.empty(count, np.int64)
+    for i in range(count):
+        choices[i] = np.argmax(weights * max(first + i, 1) - drawn)
+        drawn[choices[i]] += 1
+    return choices
 
 
 # The features of a batch and their dtypes, each [batch, length] (a train step stacks them
@@ -79,17 +117,20 @@ BATCH_FEATURES = {"input_ids": np.int32, "targets": np.int32, "segment_ids": np.
                   "positions": np.int32, "loss_weights": np.float32}
 
 
-def pack(rows: np.ndarray, valid: np.ndarray, eos_id: int) -> Batch:
+def pack(rows: np.ndarray, valid: np.ndarray, eos_id: int, document_masking: bool) -> Batch:
     """Batch features from token rows [b, length + 1] whose first `valid[i] + 1` tokens are real.
 
-    `valid` [b] counts the scored positions of each row (length for full rows).
+    `valid` [b] counts the scored positions of each row (length for full rows). Without
+    `document_masking` (BLOOM's packing) each row is one segment; with it, each document is.
     """
     inputs, targets = rows[:, :-1], rows[:, 1:]  # [b, length]
     index = np.arange(inputs.shape[1])
     real = index < valid[:, None]
-    is_eos = (inputs == eos_id) & real
-    segment_ids = 1 + np.cumsum(is_eos, axis=1) - is_eos[:, :1]
-    segment_start = np.maximum.accumulate(np.where(is_eos, index, 0), axis=1)
+    segment_ids, segment_start = np.ones_like(inputs), np.zeros_like(inputs)
+    if document_masking:
+        is_eos = (inputs == eos_id) & real
+        segment_ids = 1 + np.cumsum(is_eos, axis=1) - is_eos[:, :1]
+        segment_start = np.maximum.accumulate(np.where(is_eos, index, 0), axis=1)
     features = {
         "input_ids": np.where(real, inputs, 0),
         "targets": np.where(real, targets, 0),
@@ -117,12 +158,16 @@ def process_rows(global_batch_size: int, process_index: int | None,
 class PackedStream:
     """Endless iterator of packed batches with a small, exact, JSON-serialisable state."""
 
-    def __init__(self, tasks: Sequence[tokenized.TokenizedTask], rates: Mapping[str, float],
+    def __init__(self, tasks: Sequence[tokenized.TokenizedTask], mixture: seqio.Mixture,
                  vocabulary: seqio.Vocabulary, *, sequence_length: int, batch_size: int,
-                 seed: int, process_index: int | None = None, process_count: int | None = None):
-        unknown = set(rates) - {t.name for t in tasks}
+                 seed: int, document_masking: bool = False, process_index: int | None = None,
+                 process_count: int | None = None):
+        rates = {task.name: mixture.get_rate(task) for task in mixture.tasks}
+        unknown = sorted(name for name, rate in rates.items()
+                         if rate > 0 and name not in {t.name for t in tasks})
         if unknown:
-            raise ValueError(f"Rates given for tasks that have no data: {sorted(unknown)}.")
+            raise ValueError(f"Mixture {mixture.name!r} gives rates to tasks that have no data: "
+                             f"{unknown}; give them documents or leave them out of the mixture.")
         self.tasks = [t for t in tasks if rates.get(t.name, 0) > 0]
         total = sum(rates[t.name] for t in self.tasks)
         self.rates = {t.name: rates[t.name] / total for t in self.tasks}
@@ -130,10 +175,10 @@ class PackedStream:
         self.sequence_length = sequence_length
         self.batch_size = batch_size
         self.seed = seed
-        self._probabilities = np.array(list(self.rates.values()))
-        self._streams = [_EndlessTokens(t, seed, i) for i, t in enumerate(self.tasks)]
+        self.document_masking = document_masking
+        self._weights = np.array(list(self.rates.values()))
+        self._windows = [TaskWindows(t, sequence_length, seed) for t in self.tasks]
         self._rows = process_rows(batch_size, process_index, process_count)
-        self._step = 0
         self._rows_drawn = np.zeros(len(self.tasks), np.int64)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -142,31 +187,45 @@ class PackedStream:
     def __next__(self) -> Batch:
         return self.next_with_tasks()[0]
 
-    def next_with_tasks(self) -> tuple[Batch, np.ndarray]:
-        """The next batch and, per row, the index into `self.tasks` it was read from."""
-        rng = np.random.default_rng((self.seed, self._step))
-        choices = rng.choice(len(self.tasks), size=self.batch_size, p=self._probabilities)
+    def next_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next global batch's plan, without reading it: per row [batch_size], the index
+        into `self.tasks` it is read from and the window of that task's stream."""
+        choices = blend(self._weights, self._rows_drawn, self.batch_size)
         picked = choices[:, None] == np.arange(len(self.tasks))  # [global_batch, tasks]
         earlier = np.cumsum(picked, axis=0) - picked
-        row_in_task = self._rows_drawn[choices] + earlier[np.arange(self.batch_size), choices]
-        length = self.sequence_length
-        rows = np.stack([self._streams[t].read(k * length, length + 1)
-                         for t, k in zip(choices[self._rows], row_in_task[self._rows])])
-        self._step += 1
-        self._rows_drawn += picked.sum(axis=0)
-        valid = np.full(len(rows), length)
-        return pack(rows, valid, self.vocabulary.eos_id), choices[self._rows]
+        sample = self._rows_drawn[choices] + earlier[np.arange(self.batch_size), choices]
+        windows = np.empty_like(sample)
+        for t in np.unique(choices):
+            windows[choices == t] = self._windows[t].windows(sample[choices == t])
+        return choices, windows
+
+    def next_with_tasks(self) -> tuple[Batch, np.ndarray]:
+        """The next batch and, per row, the index into `self.tasks` it was read from."""
+        all_choices, all_windows = self.next_samples()
+        choices, windows = all_choices[self._rows], all_windows[self._rows]
+        rows = np.empty([len(choices), self.sequence_length + 1], np.int32)
+        for t in np.unique(choices):
+            indices = self._windows[t].token_indices(windows[choices == t])
+            rows[choices == t] = np.asarray(  # one gather per task from a possibly lazy array
+                self.tasks[t].tokens[indices.ravel()]).reshape(indices.shape)
+        self._rows_drawn += np.bincount(all_choices, minlength=len(self.tasks))
+        valid = np.full(len(rows), self.sequence_length)
+        return pack(rows, valid, self.vocabulary.eos_id, self.document_masking), choices
 
     def get_state(self) -> dict:
         """The stream's position: JSON-serialisable, independent of the process count."""
         return {"version": _STATE_VERSION, "seed": self.seed,
-                "sequence_length": self.sequence_length, "step": self._step,
+                "sequence_length": self.sequence_length,
                 "rows_drawn": {t.name: int(n) for t, n in zip(self.tasks, self._rows_drawn)}}
 
     def set_state(self, state: Mapping) -> None:
         """Continues from a `get_state()`: the next batch is the one that would have come next."""
-        expected = {"version": _STATE_VERSION, "seed": self.seed,
-                    "sequence_length": self.sequence_length}
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"Saved data state has version={state.get('version')!r}, an older "
+                             f"sampling than this stream's (version {_STATE_VERSION}); its data "
+                             "position does not carry over: resume with the bloom_jax that "
+                             "saved it, or start a new MODEL_DIR.")
+        expected = {"seed": self.seed, "sequence_length": self.sequence_length}
         for key, value in expected.items():
             if state.get(key) != value:
                 raise ValueError(f"Saved data state has {key}={state.get(key)!r} but this "
@@ -177,7 +236,6 @@ class PackedStream:
             raise ValueError(f"Saved data state covers tasks {sorted(state['rows_drawn'])} but "
                              f"this stream has {sorted(names)}; restore with the same data_dir "
                              f"and mixture.")
-        self._step = int(state["step"])
         self._rows_drawn = np.array([state["rows_drawn"][n] for n in names], np.int64)
 
 
@@ -194,23 +252,28 @@ def as_vocabulary(vocabulary: seqio.Vocabulary | str | None) -> seqio.Vocabulary
 @gin.configurable
 def make_stream(split: str = "train", *, data_dir: str | pathlib.Path | None = None,
                 vocabulary: seqio.Vocabulary | str | None = None, sequence_length: int = 2048,
-                batch_size: int, seed: int = 42, process_index: int | None = None,
+                batch_size: int, seed: int = 42, document_masking: bool = False,
+                process_index: int | None = None,
                 process_count: int | None = None) -> PackedStream:
     """The `roots` mixture as an endless stream of packed batches for this process.
 
-    `batch_size` is global, in sequences; this process gets batch_size / process_count rows.
-    `data_dir` None reads the default corpus; `vocabulary` is a Vocabulary, a file path, or None
-    (the shipped SentencePiece model). Process index and count default to JAX's. Mixture knobs:
+    Registers the `roots` Mixture of the tasks found in `data_dir`, then reads its rates back
+    from seqio's registry: the Mixture is what the stream mixes. `batch_size` is global, in
+    sequences; this process gets batch_size / process_count rows. `data_dir` None reads the
+    default corpus; `vocabulary` is a Vocabulary, a file path, or None (the shipped
+    SentencePiece model). `document_masking`: one segment per document instead of BLOOM's one
+    per row. Process index and count default to JAX's. Mixture knobs:
     `roots_tasks.languages_subset`, `mixture_rates.rates`, `mixture_rates.alpha`.
     Gin: `make_stream.data_dir = "/data/roots"`, `make_stream.seed = 42`.
     """
     vocabulary = as_vocabulary(vocabulary)
     seqio_tasks, loaded = tokenized.load_tasks(split, data_dir, vocabulary)
-    rates = languages.mixture_rates({t.name: t.num_tokens for t in loaded})
-    tasks_lib.roots_mixture(seqio_tasks, rates)
-    return PackedStream(loaded, rates, vocabulary,
+    tasks_lib.roots_mixture(seqio_tasks,
+                            languages.mixture_rates({t.name: t.num_tokens for t in loaded}))
+    return PackedStream(loaded, seqio.get_mixture_or_task(tasks_lib.MIXTURE_NAME), vocabulary,
                         sequence_length=sequence_length, batch_size=batch_size, seed=seed,
-                        process_index=process_index, process_count=process_count)
+                        document_masking=document_masking, process_index=process_index,
+                        process_count=process_count)
 
 
 class ValidationBatches:
@@ -220,9 +283,10 @@ class ValidationBatches:
     """
 
     def __init__(self, task: tokenized.TokenizedTask, vocabulary: seqio.Vocabulary, *,
-                 sequence_length: int, batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None):
+                 sequence_length: int, batch_size: int, document_masking: bool = False,
+                 process_index: int | None = None, process_count: int | None = None):
         self.task = task
+        self.document_masking = document_masking
         self.vocabulary = vocabulary
         self._length = sequence_length
         self._batch_size = batch_size
@@ -254,18 +318,20 @@ class ValidationBatches:
                 window = self.task.tokens[row * self._length:row * self._length + self._length + 1]
                 rows[i, :len(window)] = window
                 valid[i] = max(len(window) - 1, 0)
-            yield pack(rows, valid, self.vocabulary.eos_id)
+            yield pack(rows, valid, self.vocabulary.eos_id, self.document_masking)
 
 
 @gin.configurable
 def validation_streams(*, data_dir: str | pathlib.Path | None = None,
                        vocabulary: seqio.Vocabulary | str | None = None,
                        sequence_length: int = 2048, batch_size: int,
-                       process_index: int | None = None,
+                       document_masking: bool = False, process_index: int | None = None,
                        process_count: int | None = None) -> dict[str, ValidationBatches]:
-    """Per task, a finite, re-iterable sequence of validation batches for this process."""
+    """Per task, a finite, re-iterable sequence of validation batches for this process, packed
+    as the training stream packs (`document_masking`)."""
     vocabulary = as_vocabulary(vocabulary)
     return {task.name: ValidationBatches(task, vocabulary, sequence_length=sequence_length,
-                                         batch_size=batch_size, process_index=process_index,
+                                         batch_size=batch_size, document_masking=document_masking,
+                                         process_index=process_index,
                                          process_count=process_count)
             for task in tokenized.load_tasks("validation", data_dir, vocabulary)[1]}

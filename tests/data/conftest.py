@@ -13,9 +13,21 @@ def vocabulary():
 
 
 @pytest.fixture(scope="session")
-def train_tasks(vocabulary):
-    """The default corpus's train split, tokenized once per session."""
-    return tokenized.load_tasks("train", None, vocabulary)[1]
+def loaded_train(vocabulary):
+    """The default corpus's seqio tasks and train split, tokenized once per session."""
+    return tokenized.load_tasks("train", None, vocabulary)
+
+
+@pytest.fixture(scope="session")
+def train_tasks(loaded_train):
+    """The default corpus's train split, tokenized."""
+    return loaded_train[1]
+
+
+@pytest.fixture(scope="session")
+def seqio_tasks(loaded_train):
+    """The default corpus's seqio tasks, by name."""
+    return loaded_train[0]
 
 
 @pytest.fixture

@@ -20,3 +20,8 @@ def seqio_documents(task: seqio.Task, split: str) -> list[list[int]]:
     dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
                                trim_output_features=False)
     return [example["targets"].tolist() for example in dataset.as_numpy_iterator()]
+
+
+def mixture(tasks: dict[str, seqio.Task], rates: dict[str, float]) -> seqio.Mixture:
+    """An unregistered seqio Mixture of `tasks` with `rates` (task name -> rate)."""
+    return seqio.Mixture("test_mixture", [(tasks[name], rate) for name, rate in rates.items()])

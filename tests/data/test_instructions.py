@@ -63,6 +63,30 @@ def test_only_target_tokens_carry_loss_weight(data, vocabulary, packing):
     assert (batch["loss_weights"][batch["segment_ids"] == 0] == 0).all()  # padding
 
 
+def test_norm_target_loss_weighs_every_target_the_same(data, vocabulary):
+    """Megatron-DeepSpeed's --norm-target-loss: each target's weights sum to 1, so the batch loss
+    (summed weighted losses over summed weights) is the mean over targets of each one's mean
+    token loss."""
+    plain = next(stream(data, vocabulary))
+    normed = next(stream(data, vocabulary, norm_target_loss=True))
+    np.testing.assert_array_equal(plain["input_ids"], normed["input_ids"])
+    rng = np.random.default_rng(0)
+    losses = rng.uniform(0, 5, plain["targets"].shape)
+    per_target = []
+    for plain_row, normed_row in zip(rows_examples(plain), rows_examples(normed)):
+        for (_, _, ones), (_, _, weights) in zip(plain_row, normed_row):
+            np.testing.assert_allclose(weights, ones / ones.sum())
+            assert weights.sum() == pytest.approx(1.0)
+    for row in range(len(losses)):
+        for s in range(1, plain["segment_ids"][row].max() + 1):
+            scored = (plain["segment_ids"][row] == s) & (plain["loss_weights"][row] == 1)
+            per_target.append(losses[row][scored].mean())
+    loss = (losses * normed["loss_weights"]).sum() / normed["loss_weights"].sum()
+    assert loss == pytest.approx(np.mean(per_target))
+    token_mean = (losses * plain["loss_weights"]).sum() / plain["loss_weights"].sum()
+    assert abs(loss - token_mean) > 1e-3  # targets of different lengths: not the token mean
+
+
 def test_packed_examples_are_whole_and_positions_restart(data, vocabulary):
     batch = next(stream(data, vocabulary))
     for row in range(len(batch["input_ids"])):
@@ -121,3 +145,32 @@ def test_bad_input_is_skipped_counted_or_named(tmp_path, vocabulary, data, caplo
     saved = stream(data, vocabulary).get_state()
     with pytest.raises(ValueError, match="packing=True but this stream has False"):
         stream(data, vocabulary, packing=False).set_state(saved)
+
+
+def test_held_out_batches_score_every_target_or_every_prompt_once(data, vocabulary):
+    streams = instructions.instruction_validation_streams(
+        data=data, vocabulary=vocabulary, sequence_length=LENGTH, batch_size=3, process_index=0,
+        process_count=1)
+    targets, prompts = list(streams["targets"]), list(streams["prompts"])
+    assert len(targets) == len(streams["targets"]) > 1
+    scored = {"targets": [], "prompts": []}
+    for target_batch, prompt_batch in zip(targets, prompts):
+        np.testing.assert_array_equal(target_batch["input_ids"], prompt_batch["input_ids"])
+        for row in range(len(target_batch["input_ids"])):
+            segments = target_batch["segment_ids"][row]
+            for s in range(1, segments.max() + 1):
+                for part, batch in (("targets", target_batch), ("prompts", prompt_batch)):
+                    weights = batch["loss_weights"][row][segments == s]
+                    scored[part].append(batch["targets"][row][segments == s][weights == 1])
+            assert (target_batch["loss_weights"][row] + prompt_batch["loss_weights"][row] ==
+                    (segments > 0)).all()
+    # File order, each example once: its prompt (less its first token, predicted by nothing)
+    # and its target with EOS.
+    assert [vocabulary.decode(t.tolist()) for t in scored["targets"]] == [
+        vocabulary.decode([*vocabulary.encode(t), vocabulary.eos_id]) for _, t in EXAMPLES]
+    assert [p.tolist() for p in scored["prompts"]] == [vocabulary.encode(i)[1:]
+                                                       for i, _ in EXAMPLES]
+    assert streams["targets"].num_bytes == sum(
+        len(vocabulary.decode(vocabulary.encode(t)).encode()) for _, t in EXAMPLES)
+    with pytest.raises(ValueError, match="SFT_EVAL_DATA is not set"):
+        instructions.instruction_validation_streams(batch_size=3)

@@ -1,40 +1,78 @@
-"""The packed stream: batch layout, packing, mixture shares, determinism, resume, process shards."""
+"""The packed stream: batch layout, BLOOM's packing and document masking, Megatron's window order
+and blending by the Mixture's rates, determinism, resume, process shards; validation batches."""
 
 import json
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import seqio
 
+from bloom_jax import model
 from bloom_jax.data import languages
 from bloom_jax.data import pipeline
 from bloom_jax.data import tasks
-from tests.data.helpers import SHARED_ROOTS_SAMPLE
+from bloom_jax.data import tokenized
+from tests.data.helpers import SHARED_ROOTS_SAMPLE, mixture
 
 LENGTH = 16
 
 
-def stream_of(train_tasks, vocabulary, rates=None, batch_size=8, seed=0, **kwargs):
+def stream_of(train_tasks, seqio_tasks, vocabulary, rates=None, batch_size=8, seed=0, **kwargs):
     rates = rates or languages.mixture_rates({t.name: t.num_tokens for t in train_tasks})
-    return pipeline.PackedStream(train_tasks, rates, vocabulary, sequence_length=LENGTH,
-                                 batch_size=batch_size, seed=seed, process_index=0,
-                                 process_count=1, **kwargs)
+    return pipeline.PackedStream(train_tasks, mixture(seqio_tasks, rates), vocabulary,
+                                 sequence_length=LENGTH, batch_size=batch_size, seed=seed,
+                                 process_index=0, process_count=1, **kwargs)
 
 
-def test_batch_follows_the_convention(train_tasks, vocabulary):
-    batch = next(stream_of(train_tasks, vocabulary))
+@pytest.fixture
+def make(train_tasks, seqio_tasks, vocabulary):
+    """stream_of with the default corpus's tasks."""
+    return lambda **kwargs: stream_of(train_tasks, seqio_tasks, vocabulary, **kwargs)
+
+
+def test_batch_follows_the_convention(make):
+    batch = next(make())
     assert sorted(batch) == ["input_ids", "loss_weights", "positions", "segment_ids", "targets"]
     for key, value in batch.items():
         assert value.shape == (8, LENGTH), key
         assert value.dtype == (np.float32 if key == "loss_weights" else np.int32), key
 
 
-def test_packing_never_crosses_a_document(train_tasks, vocabulary):
+def _documents(train_tasks):
+    return {t.name: [t.tokens[a:b].tolist() for a, b in zip(t.starts[:-1], t.starts[1:])]
+            for t in train_tasks}
+
+
+def _contains(doc, piece):
+    return any(doc[i:i + len(piece)] == piece for i in range(len(doc) - len(piece) + 1))
+
+
+def test_bloom_packing_is_one_segment_per_row(make, train_tasks, vocabulary):
+    """tr11: documents follow each other in a row with no reset; every target is scored."""
+    documents = _documents(train_tasks)
+    stream = make(batch_size=64)
+    holds_eos = 0
+    for _ in range(4):
+        batch, task_of_row = stream.next_with_tasks()
+        assert np.all(batch["loss_weights"] == 1) and np.all(batch["segment_ids"] == 1)
+        np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(LENGTH), (64, 1)))
+        np.testing.assert_array_equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+        for row in range(64):
+            tokens = batch["input_ids"][row].tolist() + [batch["targets"][row, -1]]
+            holds_eos += vocabulary.eos_id in tokens[1:-1]
+            pieces = np.split(tokens, np.flatnonzero(np.array(tokens) == vocabulary.eos_id) + 1)
+            docs = documents[stream.tasks[task_of_row[row]].name]
+            assert all(any(_contains(d, p.tolist()) for d in docs) for p in pieces if len(p))
+    assert holds_eos > 10, "rows should cross document boundaries"
+
+
+def test_document_masking_never_crosses_a_document(make, train_tasks, vocabulary):
     """Targets are next tokens; each segment is one document's text; EOS closes documents."""
     eos = vocabulary.eos_id
-    documents = {t.name: [t.tokens[a:b].tolist() for a, b in zip(t.starts[:-1], t.starts[1:])]
-                 for t in train_tasks}
-    stream = stream_of(train_tasks, vocabulary, batch_size=64)
+    documents = _documents(train_tasks)
+    stream = make(batch_size=64, document_masking=True)
     for _ in range(4):
         batch, task_of_row = stream.next_with_tasks()
         assert np.all(batch["loss_weights"] == 1)
@@ -54,40 +92,155 @@ def test_packing_never_crosses_a_document(train_tasks, vocabulary):
                 assert any(_contains(doc, text) for doc in docs), "segment is not from one document"
 
 
-def _contains(doc, piece):
-    return any(doc[i:i + len(piece)] == piece for i in range(len(doc) - len(piece) + 1))
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_attention_mask_of_a_row_with_three_documents(document_masking):
+    """The model's mask for a packed row: plain causal (BLOOM) or causal inside each document."""
+    eos = 1
+    row = np.array([[5, 6, 7, eos, 8, 9, eos, 10, 11, 12, 13]])  # 3 documents, length 10
+    batch = pipeline.pack(row, np.array([10]), eos, document_masking)
+    alibi, mask = model.attention_inputs(4, jnp.asarray(batch["segment_ids"]),
+                                         jnp.asarray(batch["positions"]))
+    causal = np.tril(np.ones((10, 10), bool))
+    document = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])  # the EOS input opens the next document
+    expected = causal & (document[:, None] == document[None, :]) if document_masking else causal
+    np.testing.assert_array_equal(np.asarray(mask[0, 0]), expected)
+    positions = [0, 1, 2, 0, 1, 2, 0, 1, 2, 3] if document_masking else list(range(10))
+    np.testing.assert_array_equal(batch["positions"][0], positions)
+    np.testing.assert_array_equal(np.asarray(alibi[0, :, 0]),
+                                  np.outer(model.alibi_slopes(4), positions).astype(np.float32))
 
 
-def _observed_row_shares(stream, num_batches):
+def _counts_after_each_batch(stream, num_batches):
     counts = np.zeros(len(stream.tasks))
     for _ in range(num_batches):
         counts += np.bincount(stream.next_with_tasks()[1], minlength=len(stream.tasks))
-    return counts / counts.sum(), counts.sum()
+        yield counts
 
 
 @pytest.mark.parametrize("alpha", [None, 0.3])
-def test_observed_shares_match_rates(train_tasks, vocabulary, alpha):
-    """Every row holds one task's tokens, so the token share is the row share.
-
-    Tolerance: 4.5 binomial standard deviations of the observed share over 4,096 rows
-    (a false failure about once in 150,000 runs per task).
-    """
+def test_observed_shares_match_the_mixture(make, train_tasks, alpha):
+    """Megatron's blending: after every batch each task holds its rate of the rows read so far
+    to within two rows (a sampled mix strays by about sqrt(rows): 14 rows for English here)."""
     sizes = {t.name: t.num_tokens for t in train_tasks}
     rates = (languages.mixture_rates(sizes) if alpha is None
              else languages.mixture_rates(sizes, alpha=alpha))
-    stream = stream_of(train_tasks, vocabulary, rates=rates, batch_size=256)
-    observed, n = _observed_row_shares(stream, 16)
+    stream = make(rates=rates, batch_size=256)
     expected = np.array([rates[t.name] for t in stream.tasks])
-    tolerance = 4.5 * np.sqrt(expected * (1 - expected) / n) + 1e-9
-    assert np.all(np.abs(observed - expected) <= tolerance), (observed, expected)
+    for counts in _counts_after_each_batch(stream, 8):
+        assert np.all(np.abs(counts - expected * counts.sum()) < 2), (counts, expected)
     if alpha == 0.3:  # small languages are up-sampled relative to their size
         assert rates["roots_sw"] > sizes["roots_sw"] / sum(sizes.values())
 
 
-def test_same_seed_same_stream_other_seed_other_stream(train_tasks, vocabulary):
-    first = [next(stream_of(train_tasks, vocabulary, seed=3))["input_ids"] for _ in range(2)]
+def test_the_registered_mixture_sets_the_shares(train_tasks, seqio_tasks, vocabulary):
+    """Changing the rates of the registered `roots` Mixture changes what the stream reads."""
+    shares = {}
+    for english in (0.8, 0.2):
+        tasks.roots_mixture(seqio_tasks, {"roots_en": english, "roots_fr": 1 - english})
+        stream = pipeline.PackedStream(
+            train_tasks, seqio.get_mixture_or_task("roots"), vocabulary, sequence_length=LENGTH,
+            batch_size=100, seed=0, process_index=0, process_count=1)
+        assert [t.name for t in stream.tasks] == ["roots_en", "roots_fr"]
+        shares[english] = np.mean(stream.next_with_tasks()[1] == 0)
+    assert shares == {0.8: 0.8, 0.2: 0.2}
+
+
+def test_make_stream_reads_the_mixture_it_registers(vocabulary):
+    stream = pipeline.make_stream(vocabulary=vocabulary, sequence_length=LENGTH, batch_size=8,
+                                  seed=0, process_index=0, process_count=1)
+    registered = seqio.get_mixture_or_task("roots")
+    total = registered.total_rate
+    assert stream.rates == pytest.approx(
+        {t.name: registered.get_rate(t) / total for t in registered.tasks})
+
+
+def _synthetic_task(name, num_documents, seed):
+    """A task of unique token ids 0..N-1 (so each token says where it came from)."""
+    lengths = np.random.default_rng(seed).integers(1, 400, num_documents)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return tokenized.TokenizedTask(name, np.arange(starts[-1], dtype=np.int32), starts)
+
+
+def test_no_batch_holds_consecutive_windows_of_a_stream(seqio_tasks, vocabulary):
+    """Rows of one task in a batch are far apart in its stream (in-order reading put every row
+    of a task next to the previous one). With 10,000 documents (~125,000 windows) per task and 8
+    rows per task and batch, a random order puts two neighbours in one batch about once in 1,100
+    batches; this seed has none in 50."""
+    synthetic = [_synthetic_task("roots_en", 10_000, 1), _synthetic_task("roots_fr", 10_000, 2)]
+    stream = pipeline.PackedStream(
+        synthetic, mixture(seqio_tasks, {"roots_en": 0.5, "roots_fr": 0.5}), vocabulary,
+        sequence_length=LENGTH, batch_size=16, seed=0, process_index=0, process_count=1)
+    for _ in range(50):
+        choices, windows = stream.next_samples()
+        batch, task_of_row = stream.next_with_tasks()
+        np.testing.assert_array_equal(task_of_row, choices)
+        for t in range(2):
+            ours = np.sort(windows[choices == t])
+            assert len(ours) == 8 and np.all(np.diff(ours) > 1), ours
+            read = pipeline.TaskWindows(synthetic[t], LENGTH, seed=0).token_indices(
+                windows[choices == t])  # the rows hold those windows
+            np.testing.assert_array_equal(batch["input_ids"][choices == t], read[:, :-1])
+
+
+def test_each_epoch_reads_every_window_once_in_a_new_order():
+    task = _synthetic_task("roots_en", 50, 3)
+    windows = pipeline.TaskWindows(task, LENGTH, seed=0)
+    per_epoch = windows.windows_per_epoch
+    first, second = (windows.windows(np.arange(e * per_epoch, (e + 1) * per_epoch))
+                     for e in range(2))
+    np.testing.assert_array_equal(np.sort(first), np.arange(per_epoch))
+    np.testing.assert_array_equal(np.sort(second), np.arange(per_epoch, 2 * per_epoch))
+    assert not np.array_equal(first, second - per_epoch)
+
+
+def test_windows_cut_the_epochs_of_shuffled_documents(train_tasks, vocabulary):
+    """Windows overlap by one token and, laid end to end, give epoch after epoch of the task's
+    documents, each epoch in its own order (Megatron's doc_idx and sample_idx)."""
+    task = next(t for t in train_tasks if t.name == "roots_sw")
+    windows = pipeline.TaskWindows(task, LENGTH, seed=0)
+    count = 2 * task.num_tokens // LENGTH + 2
+    indices = windows.token_indices(np.arange(count))  # [count, LENGTH + 1]
+    np.testing.assert_array_equal(indices[1:, 0], indices[:-1, -1])
+    stream = task.tokens[indices[:, :-1].ravel()]
+    epochs = [stream[:task.num_tokens], stream[task.num_tokens:2 * task.num_tokens]]
+    documents = sorted(tuple(d) for d in np.split(task.tokens, task.starts[1:-1]))
+    for epoch in epochs:
+        pieces = np.split(epoch, np.flatnonzero(epoch == vocabulary.eos_id) + 1)[:-1]
+        assert sorted(tuple(d) for d in pieces) == documents
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+class _LazyTokens:
+    """Tokens that may be read only by gathering integer indices; counts what was read."""
+
+    def __init__(self, tokens):
+        self._tokens, self.read = tokens, 0
+
+    def __len__(self):
+        return len(self._tokens)
+
+    def __getitem__(self, index):
+        assert isinstance(index, np.ndarray) and index.dtype.kind == "i", type(index)
+        self.read += index.size
+        return self._tokens[index]
+
+
+def test_rows_are_gathered_from_a_lazy_token_array(seqio_tasks, vocabulary):
+    """A store may keep the tokens on disk: the stream reads only its rows' tokens."""
+    task = _synthetic_task("roots_en", 1000, 1)
+    lazy = tokenized.TokenizedTask(task.name, _LazyTokens(task.tokens), task.starts)
+    stream = pipeline.PackedStream([lazy], mixture(seqio_tasks, {"roots_en": 1.0}), vocabulary,
+                                   sequence_length=LENGTH, batch_size=4, seed=0,
+                                   process_index=1, process_count=2)
+    batch = next(stream)
+    assert lazy.tokens.read == 2 * (LENGTH + 1)
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+
+
+def test_same_seed_same_stream_other_seed_other_stream(make):
+    first = [next(make(seed=3))["input_ids"] for _ in range(2)]
     np.testing.assert_array_equal(first[0], first[1])
-    other = next(stream_of(train_tasks, vocabulary, seed=4))["input_ids"]
+    other = next(make(seed=4))["input_ids"]
     assert not np.array_equal(first[0], other)
 
 
@@ -99,6 +252,7 @@ def test_restart_from_scratch_gives_the_next_batches(vocabulary):
     for _ in range(5):
         next(uninterrupted)
     state = json.loads(json.dumps(uninterrupted.get_state()))
+    assert set(state) == {"version", "seed", "sequence_length", "rows_drawn"}
     expected = [next(uninterrupted) for _ in range(3)]
     restored = make()
     restored.set_state(state)
@@ -109,11 +263,10 @@ def test_restart_from_scratch_gives_the_next_batches(vocabulary):
     assert restored.get_state() == uninterrupted.get_state()
 
 
-def test_restore_far_into_the_run_is_immediate(train_tasks, vocabulary):
-    """The state is a few counters: restoring step 10^7 costs no replay."""
-    stream = stream_of(train_tasks, vocabulary)
+def test_restore_far_into_the_run_is_immediate(make):
+    """The state is a few counters: restoring 10^7 rows into the run costs no replay."""
+    stream = make()
     state = stream.get_state()
-    state["step"] = 10_000_000
     state["rows_drawn"] = {name: 10_000_000 * (i + 1) for i, name in enumerate(state["rows_drawn"])}
     start = time.perf_counter()
     stream.set_state(state)
@@ -122,22 +275,23 @@ def test_restore_far_into_the_run_is_immediate(train_tasks, vocabulary):
     assert batch["input_ids"].shape == (8, LENGTH)
 
 
-def test_state_from_another_setup_is_refused(train_tasks, vocabulary):
-    state = stream_of(train_tasks, vocabulary, seed=1).get_state()
+def test_state_from_another_setup_is_refused(make):
+    state = make(seed=1).get_state()
     with pytest.raises(ValueError, match="seed=1 but this stream has 2"):
-        stream_of(train_tasks, vocabulary, seed=2).set_state(state)
-    fewer = stream_of(train_tasks, vocabulary, rates={"roots_en": 1.0}, seed=1)
+        make(seed=2).set_state(state)
     with pytest.raises(ValueError, match="same data_dir and mixture"):
-        fewer.set_state(state)
+        make(rates={"roots_en": 1.0}, seed=1).set_state(state)
+    with pytest.raises(ValueError, match="version=1, an older sampling"):
+        make(seed=1).set_state({**state, "version": 1})
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_process_shards_are_disjoint_and_cover_the_global_batch(train_tasks, vocabulary,
-                                                                process_count):
+def test_process_shards_are_disjoint_and_cover_the_global_batch(train_tasks, seqio_tasks,
+                                                                vocabulary, process_count):
     rates = languages.mixture_rates({t.name: t.num_tokens for t in train_tasks})
     make = lambda index, count: pipeline.PackedStream(
-        train_tasks, rates, vocabulary, sequence_length=LENGTH, batch_size=8, seed=5,
-        process_index=index, process_count=count)
+        train_tasks, mixture(seqio_tasks, rates), vocabulary, sequence_length=LENGTH,
+        batch_size=8, seed=5, process_index=index, process_count=count)
     whole = make(0, 1)
     shards = [make(i, process_count) for i in range(process_count)]
     for _ in range(3):
@@ -149,40 +303,32 @@ def test_process_shards_are_disjoint_and_cover_the_global_batch(train_tasks, voc
     assert all(shard.get_state() == whole.get_state() for shard in shards)
 
 
-def test_state_restores_on_another_number_of_processes(train_tasks, vocabulary):
-    single = stream_of(train_tasks, vocabulary, seed=9)
+def test_state_restores_on_another_number_of_processes(train_tasks, seqio_tasks, vocabulary,
+                                                       make):
+    single = make(seed=9)
     next(single)
     state = single.get_state()
     want = next(single)
-    halves = [pipeline.PackedStream(train_tasks, single.rates, vocabulary, sequence_length=LENGTH,
-                                    batch_size=8, seed=9, process_index=i, process_count=2)
-              for i in range(2)]
+    halves = [pipeline.PackedStream(train_tasks, mixture(seqio_tasks, single.rates), vocabulary,
+                                    sequence_length=LENGTH, batch_size=8, seed=9,
+                                    process_index=i, process_count=2) for i in range(2)]
     for half in halves:
         half.set_state(state)
     got = [next(half) for half in halves]
     np.testing.assert_array_equal(np.concatenate([g["targets"] for g in got]), want["targets"])
 
 
-def test_rates_for_tasks_without_data_are_an_error(train_tasks, vocabulary):
-    with pytest.raises(ValueError, match="roots_yo"):
-        stream_of(train_tasks, vocabulary, rates={"roots_en": 0.5, "roots_yo": 0.5})
+def test_mixture_tasks_without_data_are_an_error(train_tasks, seqio_tasks, vocabulary):
+    without_sw = [t for t in train_tasks if t.name != "roots_sw"]
+    with pytest.raises(ValueError, match=r"tasks that have no data: \['roots_sw'\]"):
+        stream_of(without_sw, seqio_tasks, vocabulary, rates={"roots_en": 0.5, "roots_sw": 0.5})
 
 
-def test_batch_not_divisible_by_processes_is_an_error(train_tasks, vocabulary):
+def test_batch_not_divisible_by_processes_is_an_error(train_tasks, seqio_tasks, vocabulary):
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        pipeline.PackedStream(train_tasks, {"roots_en": 1.0}, vocabulary, sequence_length=LENGTH,
-                              batch_size=8, seed=0, process_index=0, process_count=3)
-
-
-def test_endless_stream_crosses_epochs_in_a_new_order(train_tasks):
-    task = next(t for t in train_tasks if t.name == "roots_sw")
-    endless = pipeline._EndlessTokens(task, seed=0, task_index=0)
-    two_epochs = endless.read(0, 2 * task.num_tokens)
-    first, second = two_epochs[:task.num_tokens], two_epochs[task.num_tokens:]
-    np.testing.assert_array_equal(np.sort(first), np.sort(task.tokens))
-    np.testing.assert_array_equal(np.sort(second), np.sort(task.tokens))
-    assert not np.array_equal(first, second)
-    np.testing.assert_array_equal(endless.read(5, 40), two_epochs[5:45])
+        pipeline.PackedStream(train_tasks, mixture(seqio_tasks, {"roots_en": 1.0}), vocabulary,
+                              sequence_length=LENGTH, batch_size=8, seed=0, process_index=0,
+                              process_count=3)
 
 
 def test_validation_batches_cover_each_token_once(vocabulary):
