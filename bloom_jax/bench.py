@@ -25,17 +25,20 @@ import itertools
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from bloom_jax import checkpoints, configs, convert, flops, metrics, sharded_step
+from bloom_jax import checkpoints, configs, convert, decoding, flops, metrics, sharded_step
+from bloom_jax import model as model_lib
 from bloom_jax.data import pipeline
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
@@ -56,6 +59,15 @@ def define_flags() -> None:
     flags.DEFINE_bool("compare_torch", False, "Also time Hugging Face's BloomForCausalLM with "
                       "torch.optim.AdamW on the same batches, alternating steps with ours.")
     flags.DEFINE_bool("json", False, "Print the figures as one JSON object (a list with --sweep).")
+    flags.DEFINE_enum("suite", None, ["gpu"], "gpu: BLOOM-560M and BLOOM-1B7 at 2048 tokens in "
+                      "bfloat16 on one GPU, with cuDNN's and with XLA's attention; one JSON "
+                      "object. Fails at once without a GPU.")
+    flags.DEFINE_bool("generate", False, "Time cached greedy decoding (generate_ids) instead of "
+                      "the train step: new tokens/s, against Hugging Face's generate on the "
+                      "same weights with --compare_torch.")
+    flags.DEFINE_integer("generate_batch", 1, "--generate: prompts per batch.")
+    flags.DEFINE_integer("prompt_length", 32, "--generate: tokens per prompt.")
+    flags.DEFINE_integer("new_tokens", 64, "--generate: new tokens per prompt (no early stop).")
     flags.DEFINE_multi_string("sweep", [], "NAME=v1,v2: benchmark each value of the gin binding "
                               "NAME (repeat for a grid), e.g. MICRO_BATCH_SIZE=1,2 or "
                               "create_mesh.fsdp=1,2; values are split at commas.")
@@ -75,6 +87,7 @@ class Result:
     mfu: float
     hardware_flops_per_step: float  # model FLOPs + the remat policy's recomputation
     hfu: float
+    step_peak_bytes: int  # per device: arguments + outputs - donated + temporaries (as plan's)
     trained_param_bytes: int = 0  # the parameters the step updates (LoRA: the adapters)
     optimizer_state_bytes: int = 0
     checkpoint_bytes: int | None = None  # the parameters and optimizer state
@@ -100,8 +113,8 @@ def synthetic_batch(rng: np.random.Generator, micro_batches: int, micro_batch: i
 class JaxStep:
     """Our trainer's step on a synthetic batch, compiled ahead of time for the current mesh."""
 
-    def __init__(self, workload: sharded_step.Workload, seed: int):
-        mesh = mesh_lib.create_mesh()
+    def __init__(self, workload: sharded_step.Workload, seed: int, devices: Any = None):
+        mesh = mesh_lib.create_mesh(devices=devices)
         training = sharded_step.shard_training(workload, mesh, rules_lib.logical_axis_rules())
         self.num_devices = mesh.devices.size
         self.host_batch = synthetic_batch(
@@ -120,6 +133,9 @@ class JaxStep:
         self._step = training.step.lower(self._state, self._batch, self._batch_size,
                                          *self._base).compile()
         self.compile_s = time.perf_counter() - start
+        memory = self._step.fn.memory_analysis()
+        self.peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
 
     def __call__(self) -> None:
         self._state, step_metrics = self._step(self._state, self._batch, self._batch_size,
@@ -187,8 +203,9 @@ class TorchStep:
 
 
 def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
-              compare_torch: bool = False) -> Result:
-    """Benchmarks the parsed gin config: `steps` timed steps after `warmup_steps`.
+              compare_torch: bool = False, devices: Any = None) -> Result:
+    """Benchmarks the parsed gin config: `steps` timed steps after `warmup_steps`, on a mesh
+    over `devices` (None: every device).
 
     With `compare_torch`, timed steps alternate between ours and the reference's.
     Raises partitioning's MeshError when the mesh does not divide the model or batch.
@@ -196,7 +213,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"need steps >= 1 and warmup_steps >= 0; got {steps}, {warmup_steps}.")
     workload = sharded_step.Workload()
-    ours = JaxStep(workload, seed)
+    ours = JaxStep(workload, seed, devices)
     runners = {"ours": ours}
     if compare_torch:
         runners["torch"] = TorchStep(workload, ours.host_batch, seed)
@@ -210,7 +227,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
     ours.digest()  # compiles the checksums
     digests = [ours.digest() for _ in range(3)]
     result = summarize(workload, ours.compile_s, ours.num_devices,
-                       {name: statistics.median(t) for name, t in times.items()})
+                       {name: statistics.median(t) for name, t in times.items()}, ours.peak_bytes)
     return dataclasses.replace(result, trained_param_bytes=ours.trained_bytes,
                                optimizer_state_bytes=ours.state_bytes,
                                checkpoint_bytes=digests[0][0],
@@ -218,7 +235,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
 
 
 def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: int,
-              step_times: dict[str, float]) -> Result:
+              step_times: dict[str, float], step_peak_bytes: int) -> Result:
     """The figures from median step times ("ours", optionally "torch")."""
     cfg, step_time = workload.model_config, step_times["ours"]
     peak = flops.peak_flops(jax.devices()[0], cfg.dtype.name)
@@ -226,6 +243,7 @@ def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: in
     figures = dict(
         compile_s=compile_s, step_time_s=step_time, tokens_per_s=workload.tokens / step_time,
         num_devices=num_devices, peak_flops=peak, model_flops_per_step=model_flops,
+        step_peak_bytes=step_peak_bytes,
         tflops_per_device=flops.tflops_per_device(model_flops, step_time, num_devices),
         mfu=flops.mfu(model_flops, step_time, num_devices, peak))
     hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
@@ -268,6 +286,82 @@ def format_result(result: Result, workload: sharded_step.Workload) -> str:
                      f"{result.torch_step_time_s:.4f} s | {result.torch_tokens_per_s:,.0f} "
                      f"tokens/s | ours is {result.speedup_vs_torch:.2f}x torch")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    """The figures of cached greedy decoding: prefill and every new token, median of the runs."""
+
+    batch: int
+    prompt_length: int
+    new_tokens: int
+    compile_s: float
+    time_s: float  # median, per whole generate call
+    tokens_per_s: float  # new tokens of every row
+    torch_time_s: float | None = None
+    torch_tokens_per_s: float | None = None
+    speedup_vs_torch: float | None = None
+    same_tokens_as_torch: bool | None = None
+
+
+def benchmark_generate(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
+                       compare_torch: bool = False, batch: int = 1, prompt_length: int = 32,
+                       new_tokens: int = 64) -> GenerateResult:
+    """Times `decoding.generate_ids` greedy on random prompts for the parsed config's model (and
+    Hugging Face's `generate` on the same random weights, alternating, with `compare_torch`)."""
+    config = sharded_step.Workload().model_config
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(SYNTHETIC_EOS_ID + 2, config.vocab_size, (batch, prompt_length))
+    if compare_torch:
+        torch, reference, params = _hf_model(config, seed)
+    else:
+        model = model_lib.BloomForCausalLM(config)
+        params = jax.jit(model.init)(jax.random.key(seed), prompts[:, :1])["params"]
+    params = decoding.generator(config).put_params(nn.unbox(params))
+    ours = lambda: decoding.generate_ids(config, params, prompts, new_tokens, eos_token_id=None)
+    start = time.perf_counter()
+    out = ours()
+    runners = {"ours": ours}
+    figures = dict(batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
+                   compile_s=time.perf_counter() - start)
+    if compare_torch:
+        def theirs():
+            with torch.no_grad():
+                return reference.generate(
+                    torch.from_numpy(prompts).long(), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                    pad_token_id=decoding.PAD_ID).numpy()
+        runners["torch"] = theirs
+        figures["same_tokens_as_torch"] = bool(np.array_equal(out, theirs()))
+    times = {name: [] for name in runners}
+    for index in range(warmup_steps + steps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            if index >= warmup_steps:
+                times[name].append(time.perf_counter() - start)
+    tokens = batch * new_tokens
+    median = {name: statistics.median(t) for name, t in times.items()}
+    figures.update(time_s=median["ours"], tokens_per_s=tokens / median["ours"])
+    if compare_torch:
+        figures.update(torch_time_s=median["torch"], torch_tokens_per_s=tokens / median["torch"],
+                       speedup_vs_torch=median["torch"] / median["ours"])
+    return GenerateResult(**figures)
+
+
+def _hf_model(config: model_lib.BloomConfig, seed: int) -> tuple[Any, Any, Any]:
+    """(torch, a random-weight `transformers.BloomForCausalLM` of `config`'s shape in eval
+    mode, the same weights as our parameters)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see TorchStep
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.manual_seed(seed)
+    reference = transformers.BloomForCausalLM(
+        transformers.BloomConfig(**convert.hf_config_fields(config))).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        _, params = convert.load_hf_checkpoint(directory)
+    return torch, reference, params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +442,52 @@ def format_sweep(rows: Sequence[SweepRow]) -> str:
                      .rstrip() for line in table)
 
 
+# `--suite=gpu`: the sizes, at BLOOM's sequence length in bfloat16 on one device, each with both
+# attentions. Dropout is off: attention dropout only runs on the einsum path (no fused kernel).
+GPU_SUITE = {"bloom560m": "bloom560m.gin", "bloom1b7": "bloom1b7.gin"}
+GPU_SUITE_BINDINGS = ("SEQUENCE_LENGTH = 2048", "BATCH_SIZE = 8", "BatchRampUp.start = 8",
+                      "MICRO_BATCH_SIZE = None", "BloomConfig.dtype = 'bfloat16'",
+                      "BloomConfig.attention_dropout = 0.0", "BloomConfig.hidden_dropout = 0.0")
+GPU_SUITE_ATTENTION = ("cudnn", "xla")
+
+
+def run_suite(models: dict[str, str], bindings: Sequence[str], implementations: Sequence[str],
+              **benchmark_kwargs) -> dict[str, Any]:
+    """Each model (name: gin file) with each attention implementation, on the first device:
+    {model: {implementation: figures or {"error": why}, "<first>_speedup": ratio}}."""
+    start, results = time.perf_counter(), {}
+    for name, gin_file in models.items():
+        results[name] = {}
+        for implementation in implementations:
+            gin.clear_config()
+            configs.parse([gin_file], [*bindings, configs.binding(
+                "BloomConfig.attention_implementation", implementation)],
+                skip_unknown=configs.LOOP_CONFIGURABLES)
+            try:
+                result = benchmark(devices=jax.devices()[:1], **benchmark_kwargs)
+                results[name][implementation] = _as_json(result)
+            except (ValueError, NotImplementedError, RuntimeError) as e:  # cuDNN refusals, OOM
+                results[name][implementation] = {"error": str(e).splitlines()[0]}
+        first, second = (results[name][i].get("tokens_per_s") for i in implementations[:2])
+        if first and second:
+            results[name][f"{implementations[0]}_speedup"] = first / second
+    device = jax.devices()[0]
+    return {"device": device.device_kind, "bindings": list(bindings), "models": results,
+            "device_peak_bytes_in_use": (device.memory_stats() or {}).get("peak_bytes_in_use"),
+            "wall_s": time.perf_counter() - start}
+
+
+def gpu_suite(bindings: Sequence[str] = (), **benchmark_kwargs) -> dict[str, Any]:
+    """`--suite=gpu` (`bindings` after the suite's own); raises a ValueError at once, before
+    any work, without a GPU."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"--suite=gpu needs a GPU; jax sees {jax.devices()[0].platform} "
+                         "devices only. Run it on a GPU machine with jax's CUDA wheels "
+                         "(pip install 'jax[cuda12]').")
+    return run_suite(GPU_SUITE, [*GPU_SUITE_BINDINGS, *bindings], GPU_SUITE_ATTENTION,
+                     **benchmark_kwargs)
+
+
 def _as_json(result: Result) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(result).items() if v is not None}
 
@@ -356,6 +496,17 @@ def main(argv: Sequence[str]) -> None:
     configs.no_arguments(argv)
     options = dict(steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed,
                    compare_torch=FLAGS.compare_torch)
+    if FLAGS.generate:
+        configs.parse_flags(skip_unknown=configs.LOOP_CONFIGURABLES)
+        result = benchmark_generate(batch=FLAGS.generate_batch, prompt_length=FLAGS.prompt_length,
+                                    new_tokens=FLAGS.new_tokens, **options)
+        print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if v is not None})
+              if FLAGS.json else "\n".join(f"{k}: {v}" for k, v in
+                                           dataclasses.asdict(result).items() if v is not None))
+        return
+    if FLAGS.suite == "gpu":
+        print(json.dumps(gpu_suite(FLAGS.gin_bindings, **options)))
+        return
     if FLAGS.sweep:
         rows = sweep(FLAGS.gin_file, FLAGS.gin_bindings, parse_sweeps(FLAGS.sweep), **options)
         if FLAGS.json:

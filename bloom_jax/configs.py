@@ -1,6 +1,6 @@
 """Command wiring shared by every `python -m bloom_jax.*` command: flags, gin, one error line.
 
-Every config accepts the same macros (MODEL_DIR, DATA_DIR, TRAIN_STEPS, BATCH_SIZE,
+Every config accepts the same macros (MODEL_DIR, DATA_DIR, TOKENS_DIR, TRAIN_STEPS, BATCH_SIZE,
 SEQUENCE_LENGTH, MICRO_BATCH_SIZE, SEED, INIT_FROM, VOCABULARY, DOCUMENT_MASKING; see
 gin_configs/base.gin).
 `--gin.NAME=VALUE` is t5x's shorthand for `--gin_bindings='NAME = VALUE'`; a VALUE that is not a

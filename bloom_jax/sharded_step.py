@@ -20,6 +20,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bloom_jax import configs
@@ -145,6 +146,19 @@ class ShardedTraining:
 
     def micro_steps(self, batch_size: int) -> int:
         return micro_steps(batch_size, self.micro_batch)
+
+    @property
+    def buffer_micro_steps(self) -> int:
+        """Micro-steps of every batch the step takes: the final batch's. A smaller batch of the
+        ramp is padded to it (`padded`), so the step compiles once for the whole run."""
+        return self.micro_steps(self.workload.batch_size)
+
+    def padded(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """[micro_steps, micro_batch, length] host arrays padded with zeros to
+        [buffer_micro_steps, micro_batch, length]; the step never reads the padding."""
+        missing = self.buffer_micro_steps - len(host_batch["input_ids"])
+        return {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1))
+                for k, v in host_batch.items()}
 
     def init_state(self, seed: int) -> step_lib.TrainState:
         """A fresh state, each device creating only its own shards."""

@@ -98,24 +98,34 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
 
     Only the first `batch_size` sequences count: when the mesh's data-parallel size does not
     divide the batch (384 GPUs = 3 x 128 against BLOOM's 2048), the last micro-batch is filled
-    up with rows whose loss weight is zeroed here, and the step stays BLOOM's batch.
+    up with rows whose loss weight is zeroed here, and the step stays BLOOM's batch. Only the
+    first ceil(batch_size / micro_batch) micro-batches run: a smaller batch of the ramp comes in
+    the same [micro_batches, ...] buffer, its unused micro-batches padding.
     """
     micro_batches, micro_batch, length = batch["input_ids"].shape
     rows = jnp.arange(micro_batches * micro_batch).reshape(micro_batches, micro_batch)
     batch = {**batch, "loss_weights": batch["loss_weights"] * (rows < batch_size)[..., None]}
     step_rng = jax.random.fold_in(state.rng, state.step)
 
-    def accumulate(carry, micro):
-        grads, loss_sum, weight_sum, index = carry
+    def accumulate(index, carry):
+        grads, loss_sum, weight_sum = carry
+        micro = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
+                             batch)
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
         (micro_loss, micro_weight), micro_grads = jax.value_and_grad(
             lambda p: loss(p, micro, rng), has_aux=True)(state.params)
         grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
-        return (grads, loss_sum + micro_loss, weight_sum + micro_weight, index + 1), None
+        return grads, loss_sum + micro_loss, weight_sum + micro_weight
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), state.params)
-    init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
-    (grads, loss_sum, weight_sum, _), _ = jax.lax.scan(accumulate, init, batch)
+    init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+    if micro_batches == 1:  # no loop: XLA fuses the step whole
+        grads, loss_sum, weight_sum = accumulate(0, init)
+    else:
+        # A traced trip count: the batch ramp changes how many micro-steps run, never the
+        # shapes, so one compiled step serves the run; micro-steps past it are never read.
+        used = jnp.minimum(micro_batches, (batch_size + micro_batch - 1) // micro_batch)
+        grads, loss_sum, weight_sum = jax.lax.fori_loop(0, used, accumulate, init)
     weight_sum = jnp.maximum(weight_sum, 1.0)
     loss = loss_sum / weight_sum
     grads = jax.tree_util.tree_map(lambda g: g / weight_sum, grads)

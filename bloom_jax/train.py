@@ -4,9 +4,10 @@ Trains BLOOM as the gin files say (the loop is `bloom_jax.trainer.train`), e.g. 
 
     python -m bloom_jax.train --gin_file=gin_configs/tiny.gin --gin.MODEL_DIR=/tmp/bloom_tiny
 
-Every config accepts the macros MODEL_DIR, DATA_DIR, TRAIN_STEPS, BATCH_SIZE, SEQUENCE_LENGTH,
-MICRO_BATCH_SIZE, SEED, VOCABULARY, INIT_FROM (a converted checkpoint to start from) and
-DOCUMENT_MASKING (False: BLOOM's packing, plain causal attention across a row's documents);
+Every config accepts the macros MODEL_DIR, DATA_DIR, TOKENS_DIR (a token store from
+`bloom_jax.data.prepare`), TRAIN_STEPS, BATCH_SIZE, SEQUENCE_LENGTH, MICRO_BATCH_SIZE, SEED,
+VOCABULARY, INIT_FROM (a converted checkpoint to start from) and DOCUMENT_MASKING (False:
+BLOOM's packing, plain causal attention across a row's documents);
 `--gin.NAME=VALUE` binds any of them, or any parameter (`--gin.train.log_every=1`).
 MODEL_DIR receives the checkpoints, TensorBoard events and the full gin config; running the same
 command again resumes from its last checkpoint. Bad input (a misspelled binding, a missing

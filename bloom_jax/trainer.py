@@ -290,10 +290,11 @@ class PreparedBatch:
 def prepared_batches(training: sharded_step.ShardedTraining, ramp: optim.BatchRampUp,
                      stream: pipeline.PackedStream, consumed: int) -> Iterator[PreparedBatch]:
     """The run's global batches from `consumed` samples on, along the batch ramp: stacked into
-    micro-steps, put on the devices, each with the stream's position after it."""
+    micro-steps, padded to the compiled step's shape, put on the devices, each with the stream's
+    position after it."""
     while True:
         batch_size = ramp.batch_size_at(consumed)
-        host = stacked_batches(stream, training.micro_steps(batch_size))
+        host = training.padded(stacked_batches(stream, training.micro_steps(batch_size)))
         yield PreparedBatch(batch_size, shardings_lib.put_batch(host, training.batch_sharding),
                             stream.get_state())
         consumed += batch_size

@@ -100,12 +100,49 @@ def test_sweep_lists_every_combination_and_those_that_do_not_fit():
     assert table[2].startswith("3") and "does not fit (mesh: " in table[2]
 
 
+@pytest.mark.slow
+def test_gpu_suite_fails_at_once_without_a_gpu():
+    done = subprocess.run([sys.executable, "-m", "bloom_jax.bench", "--suite=gpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and done.stdout == ""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == done.stderr.strip().splitlines()[-1:] == [
+        "error: --suite=gpu needs a GPU; jax sees cpu devices only. Run it on a GPU machine with "
+        "jax's CUDA wheels (pip install 'jax[cuda12]'). (--verbose shows the traceback)"]
+
+
+@pytest.mark.slow
+def test_suite_times_each_model_with_each_attention():
+    """The GPU suite's structure, on the tiny config with the attentions a CPU has."""
+    suite = bench.run_suite({"tiny": "tiny.gin"}, SMALL_BATCH, ("xla", "einsum"), steps=1,
+                            warmup_steps=0)
+    figures = suite["models"]["tiny"]
+    for implementation in ("xla", "einsum"):
+        assert figures[implementation]["tokens_per_s"] > 0
+        assert figures[implementation]["mfu"] > 0 and figures[implementation]["hfu"] > 0
+        assert figures[implementation]["step_peak_bytes"] > 0
+    assert figures["xla_speedup"] == pytest.approx(
+        figures["xla"]["tokens_per_s"] / figures["einsum"]["tokens_per_s"])
+    assert suite["device"] == jax.devices()[0].device_kind and suite["wall_s"] > 0
+    json.dumps(suite)
+
+
+@pytest.mark.slow
+def test_generate_times_our_decoding_and_hugging_faces_on_the_same_weights():
+    configs.parse(TINY, skip_unknown=configs.LOOP_CONFIGURABLES)
+    result = bench.benchmark_generate(steps=1, warmup_steps=0, compare_torch=True, batch=2,
+                                      prompt_length=4, new_tokens=3)
+    assert result.same_tokens_as_torch
+    assert result.tokens_per_s == pytest.approx(2 * 3 / result.time_s)
+    assert result.speedup_vs_torch == pytest.approx(result.torch_time_s / result.time_s)
+
+
 def test_sweep_table_is_sorted_by_tokens_per_second():
     def row(mbs, tokens_per_s):
         result = bench.Result(compile_s=1.0, step_time_s=1.0, tokens_per_s=tokens_per_s,
                               num_devices=1, peak_flops=1e12, model_flops_per_step=1e9,
                               tflops_per_device=0.001, mfu=0.001,
-                              hardware_flops_per_step=1e9, hfu=0.001)
+                              hardware_flops_per_step=1e9, hfu=0.001, step_peak_bytes=0)
         return bench.SweepRow({"MICRO_BATCH_SIZE": mbs}, result=result)
     rows = [row("1", 10.0), bench.SweepRow({"MICRO_BATCH_SIZE": "8"}, does_not_fit="x"),
             row("2", 30.0)]

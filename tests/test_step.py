@@ -74,6 +74,17 @@ def test_surplus_rows_do_not_count():
     assert int(padded.consumed_samples) == 3
 
 
+def test_a_batch_padded_with_unused_micro_batches_trains_as_the_exact_one():
+    """The ramp's smaller batches come padded to the compiled shape: the padding is never read."""
+    batch = micro_batched(make_batch(4), 2)
+    exact, exact_metrics = run_step(batch, batch_size=3)
+    garbage = micro_batched(make_batch(4, seed=1), 2)
+    padded_batch = {k: np.concatenate([v, garbage[k]]) for k, v in batch.items()}
+    padded, padded_metrics = run_step(padded_batch, batch_size=3)
+    jax.tree.map(np.testing.assert_array_equal, padded_metrics, exact_metrics)
+    jax.tree.map(np.testing.assert_array_equal, padded, exact)
+
+
 def test_step_updates_parameters_and_reports_learning_rate():
     state = fresh_state()
     new, metrics = run_step(micro_batched(make_batch(2), 1))

@@ -4,6 +4,7 @@ INIT_FROM starts it from a converted checkpoint. (The command's processes: test_
 import json
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import optax
@@ -90,6 +91,42 @@ def test_profile_trace_time_breakdown_and_operative_config(tmp_path):
     assert dict(scalars["time/compile"])[1] > 0  # the step compiled before step 1 ran
     (step, text), = read_tensors(tmp_path)["gin/operative_config"]
     assert step == 0 and b"train.profile_steps = (2, 1)" in text.item()
+
+
+@pytest.mark.slow
+def test_the_step_compiles_once_across_the_batch_ramp(tmp_path):
+    compiled = []
+    def record(event, duration, **kwargs):
+        if event == trainer._CompileLog.EVENT and kwargs.get("fun_name") == "jit(step)":
+            compiled.append(duration)
+    # Batches of 4, 4, 8, 12, 16 sequences: 1, 1, 2, 3, 4 micro-steps of 4.
+    parse_tiny(tmp_path, "TRAIN_STEPS = 5", "train.log_every = 1", "MICRO_BATCH_SIZE = 4",
+               "BatchRampUp.start = 4", "BatchRampUp.increment = 4",
+               "BatchRampUp.rampup_samples = 24")
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        trainer.train()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert [size for _, size in read_scalars(tmp_path)["batch_size"]] == [4, 4, 8, 12, 16]
+    assert len(compiled) == 1
+
+
+@pytest.mark.slow
+def test_a_run_on_a_token_store_trains_as_one_on_the_raw_corpus(tmp_path):
+    """The raw corpus is tokenized into MODEL_DIR/tokens; a run given that store as TOKENS_DIR
+    reads the same batches, so it logs the same losses."""
+    parse_tiny(tmp_path / "raw", "TRAIN_STEPS = 2", "train.log_every = 1")
+    trainer.train()
+    store = tmp_path / "raw" / "tokens"
+    assert (store / "manifest.json").is_file()
+    gin.clear_config()
+    parse_tiny(tmp_path / "stored", "TRAIN_STEPS = 2", "train.log_every = 1",
+               f"TOKENS_DIR = '{store}'")
+    trainer.train()
+    assert not (tmp_path / "stored" / "tokens").exists()
+    losses = [read_scalars(tmp_path / run)["loss"] for run in ("raw", "stored")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
 def test_profile_steps_are_start_and_count():

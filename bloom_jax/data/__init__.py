@@ -1,11 +1,6 @@
-"""ROOTS data for BLOOM: language table, seqio tasks and mixture, vocabularies, packed stream.
+"""ROOTS data for BLOOM: language table, seqio tasks and mixture, vocabularies, token store,
+packed stream.
 
-seqio brings TensorFlow; it is kept off the accelerators (JAX owns them).
+Importing the package loads no TensorFlow: the store's writers and readers need none. The
+modules that use seqio hide the accelerators from TensorFlow (`vocabularies.py`).
 """
-
-import tensorflow as tf
-
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TensorFlow already set up its devices in this process; leave them be
-    pass

@@ -67,20 +67,27 @@ def _files_under(folder: pathlib.Path, suffixes: Sequence[str]) -> list[pathlib.
 def read_documents(files: Sequence[pathlib.Path], skipped: Skipped) -> Iterator[str]:
     """Yields the non-empty document texts of `files`; bad input is counted in `skipped`."""
     for path in files:
-        if path.stat().st_size == 0:
-            skipped["empty files"] += 1
-            continue
-        if path.suffix == ".jsonl":
-            texts = (text for text, in jsonl_records(path, ("text",), skipped))
-        elif path.suffix == ".parquet":
-            texts = _parquet_texts(path, skipped)
+        yield from read_piece(path, 0, None, skipped)
+
+
+def read_piece(path: pathlib.Path, start: int, end: int | None,
+               skipped: Skipped) -> Iterator[str]:
+    """The non-empty document texts of `path` whose records begin in bytes [start, end) (a JSON
+    lines file can be cut into pieces anywhere; other files are read whole, from start 0)."""
+    if start == 0 and path.stat().st_size == 0:
+        skipped["empty files"] += 1
+        return
+    if path.suffix == ".jsonl":
+        texts = (text for text, in jsonl_records(path, ("text",), skipped, start, end))
+    elif path.suffix == ".parquet":
+        texts = _parquet_texts(path, skipped)
+    else:
+        texts = _source_file_text(path, skipped)
+    for text in texts:
+        if text:
+            yield text
         else:
-            texts = _source_file_text(path, skipped)
-        for text in texts:
-            if text:
-                yield text
-            else:
-                skipped["empty documents"] += 1
+            skipped["empty documents"] += 1
 
 
 def is_held_out(text: str, validation_fraction: float) -> bool:
@@ -88,12 +95,20 @@ def is_held_out(text: str, validation_fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8")) % 100_000 < validation_fraction * 100_000
 
 
-def jsonl_records(path: pathlib.Path, fields: Sequence[str],
-                  skipped: Skipped) -> Iterator[tuple[str, ...]]:
-    """The string `fields` of each record of a JSON-lines file; bad lines are counted in
-    `skipped` (a record missing a field, or holding a non-string, is bad)."""
+def jsonl_records(path: pathlib.Path, fields: Sequence[str], skipped: Skipped, start: int = 0,
+                  end: int | None = None) -> Iterator[tuple[str, ...]]:
+    """The string `fields` of each record of a JSON-lines file (of the lines that begin in bytes
+    [start, end)); bad lines are counted in `skipped` (a record missing a field, or holding a
+    non-string, is bad)."""
     with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the line under way at `start` belongs to the piece before
+        position = f.tell()
         for raw in f:
+            if end is not None and position >= end:
+                break
+            position += len(raw)
             if not raw.strip():
                 continue
             try:

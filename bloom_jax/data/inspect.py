@@ -1,6 +1,8 @@
-"""Shows what the `roots` mixture reads: per task its documents, tokens, rate and observed share.
+"""Shows what the `roots` mixture reads: per task its documents, tokens, rate, observed share and
+the input records skipped as bad when it was tokenized (malformed JSON lines, ...).
 
-  python -m bloom_jax.data.inspect [--gin_file=FILE] [--data_dir=DIR] [--num_examples=N] [--json]
+  python -m bloom_jax.data.inspect [--gin_file=FILE] [--data_dir=DIR | --gin.TOKENS_DIR=STORE]
+      [--num_examples=N] [--json]
 
 The observed share is each task's share of scored tokens in N packed examples drawn from the
 same stream the trainer reads: the config's data settings, seed and sequence length (without
@@ -30,13 +32,15 @@ def define_flags() -> None:
 
 
 def summarize(stream: pipeline.PackedStream) -> dict[str, dict]:
-    """Per task: rate, share of scored tokens in the stream's next batch, documents, tokens."""
+    """Per task: rate, share of scored tokens in the stream's next batch, documents, tokens, and
+    the bad input records skipped, by reason."""
     batch, task_of_row = stream.next_with_tasks()
     scored = batch["loss_weights"].sum(axis=1)  # [batch]
     per_task = np.bincount(task_of_row, weights=scored, minlength=len(stream.tasks))
     return {task.name: {"rate": stream.rates[task.name],
                         "observed": float(per_task[i] / scored.sum()),
-                        "documents": task.num_documents, "tokens": task.num_tokens}
+                        "documents": task.num_documents, "tokens": task.num_tokens,
+                        "bad_records": dict(task.skipped)}
             for i, task in enumerate(stream.tasks)}
 
 
@@ -55,11 +59,13 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.json:
         print(json.dumps(summary))
         return
-    print(f"{'task':<24}{'documents':>10}{'tokens':>12}{'rate':>9}{'observed':>10}  sample")
+    print(f"{'task':<24}{'documents':>10}{'tokens':>12}{'rate':>9}{'observed':>10}{'bad':>6}"
+          "  sample")
     for task in stream.tasks:
         row = summary[task.name]
         print(f"{task.name:<24}{row['documents']:>10}{row['tokens']:>12}{row['rate']:>9.4f}"
-              f"{row['observed']:>10.4f}  {_sample(stream, task)}")
+              f"{row['observed']:>10.4f}{sum(row['bad_records'].values()):>6}  "
+              f"{_sample(stream, task)}")
 
 
 if __name__ == "__main__":

@@ -66,20 +66,25 @@ def make_task(data_dir: pathlib.Path, language: languages.Language,
 def roots_tasks(data_dir: str | pathlib.Path | None = None,
                 vocabulary: seqio.Vocabulary | None = None,
                 languages_subset: Sequence[str] | None = None,
-                validation_fraction: float = 0.05) -> dict[str, seqio.Task]:
+                validation_fraction: float = 0.05,
+                present: Sequence[str] | None = None) -> dict[str, seqio.Task]:
     """One Task per ROOTS language present in `data_dir` (all of the table, or `languages_subset`).
 
     Languages without files are dropped with a warning listing them; none present is an error.
     `validation_fraction` of each language's documents is held out when it has no `validation/`
-    folder. Gin: `roots_tasks.languages_subset = ["en", "fr", "code/python"]`.
+    folder. present: the language folders a token store holds (then `data_dir` is not read).
+    Gin: `roots_tasks.languages_subset = ["en", "fr", "code/python"]`.
     """
-    data_dir = documents.resolve_data_dir(data_dir)
+    data_dir = (pathlib.Path(data_dir) if present is not None
+                else documents.resolve_data_dir(data_dir))
     vocabulary = vocabulary or vocabularies.load_vocabulary()
     wanted = ([languages.lookup(key) for key in languages_subset] if languages_subset
               else list(languages.LANGUAGES))
-    present = [lang for lang in wanted if documents.language_files(data_dir, lang, "train")]
-    absent = [lang.directory for lang in wanted if lang not in present]
-    if not present:
+    found = [lang for lang in wanted
+             if (lang.directory in present if present is not None
+                 else documents.language_files(data_dir, lang, "train"))]
+    absent = [lang.directory for lang in wanted if lang not in found]
+    if not found:
         raise FileNotFoundError(
             f"No ROOTS language found in {data_dir}: expected files such as "
             f"{data_dir}/en.jsonl or {data_dir}/en/*.jsonl (or .parquet) for the languages "
@@ -88,7 +93,7 @@ def roots_tasks(data_dir: str | pathlib.Path | None = None,
         logging.warning("%d ROOTS languages have no files in %s and are dropped (their share is "
                         "spread over the others): %s", len(absent), data_dir, ", ".join(absent))
     return {lang.task_name: make_task(data_dir, lang, vocabulary, validation_fraction)
-            for lang in present}
+            for lang in found}
 
 
 def roots_mixture(tasks: Mapping[str, seqio.Task], rates: Mapping[str, float]) -> seqio.Mixture:

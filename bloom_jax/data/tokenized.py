@@ -1,26 +1,31 @@
-"""Tasks tokenized into one token array each, optionally cached on disk as memory-mapped .npy.
+"""Tasks as token arrays read from a token store (`store.py`), which is written once per corpus.
 
-The cache is keyed by a fingerprint of the task's files (paths, sizes, modification times), the
-split rule and the vocabulary file, so a changed corpus or vocabulary is tokenized again. Many
-processes on one host share a cached task through the page cache instead of each holding a copy.
+With TOKENS_DIR, the store `python -m bloom_jax.data.prepare` wrote is read; the corpus is not.
+Without it, DATA_DIR is tokenized once into a store under MODEL_DIR/tokens: the first process
+to take the store's lock writes it and the others wait, then read it; a change of corpus or
+vocabulary rewrites the shards it touches. Without a MODEL_DIR (the data tools, evaluate) the
+store goes to a temporary folder that lives as long as the process.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping
 
 import gin
-import numpy as np
 import seqio
 
-from bloom_jax.data import documents
+from bloom_jax.data import builder
+from bloom_jax.data import store
 from bloom_jax.data import tasks as tasks_lib
 from bloom_jax.data import vocabularies
+
+_TEMPORARY_STORES: dict[tuple[str, str], pathlib.Path] = {}  # (data_dir, vocabulary) -> root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +33,9 @@ class TokenizedTask:
     """One task's documents, tokenized and closed by EOS, concatenated in file order."""
 
     name: str
-    tokens: np.ndarray  # [total_tokens] int32
-    starts: np.ndarray  # [documents + 1] int64, document d is tokens[starts[d]:starts[d + 1]]
+    tokens: Any  # [total_tokens] int32 ids: an array or a store's lazily read `store.Tokens`
+    starts: Any  # [documents + 1] int64, document d is tokens[starts[d]:starts[d + 1]]
+    skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)  # bad input, by reason
 
     @property
     def num_documents(self) -> int:
@@ -39,57 +45,35 @@ class TokenizedTask:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
-    @classmethod
-    def from_task(cls, task: seqio.Task, split: str) -> "TokenizedTask":
-        pieces = list(tasks_lib.encoded_documents(task, split))
-        lengths = np.array([len(p) for p in pieces], np.int64)
-        tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros([0], np.int32)
-        return cls(task.name, tokens, np.concatenate([[0], np.cumsum(lengths)]))
-
-
-def _fingerprint(task: seqio.Task, split: str) -> str:
-    """A digest of everything the task's tokens depend on."""
-    source = task.source
-    vocabulary = task.output_features["targets"].vocabulary
-    files = sorted({*documents.language_files(source.data_dir, source.language, "train"),
-                    *documents.language_files(source.data_dir, source.language, "validation")})
-    digest = hashlib.sha256(json.dumps(
-        [split, source.validation_fraction, vocabularies.vocabulary_file(vocabulary),
-         [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]).encode())
-    vocabulary_path = pathlib.Path(vocabularies.vocabulary_file(vocabulary))
-    if vocabulary_path.is_file():
-        digest.update(vocabulary_path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _cached(task: seqio.Task, split: str, cache_dir: pathlib.Path) -> TokenizedTask:
-    """The task's tokens from `cache_dir`, tokenizing and writing them first if absent."""
-    stem = cache_dir / f"{task.name}.{split}.{_fingerprint(task, split)}"
-    paths = {key: stem.with_name(f"{stem.name}.{key}.npy") for key in ("tokens", "starts")}
-    if not all(p.is_file() for p in paths.values()):
-        result = TokenizedTask.from_task(task, split)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for key, path in paths.items():
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            with open(partial, "wb") as f:
-                np.save(f, getattr(result, key))
-            os.replace(partial, path)  # atomic: concurrent processes never read a half-written file
-    return TokenizedTask(task.name, np.load(paths["tokens"], mmap_mode="r"),
-                         np.load(paths["starts"]))
-
 
 @gin.configurable
 def load_tasks(split: str, data_dir: str | pathlib.Path | None, vocabulary: seqio.Vocabulary,
-               cache_dir: str | pathlib.Path | None = None
+               tokens_dir: str | pathlib.Path | None = None,
+               model_dir: str | pathlib.Path | None = None
                ) -> tuple[dict[str, seqio.Task], list[TokenizedTask]]:
-    """The ROOTS tasks present in `data_dir` and their non-empty tokenized `split`.
+    """The ROOTS tasks and their non-empty tokenized `split`, read from a token store.
 
-    `cache_dir` keeps the tokens on disk between runs. See `tasks.roots_tasks` for the gin knobs
-    that choose languages. Gin: `load_tasks.cache_dir = "/data/roots_tokens"`.
+    tokens_dir: a store written by `python -m bloom_jax.data.prepare` (then `data_dir` is not
+    read). None: `data_dir` is tokenized once into `model_dir`/tokens (see the module's
+    docstring). `tasks.roots_tasks` has the gin knobs that choose languages.
+    Gin (base.gin): `load_tasks.tokens_dir = %TOKENS_DIR`, `load_tasks.model_dir = %MODEL_DIR`.
     """
-    found = tasks_lib.roots_tasks(data_dir=data_dir, vocabulary=vocabulary)
-    tokenized = [_cached(task, split, pathlib.Path(cache_dir)) if cache_dir
-                 else TokenizedTask.from_task(task, split) for task in found.values()]
+    if tokens_dir:
+        root = pathlib.Path(tokens_dir)
+        manifest = store.open_manifest(root)
+        store.check_vocabulary(root, manifest, vocabularies.vocabulary_file(vocabulary))
+        found = tasks_lib.roots_tasks(
+            data_dir=manifest["data_dir"], vocabulary=vocabulary,
+            present=[task["language"] for task in manifest["tasks"].values()])
+        _check_settings(root, manifest, found)
+    else:
+        found = tasks_lib.roots_tasks(data_dir=data_dir, vocabulary=vocabulary)
+        root = pathlib.Path(model_dir) / "tokens" if model_dir else _temporary_root(
+            found, vocabulary)
+        # One process: the batched encoder on every core (prepare runs many).
+        manifest = builder.build(root, found, vocabulary, workers=1)
+    tokenized = [TokenizedTask(name, *store.split_arrays(root, manifest, name, split),
+                               skipped=store.bad_records(manifest, name)) for name in found]
     for task in tokenized:
         logging.info("%s/%s: %d documents, %d tokens.", task.name, split, task.num_documents,
                      task.num_tokens)
@@ -97,3 +81,26 @@ def load_tasks(split: str, data_dir: str | pathlib.Path | None, vocabulary: seqi
     if empty:
         logging.warning("Tasks with no %s documents are left out: %s", split, ", ".join(empty))
     return found, [t for t in tokenized if t.num_tokens]
+
+
+def _check_settings(root: pathlib.Path, manifest: Mapping, found: Mapping[str, seqio.Task]):
+    """Raises if the config holds out another validation fraction than the store did."""
+    for name, task in found.items():
+        made_with = manifest["tasks"][name]["validation_fraction"]
+        if task.source.validation_fraction != made_with:
+            raise store.StoreError(
+                f"Token store {root} held out validation_fraction {made_with} of {name}, the "
+                f"config {task.source.validation_fraction}: set roots_tasks.validation_fraction "
+                f"= {made_with}, or prepare the store again with the config's.")
+
+
+def _temporary_root(found: Mapping[str, seqio.Task], vocabulary: seqio.Vocabulary
+                    ) -> pathlib.Path:
+    """This process's store of a corpus and vocabulary when there is no MODEL_DIR."""
+    source = next(iter(found.values())).source
+    key = (str(source.data_dir), vocabularies.vocabulary_file(vocabulary))
+    if key not in _TEMPORARY_STORES:
+        root = pathlib.Path(tempfile.mkdtemp(prefix="bloom_jax_tokens_"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _TEMPORARY_STORES[key] = root
+    return _TEMPORARY_STORES[key]

@@ -16,6 +16,11 @@ import tensorflow as tf
 
 from bloom_jax.data import documents
 
+try:  # seqio brings TensorFlow; it is kept off the accelerators (JAX owns them)
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow already set up its devices in this process; leave them be
+    pass
+
 DEFAULT_SENTENCEPIECE_MODEL = documents.DEFAULT_CORPUS_DIR / "sentencepiece.model"
 
 

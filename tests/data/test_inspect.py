@@ -9,7 +9,7 @@ import pytest
 from bloom_jax.data import inspect
 from bloom_jax.data import languages
 from bloom_jax.data import pipeline
-from tests.data.helpers import mixture
+from tests.data.helpers import mixture, write_jsonl
 
 
 def test_summary_counts_and_shares(train_tasks, seqio_tasks, vocabulary):
@@ -27,6 +27,15 @@ def test_summary_counts_and_shares(train_tasks, seqio_tasks, vocabulary):
     assert sum(row["observed"] for row in summary.values()) == pytest.approx(1.0)
 
 
+def test_summary_shows_the_bad_records_of_the_store(tmp_path, vocabulary):
+    write_jsonl(tmp_path / "en.jsonl", ["One document.", "Another document."])
+    with open(tmp_path / "en.jsonl", "a") as f:
+        f.write('{"text": cut short\n')
+    stream = pipeline.make_stream(data_dir=tmp_path, vocabulary=vocabulary, sequence_length=8,
+                                  batch_size=4, process_index=0, process_count=1)
+    assert inspect.summarize(stream)["roots_en"]["bad_records"] == {"malformed JSON lines": 1}
+
+
 @pytest.mark.slow
 def test_command_line_json(tmp_path):
     gin_file = tmp_path / "data.gin"
@@ -41,4 +50,5 @@ def test_command_line_json(tmp_path):
     summary = json.loads(result.stdout)
     assert sorted(summary) == ["roots_en", "roots_fr", "roots_sw", "roots_zh"]
     assert sum(row["rate"] for row in summary.values()) == pytest.approx(1.0)
-    assert all(set(row) == {"rate", "observed", "documents", "tokens"} for row in summary.values())
+    assert all(set(row) == {"rate", "observed", "documents", "tokens", "bad_records"}
+               for row in summary.values())

@@ -50,7 +50,7 @@ def read_records(record: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
 
 
-@pytest.mark.parametrize("name", SCRIPTS + ["common.sh"])
+@pytest.mark.parametrize("name", SCRIPTS + ["common.sh", "prepare.sbatch"])
 def test_scripts_parse(name):
     subprocess.run(["bash", "-n", str(SLURM_DIR / name)], check=True)
 
