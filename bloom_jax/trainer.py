@@ -141,6 +141,9 @@ def train(
     mesh = mesh_lib.create_mesh()
     rules = rules_lib.logical_axis_rules()
     training = sharded_step.shard_training(workload, mesh, rules, skip_policy)
+    if init_from and not (model_dir / "checkpoints").exists():  # a fresh run starts from it
+        param_store.checkpoint_config(param_store.checkpoint_dir(init_from), model_config,
+                                      fix="set INIT_FROM to a checkpoint of this model size")
     stream = make_stream(batch_size=training.micro_batch, sequence_length=sequence_length)
     vocabularies.check_fits_model(stream.vocabulary, model_config.vocab_size)
     logging.info("Mesh %s; %s parameters; %d sequences of %d tokens per micro-step.",
@@ -154,9 +157,6 @@ def train(
             vocabulary=stream.vocabulary, sequence_length=sequence_length,
             batch_size=eval_batch_size)
     base = load_lora_base(training, init_from)
-    if init_from and not base and not (model_dir / "checkpoints").exists():  # a fresh run
-        param_store.checkpoint_config(param_store.checkpoint_dir(init_from), model_config,
-                                      fix="set INIT_FROM to a checkpoint of this model size")
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
     lora_lib.check_resumable(checkpointer.directory, workload.lora,
