@@ -3,7 +3,8 @@
 Times the trainer's own jitted step (forward, backward, optimizer update; `shard_training`)
 on synthetic packed batches of the configured shape, after a warm-up, and reports compile time,
 median step time, tokens/s, TFLOP/s per device, MFU (model FLOPs) and HFU (hardware FLOPs: the
-remat policy's recomputation counted), by flops.py's formula, the trainer's and the planner's:
+remat policy's recomputation counted), by flops.py's formula, the trainer's and the planner's,
+and the time the checkpoint digests of the state take (at every save and every restore):
 
     python -m bloom_jax.bench --gin_file=gin_configs/tiny.gin --steps=10 --compare_torch
     python -m bloom_jax.bench --gin_file=gin_configs/bloom560m_smoke.gin \\
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from bloom_jax import configs, convert, decoding, flops, metrics, sharded_step
+from bloom_jax import checkpoints, configs, convert, decoding, flops, metrics, sharded_step
 from bloom_jax import model as model_lib
 from bloom_jax.data import pipeline
 from partitioning import mesh as mesh_lib
@@ -89,6 +90,8 @@ class Result:
     step_peak_bytes: int  # per device: arguments + outputs - donated + temporaries (as plan's)
     trained_param_bytes: int = 0  # the parameters the step updates (LoRA: the adapters)
     optimizer_state_bytes: int = 0
+    checkpoint_bytes: int | None = None  # the parameters and optimizer state
+    digest_s: float | None = None  # median time of their checkpoint digests (save and restore)
     torch_step_time_s: float | None = None
     torch_tokens_per_s: float | None = None
     speedup_vs_torch: float | None = None
@@ -138,6 +141,15 @@ class JaxStep:
         self._state, step_metrics = self._step(self._state, self._batch, self._batch_size,
                                                *self._base)
         jax.block_until_ready((self._state, step_metrics))
+
+    def digest(self) -> tuple[int, float]:
+        """(bytes, seconds) of the digests a checkpoint of the state takes when it is saved, and
+        again when it is restored (`checkpoints.digests`)."""
+        items = {"params": self._state.params, "opt_state": self._state.opt_state}
+        start = time.perf_counter()
+        checkpoints.digests(items, {})
+        return (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(items)),
+                time.perf_counter() - start)
 
 
 class TorchStep:
@@ -212,10 +224,14 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
             run()
             if index >= warmup_steps:
                 times[name].append(time.perf_counter() - start)
+    ours.digest()  # compiles the checksums
+    digests = [ours.digest() for _ in range(3)]
     result = summarize(workload, ours.compile_s, ours.num_devices,
                        {name: statistics.median(t) for name, t in times.items()}, ours.peak_bytes)
     return dataclasses.replace(result, trained_param_bytes=ours.trained_bytes,
-                               optimizer_state_bytes=ours.state_bytes)
+                               optimizer_state_bytes=ours.state_bytes,
+                               checkpoint_bytes=digests[0][0],
+                               digest_s=statistics.median(t for _, t in digests))
 
 
 def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: int,
@@ -260,6 +276,11 @@ def format_result(result: Result, workload: sharded_step.Workload) -> str:
         f"{metrics.human(result.trained_param_bytes)}B of "
         f"{'LoRA adapters' if workload.lora else 'parameters'} trained",
     ]
+    if result.digest_s is not None:
+        lines.append(f"checkpoint digests: {result.digest_s:.3f} s at each save and restore "
+                     f"({result.checkpoint_bytes / 1e6:,.1f} MB of parameters and optimizer "
+                     f"state, {result.checkpoint_bytes / 1e6 / result.digest_s:,.0f} MB/s; "
+                     f"{result.digest_s / result.step_time_s:.2f} steps)")
     if result.speedup_vs_torch is not None:
         lines.append(f"torch (transformers BloomForCausalLM + AdamW): "
                      f"{result.torch_step_time_s:.4f} s | {result.torch_tokens_per_s:,.0f} "

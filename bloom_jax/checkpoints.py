@@ -107,7 +107,8 @@ class _KeepStep(policies.PreservationPolicy):
 
 def _lock(directory: Path) -> Any:
     """Holds `directory`/.lock for the life of the process; refuses a directory a live trainer
-    holds. (flock is released by the kernel when its holder exits, killed or not.)"""
+    holds. (flock is released by the kernel when its holder exits, killed or not.) The file's
+    holder line is written by `TrainCheckpointer.claim`."""
     lock = open(directory / LOCK_FILE, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,9 +119,6 @@ def _lock(directory: Path) -> Any:
         raise OSError(f"{directory} is in use by another trainer ({holder} holds "
                       f"{directory / LOCK_FILE}); wait for it to finish, or choose another "
                       "MODEL_DIR.") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    lock.flush()
     return lock
 
 
@@ -135,7 +133,8 @@ class TrainCheckpointer:
     Every process writes only its own shards; orbax commits a step by renaming its temporary
     directory, so a crash mid-save never leaves a half-written checkpoint as the latest one.
     Restoring onto other shardings (another mesh or device count) reshards. Process 0 holds a
-    lock on the directory, so a second trainer on the same MODEL_DIR is refused.
+    lock on the directory, so a second trainer on the same MODEL_DIR is refused (`claim` writes
+    its pid into the lock file).
     """
 
     def __init__(self, directory: str | Path, config: BloomConfig,
@@ -163,6 +162,15 @@ class TrainCheckpointer:
         )
         self._saving: int | None = None  # the step of the save last started
         self._failed = False
+
+    def claim(self) -> None:
+        """Writes this process into the lock file, which a refused second trainer names. Call it
+        once the run's start-up is validated: a run refused before leaves the directory as it
+        was."""
+        if self._lock is not None:
+            self._lock.truncate(0)
+            self._lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            self._lock.flush()
 
     def should_save(self, step: int) -> bool:
         """Whether `save` would save at `step` without `force` (asks nothing of the devices)."""
@@ -226,13 +234,22 @@ class TrainCheckpointer:
         counters = {name: getattr(abstract_state, name) for name in _COUNTERS}
         targets = {PARAMS: abstract_state.params, OPT_STATE: abstract_state.opt_state,
                    TRAIN_STATE: counters}
+        # A step saved before checkpoints held digests is restored unverified, not refused.
+        json_items = (DATA, DIGESTS) if (self.directory / str(step) / DIGESTS).is_dir() else (
+            DATA,)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()},
-                **{DATA: ocp.args.JsonRestore(), DIGESTS: ocp.args.JsonRestore()}))
+                **{name: ocp.args.JsonRestore() for name in json_items}))
         except Exception as error:  # orbax and tensorstore raise many kinds on damaged files
             raise CorruptCheckpoint(f"checkpoint step {step} in {self.directory} cannot be read "
                                     f"({type(error).__name__}: {error})") from error
+        state = abstract_state.replace(params=restored[PARAMS], opt_state=restored[OPT_STATE],
+                                       **restored[TRAIN_STATE])
+        if DIGESTS not in json_items:
+            logging.warning("Checkpoint step %d in %s holds no digests (it was saved by an older "
+                            "bloom_jax): restored unverified.", step, self.directory)
+            return state, restored[DATA]
         found = digests({name: restored[name] for name in targets}, restored[DATA])
         saved = restored[DIGESTS]
         if not isinstance(saved, dict):
@@ -244,8 +261,6 @@ class TrainCheckpointer:
                 f"checkpoint step {step} in {self.directory} fails verification: "
                 f"{', '.join(wrong[:5])}{' and more' if len(wrong) > 5 else ''} differ from "
                 "what was saved")
-        state = abstract_state.replace(params=restored[PARAMS], opt_state=restored[OPT_STATE],
-                                       **restored[TRAIN_STATE])
         return state, restored[DATA]
 
     def close(self) -> None:

@@ -8,7 +8,8 @@ gin literal (a bare path) is taken as a string, so `--gin.MODEL_DIR=/tmp/run` ne
 
 This module imports nothing of the model, the step or the loop. Configurables are registered by
 the library modules that define them, which each command imports before it parses: the trainer
-registers every configurable a config binds and parses strictly (a misspelled name fails); a
+registers every configurable a config binds and parses strictly (a misspelled name fails;
+so does, in every command, a macro that no config file defines or uses); a
 command that reads a training config without running the loop skips the loop's configurables
 by name (`LOOP_CONFIGURABLES`), and the data tools, which read only a config's data settings,
 skip every configurable they do not load (gin's `skip_unknown`).
@@ -17,6 +18,7 @@ skip every configurable they do not load (gin's `skip_unknown`).
 from __future__ import annotations
 
 import ast
+import difflib
 import logging as py_logging
 import os
 import pathlib
@@ -76,15 +78,79 @@ def _as_gin_value(value: str) -> str:
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
           skip_unknown: bool | Sequence[str] = False) -> None:
-    """Parses config files then bindings, with the configurables registered so far.
+    """Parses config files then bindings, with the configurables registered so far, and checks
+    the integer macros (`INT_MACROS`).
 
-    Unknown or misspelled names raise gin's error here, before any work is done, except the
-    configurables `skip_unknown` names (True: every unregistered one).
+    Unknown or misspelled names raise a ValueError here, before any work is done: gin's for a
+    configurable or parameter (except the configurables `skip_unknown` names; True: every
+    unregistered one), ours for a macro that a binding sets and no config file defines or uses.
     """
     gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
     gin.add_config_file_search_path(str(GIN_CONFIGS_DIR.parent))
     skip = skip_unknown if isinstance(skip_unknown, bool) else list(skip_unknown)
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), skip_unknown=skip)
+    files = [str(find_config_file(name)) for name in gin_files]
+    gin.parse_config_files_and_bindings(files, None, finalize_config=False, skip_unknown=skip)
+    known = _macros(referenced=True)
+    gin.parse_config_files_and_bindings(None, list(bindings), skip_unknown=skip)
+    for name in sorted(_macros(referenced=False) - known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ValueError(f"Unknown macro {name}: no config file defines or uses it.{hint} "
+                         f"(The config's macros: {', '.join(sorted(known))}.)")
+    check_int_macros()
+
+
+def find_config_file(name: str) -> pathlib.Path:
+    """The gin file `name`, as given or in the project's gin_configs/ folder (or its parent)."""
+    for folder in (pathlib.Path(), GIN_CONFIGS_DIR, GIN_CONFIGS_DIR.parent):
+        if (folder / name).is_file():
+            return folder / name
+    choices = ", ".join(sorted(path.name for path in GIN_CONFIGS_DIR.glob("*.gin")))
+    raise ValueError(f"--gin_file={name}: no such file here or in {GIN_CONFIGS_DIR}; give a "
+                     f"path to a gin file, or one of {choices}.")
+
+
+def _macros(referenced: bool) -> set[str]:
+    """The macros the parsed config binds, and with `referenced` those it uses (`%NAME`).
+    (gin lists neither publicly: they are read from its config table.)"""
+    table = gin.config._CONFIG  # pylint: disable=protected-access
+    names = {scope for scope, selector in table if selector == "gin.macro"}
+    if referenced:
+        names |= {ref.config_key[0] for ref in gin.config.iterate_references(table)
+                  if ref.config_key[1] == "gin.macro"}
+    return names
+
+
+# The integer macros, checked for type and range as soon as a config is parsed, before anything
+# is built: name -> (smallest value, an example for the fix, whether None is allowed).
+INT_MACROS = {
+    "TRAIN_STEPS": (1, "1000", False),
+    "BATCH_SIZE": (1, "512", False),
+    "SEQUENCE_LENGTH": (1, "2048", False),
+    "MICRO_BATCH_SIZE": (1, "4", True),
+    "SEED": (0, "42", False),
+}
+
+
+def check_int_macros() -> None:
+    """Raises a ValueError naming the first of `INT_MACROS` whose bound value is wrong."""
+    for name, (low, example, none_allowed) in INT_MACROS.items():
+        value = macro(name, default=_UNBOUND)
+        if value is _UNBOUND or isinstance(value, gin.config.ConfigurableReference):
+            continue  # not this config's macro, or bound to another macro or configurable
+        if not (value is None and none_allowed):
+            check_int(name, value, example, low)
+
+
+_UNBOUND = object()
+
+
+def check_int(name: str, value: object, example: str, low: int = 1) -> None:
+    """Raises a ValueError naming the setting `name` unless `value` is an integer >= `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} = {value!r} is not {kind}; set it to one, e.g. "
+                         f"--gin.{name}={example}.")
 
 
 def parse_flags(skip_unknown: bool | Sequence[str] = False, default_file: str | None = None,

@@ -15,6 +15,7 @@ HF -> bloom_jax -> HF reproduces every tensor bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -166,6 +167,16 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Reports a damaged weight file (safetensors' and torch's many errors) by its name."""
+    try:
+        yield
+    except Exception as error:
+        raise ValueError(f"Weight file {path} cannot be read ({type(error).__name__}: {error}): "
+                         "it is damaged or incomplete; download it again.") from error
+
+
 class _HFReader:
     """Lazy access to the tensors of a Hugging Face BLOOM directory, one tensor at a time."""
 
@@ -200,15 +211,17 @@ class _HFReader:
         if file not in self._open:
             path = self.directory / file
             if file.endswith(".safetensors"):
-                self._open[file] = safetensors.safe_open(path, framework="numpy")
+                with _reading(path):
+                    self._open[file] = safetensors.safe_open(path, framework="numpy")
             else:
                 try:
                     import torch
                 except ImportError as e:
                     raise ImportError(f"Reading {path} (PyTorch .bin) needs torch: pip install "
                                       "torch, or convert the checkpoint to safetensors.") from e
-                self._open[file] = torch.load(path, map_location="cpu", mmap=True,
-                                              weights_only=True)
+                with _reading(path):
+                    self._open[file] = torch.load(path, map_location="cpu", mmap=True,
+                                                  weights_only=True)
         return self._open[file]
 
     def _keys(self, file: str) -> list[str]:
@@ -228,10 +241,12 @@ class _HFReader:
         return tuple(handle.get_slice(self.prefix + name).get_shape())
 
     def read(self, name: str) -> np.ndarray:
-        handle = self._handle(self._file(name))
-        if isinstance(handle, dict):
-            return _torch_to_numpy(handle[self.prefix + name])
-        return handle.get_tensor(self.prefix + name)
+        file = self._file(name)
+        handle = self._handle(file)
+        with _reading(self.directory / file):
+            if isinstance(handle, dict):
+                return _torch_to_numpy(handle[self.prefix + name])
+            return handle.get_tensor(self.prefix + name)
 
     def config(self) -> BloomConfig:
         return config_from_hf(self.fields, self.read("word_embeddings_layernorm.weight").dtype)

@@ -14,15 +14,19 @@ task per GPU; with one task per node set JAX_LOCAL_DEVICE_IDS=0,...,7 (the sbatc
 """
 
 from collections.abc import Sequence
+import atexit
 import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 
 import gin
 import jax
 from jax._src import clusters  # jax's cluster detection, reused as is (jax is pinned).
+from jax._src import distributed as jax_distributed  # its client: the key-value store
 from jax.experimental import multihost_utils
 
 _ENV_COORDINATOR_ADDRESS = "JAX_COORDINATOR_ADDRESS"
@@ -148,11 +152,12 @@ def initialize(
     """Joins this process to its run with `jax.distributed.initialize`; call before any jax use.
 
     Fails with an error instead of hanging: the connection to the coordinator is given up after
-    `initialization_timeout_s`, a process whose heartbeats stop for `heartbeat_timeout_s` is
-    declared dead (and the others fail), and the exit barrier, where a process that failed waits
-    for the others, ends after `shutdown_timeout_s`. `cpu_collectives` ("gloo" or "mpi") carries
-    cross-process collectives between CPU devices. SIGTERM is caught from then on, in one
-    process as in many: poll `reached_preemption`.
+    `initialization_timeout_s`; a process that stops answering (dead, or hung) for half of
+    `heartbeat_timeout_s` ends every other one with an `error:` line naming it (`PeerWatch`),
+    before jax's own heartbeat timeout would abort them with a C++ stack trace; and the exit
+    barrier, where a process that failed waits for the others, ends after `shutdown_timeout_s`.
+    `cpu_collectives` ("gloo" or "mpi") carries cross-process collectives between CPU devices.
+    SIGTERM is caught from then on, in one process as in many: poll `reached_preemption`.
 
     Gin bindings (all optional): initialize.coordinator_address = "node001:7777",
     initialize.num_processes, initialize.process_id, initialize.local_device_ids = [0, 1],
@@ -179,7 +184,63 @@ def initialize(
         heartbeat_timeout_seconds=heartbeat_timeout_s,
         shutdown_timeout_seconds=shutdown_timeout_s,
     )
+    PeerWatch(group, timeout_s=heartbeat_timeout_s / 2)
     return group
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the run died or stopped answering."""
+
+
+EXIT_PEER_FAILED = 1
+
+
+class PeerWatch:
+    """A thread that beats for this process in jax's key-value store (on the coordinator) and
+    watches the other processes' beats: one that has not beaten for `timeout_s`, or a lost
+    coordinator, ends this process at once with one `error:` line, whatever the main thread is
+    blocked in (a collective with the dead process, a save). It stops at exit, before jax's
+    exit barrier, so a process that ends (normally or not) soon stops beating."""
+
+    KEY = "bloom_jax/beat/"
+
+    def __init__(self, group: ProcessGroup, timeout_s: float):
+        self._group, self._timeout_s = group, timeout_s
+        self._client = jax_distributed.global_state.client
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="bloom_jax peer watch", daemon=True).start()
+        atexit.register(self._stop.set)  # runs before jax's shutdown (registered earlier)
+
+    def _watch(self) -> None:
+        me, beat, last_change = self._group.process_id, 0, {}  # peer -> (its beat, since when)
+        while not self._stop.wait(min(1.0, self._timeout_s / 5)):
+            beat += 1
+            try:
+                self._client.key_value_set(f"{self.KEY}{me}", str(beat), allow_overwrite=True)
+                beats = dict(self._client.key_value_dir_get(self.KEY))
+            except Exception as error:  # pylint: disable=broad-except  # any RPC failure
+                if not self._stop.is_set():
+                    _exit_peer_failed(
+                        f"the run's coordinator (process 0, {self._group.coordinator_address}) "
+                        f"does not answer ({str(error).splitlines()[0]}): it died or hangs")
+                return
+            now = time.monotonic()
+            for peer in set(range(self._group.num_processes)) - {me}:
+                seen = beats.get(f"{self.KEY}{peer}")
+                if peer not in last_change or last_change[peer][0] != seen:
+                    last_change[peer] = (seen, now)
+                elif now - last_change[peer][1] > self._timeout_s and not self._stop.is_set():
+                    _exit_peer_failed(f"process {peer} of {self._group.num_processes} has not "
+                                      f"answered for {self._timeout_s:.0f} s: it died or hangs")
+
+
+def _exit_peer_failed(problem: str) -> None:
+    """Ends this process with one line (its other threads may be blocked for good)."""
+    sys.stderr.write(f"error: {problem}. This process stops too; relaunch the run to resume "
+                     "from its last checkpoint.\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(EXIT_PEER_FAILED)
 
 
 def reached_preemption(step: int) -> bool:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bloom_jax import configs
 from bloom_jax import lora as lora_lib
 from bloom_jax import model as model_lib
 from bloom_jax import optim
@@ -62,9 +63,9 @@ class Workload:
     pipeline_micro_steps: int | None = None
 
     def __post_init__(self):
-        check_positive_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
+        configs.check_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
         if self.pipeline_micro_steps is not None:
-            check_positive_int("Workload.pipeline_micro_steps", self.pipeline_micro_steps, "8")
+            configs.check_int("Workload.pipeline_micro_steps", self.pipeline_micro_steps, "8")
 
     @property
     def batch_size(self) -> int:
@@ -80,13 +81,6 @@ class Workload:
         if self.micro_batch_size is None:
             return self.batch_size
         return self.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def check_positive_int(macro: str, value: object, example: str) -> None:
-    """Raises a ValueError naming the gin macro unless `value` is an integer above 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{macro} = {value!r} is not a positive integer; set it to one, e.g. "
-                         f"--gin.{macro}={example}.")
 
 
 def micro_steps(batch_size: int, micro_batch: int) -> int:

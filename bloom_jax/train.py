@@ -16,7 +16,7 @@ DATA_DIR, another model's checkpoint) ends with one line `error: ...` and exit s
 
 from collections.abc import Sequence
 
-from bloom_jax import checkpoints, configs, trainer
+from bloom_jax import checkpoints, configs, distributed, trainer
 
 
 def main(argv: Sequence[str]) -> None:
@@ -26,5 +26,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    configs.run(main, reported=(*configs.REPORTED_ERRORS, trainer.TrainingError),
-                abandoning_threads=(checkpoints.SaveFailed,))
+    configs.run(main, reported=(*configs.REPORTED_ERRORS, trainer.TrainingError,
+                                distributed.PeerFailed),
+                abandoning_threads=(checkpoints.SaveFailed, distributed.PeerFailed))

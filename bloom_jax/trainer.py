@@ -20,10 +20,11 @@ import gin
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental.compilation_cache import compilation_cache
 
-from bloom_jax import checkpoints, distributed, evaluation, flops, metrics, optim, param_store
+from bloom_jax import checkpoints, configs, distributed, evaluation, flops, metrics, optim
 from bloom_jax import lora as lora_lib
-from bloom_jax import prefetch, sharded_step
+from bloom_jax import param_store, prefetch, sharded_step
 from bloom_jax import step as step_lib
 from bloom_jax.data import instructions, pipeline, vocabularies
 from partitioning import mesh as mesh_lib
@@ -126,18 +127,23 @@ def train(
     if model_dir is None:
         raise ValueError("MODEL_DIR is not set: pass --gin.MODEL_DIR=/path/to/run (checkpoints, "
                          "TensorBoard events and the operative config are written there).")
-    sharded_step.check_positive_int("TRAIN_STEPS", train_steps, "1000")
+    configs.check_int("TRAIN_STEPS", train_steps, "1000")
     model_dir = pathlib.Path(model_dir).absolute()
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ValueError(f"MODEL_DIR {model_dir} is a file, not a folder; choose another "
+                         "MODEL_DIR.")
     skip_policy = skip_policy or step_lib.SkipPolicy()
+    profile = Profile(model_dir, profile_steps)
     distributed.initialize()
-    if compilation_cache_dir or not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          compilation_cache_dir or str(model_dir / "compilation_cache"))
 
+    # Everything the config names is built and checked before MODEL_DIR is written to.
     model_config, sequence_length = workload.model_config, workload.sequence_length
     mesh = mesh_lib.create_mesh()
     rules = rules_lib.logical_axis_rules()
     training = sharded_step.shard_training(workload, mesh, rules, skip_policy)
+    if init_from and not (model_dir / "checkpoints").exists():  # a fresh run starts from it
+        param_store.checkpoint_config(param_store.checkpoint_dir(init_from), model_config,
+                                      fix="set INIT_FROM to a checkpoint of this model size")
     stream = make_stream(batch_size=training.micro_batch, sequence_length=sequence_length)
     vocabularies.check_fits_model(stream.vocabulary, model_config.vocab_size)
     logging.info("Mesh %s; %s parameters; %d sequences of %d tokens per micro-step.",
@@ -158,17 +164,20 @@ def train(
         eval_streams = make_validation_streams(
             vocabulary=stream.vocabulary, sequence_length=sequence_length,
             batch_size=eval_batch_size)
+    base = load_lora_base(training, init_from)
 
     checkpointer = checkpoints.TrainCheckpointer(model_dir / "checkpoints", model_config)
     lora_lib.check_resumable(checkpointer.directory, workload.lora,
                              checkpointer.latest_step() is not None)
-    base = load_lora_base(training, init_from)
+    state = restore_or_init(training, checkpointer, stream, seed, None if base else init_from)
+    checkpointer.claim()  # the start-up is valid: from here on the run writes to MODEL_DIR
     if base and jax.process_index() == 0:
         lora_lib.save_config(checkpointer.directory, workload.lora)
-    state = restore_or_init(training, checkpointer, stream, seed, None if base else init_from)
     operative_config = gin.config_str()
     if jax.process_index() == 0:
         (model_dir / "config.gin").write_text(operative_config)
+    use_compilation_cache(compilation_cache_dir or (
+        None if jax.config.jax_compilation_cache_dir else model_dir / "compilation_cache"))
 
     logger = metrics.MetricsLogger(model_dir, total_steps=train_steps)
     logger.write_text(0, "gin/operative_config", operative_config)
@@ -179,7 +188,6 @@ def train(
     peak = flops.peak_flops(jax.devices()[0], model_config.dtype.name)
     step, consumed = int(state.step), int(state.consumed_samples)
     times = metrics.TimeBreakdown()
-    profile = Profile(model_dir, profile_steps)
     consecutive_skips, skipped = 0, int(state.skipped_steps)
     last_report = time.perf_counter()
 
@@ -211,9 +219,11 @@ def train(
             })
         if consecutive_skips > skip_policy.max_consecutive:
             raise TrainingError(
-                f"{consecutive_skips} steps in a row were skipped (non-finite or spiking "
-                f"loss), the last at step {done.step}. Restart from the last checkpoint with "
-                "a lower learning rate, or a data seed that skips the offending batches.")
+                f"{consecutive_skips} steps in a row were skipped (a non-finite loss, "
+                f"gradient or update, or a spiking loss), the last at step {done.step}. Skipped "
+                "updates are never applied, so the checkpoints hold finite parameters: restart "
+                "from the last one with a lower learning rate, or a data seed that skips the "
+                "offending batches.")
 
     batches = prefetch.Prefetcher(prepared_batches(training, workload.batch_ramp, stream,
                                                    consumed), depth=prefetch_depth)
@@ -253,6 +263,13 @@ def train(
             if preempted:
                 logging.warning("Preempted: checkpoint of step %d saved; exiting.", step)
                 break
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        raise distributed.PeerFailed(  # e.g. gloo's "Connection closed by peer"
+            f"a step failed in a collective with the other processes "
+            f"({str(error).splitlines()[0]}): one of them probably died, see its log; relaunch "
+            "the run to resume from its last checkpoint") from error
     finally:
         batches.close()
         compiles.close()
@@ -260,6 +277,13 @@ def train(
         checkpointer.close()
         logger.close()
     return state
+
+
+def use_compilation_cache(directory: str | pathlib.Path | None) -> None:
+    """Keeps compiled programs in `directory` from now on (None: leaves the cache as it is)."""
+    if directory is not None:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        compilation_cache.reset_cache()  # a cache already opened (or found unset) is reopened
 
 
 @dataclasses.dataclass(frozen=True)

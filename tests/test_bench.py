@@ -63,6 +63,9 @@ def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch():
     assert figures["tflops_per_device"] == pytest.approx(
         flops.tflops_per_device(model_flops, step_time, devices))
     assert figures["compile_s"] > 0
+    adam_state_bytes = 3 * 4 * flops.param_count(config)  # float32 parameters, mu and nu
+    assert adam_state_bytes <= figures["checkpoint_bytes"] < adam_state_bytes + 1000
+    assert figures["digest_s"] > 0
     assert figures["torch_tokens_per_s"] == pytest.approx(4 * 32 / figures["torch_step_time_s"])
     assert figures["speedup_vs_torch"] == pytest.approx(
         figures["torch_step_time_s"] / step_time)

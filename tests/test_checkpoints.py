@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import re
+import shutil
 
 import flax.linen as nn
 import jax
@@ -175,6 +176,20 @@ def test_a_damaged_step_is_refused_by_name_and_the_previous_one_restored(
     assert step_dirs(tmp_path) == {"3", "6.corrupt"}  # set aside, not deleted
 
 
+def test_a_step_saved_without_digests_is_restored_unverified(tmp_path, caplog):
+    saved_steps(tmp_path, [3, 6])
+    shutil.rmtree(tmp_path / "6" / checkpoints.DIGESTS)  # as an older bloom_jax saved it
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    restored, data_state = checkpointer.restore(abstract(at_step(0)))
+    checkpointer.close()
+    assert int(restored.step) == 6 and data_state["step"] == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                 jax.tree.map(lambda p: np.asarray(p) + 6, at_step(6).params))
+    assert f"Checkpoint step 6 in {tmp_path} holds no digests" in caplog.text
+    assert "restored unverified" in caplog.text
+    assert step_dirs(tmp_path) == {"3", "6"}  # nothing set aside
+
+
 def test_no_step_that_verifies_is_an_error_naming_them(tmp_path):
     saved_steps(tmp_path, [3])
     flip_bytes(largest_file(tmp_path / "3" / "params"))
@@ -199,6 +214,7 @@ def test_retention_keeps_the_verified_step_the_run_resumed_from(tmp_path):
 
 def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path):
     first = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    first.claim()
     with pytest.raises(OSError, match=rf"{tmp_path} is in use by another trainer \(pid "
                                       rf"{os.getpid()} on .* holds .*\.lock\)"):
         checkpoints.TrainCheckpointer(tmp_path, CONFIG)

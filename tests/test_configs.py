@@ -4,6 +4,7 @@ dialect (--help, one `error:` line for a bad flag)."""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -128,6 +129,48 @@ def test_misspelled_binding_fails_at_parse_with_gins_message():
         configs.parse(["tiny.gin"], ["trian.train_steps = 3"])
     with pytest.raises(ValueError, match="doesn't have a parameter named 'train_step'"):
         configs.parse(["tiny.gin"], ["train.train_step = 3"])
+
+
+def test_an_unknown_macro_fails_naming_the_closest_known_one():
+    with pytest.raises(ValueError, match=r"Unknown macro TRAIN_STEPZ: no config file defines or "
+                                         r"uses it. Did you mean TRAIN_STEPS\?"):
+        configs.parse(["tiny.gin"], ["TRAIN_STEPZ = 12"])
+
+
+def test_a_macro_of_an_overlay_file_is_known(tmp_path):
+    configs.parse(with_size("sft"), ["SFT_DATA = '/data/xp3'"])
+    own = tmp_path / "own.gin"  # a user's file that uses a macro of its own
+    own.write_text("include 'tiny.gin'\nSTEPS_PER_LOG = 5\ntrain.log_every = %STEPS_PER_LOG\n")
+    gin.clear_config()
+    configs.parse([str(own)], ["STEPS_PER_LOG = 7"])
+    assert gin.get_bindings("train")["log_every"] == 7
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("TRAIN_STEPS = 'abc'", "TRAIN_STEPS = 'abc' is not a positive integer; set it to one, e.g. "
+                            "--gin.TRAIN_STEPS=1000."),
+    ("TRAIN_STEPS = 2.5", "TRAIN_STEPS = 2.5 is not a positive integer"),
+    ("BATCH_SIZE = 0", "BATCH_SIZE = 0 is not a positive integer"),
+    ("BATCH_SIZE = 'x'", "BATCH_SIZE = 'x' is not a positive integer"),
+    ("SEQUENCE_LENGTH = 0", "SEQUENCE_LENGTH = 0 is not a positive integer"),
+    ("MICRO_BATCH_SIZE = 0", "MICRO_BATCH_SIZE = 0 is not a positive integer"),
+    ("SEED = 'a'", "SEED = 'a' is not an integer >= 0"),
+    ("SEED = None", "SEED = None is not an integer >= 0"),
+])
+def test_integer_macros_are_checked_at_parse(binding, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        configs.parse(["tiny.gin"], [binding])
+
+
+def test_integer_macros_take_their_allowed_values():
+    configs.parse(["tiny.gin"], ["MICRO_BATCH_SIZE = None", "SEED = 0", "TRAIN_STEPS = 1"])
+
+
+@pytest.mark.parametrize("name", ["gin_configs/nope.gin", "nope.gin", "/abs/nope.gin"])
+def test_a_missing_gin_file_is_named(name):
+    with pytest.raises(ValueError, match=rf"--gin_file={name}: no such file here or in .*; give "
+                                         r"a path to a gin file, or one of base.gin, "):
+        configs.parse([name])
 
 
 def registered(names, *modules) -> dict[str, bool]:

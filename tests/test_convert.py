@@ -229,6 +229,18 @@ def test_error_missing_shard(hf_dir):
         convert.load_hf_checkpoint(hf_dir)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda data: bytes(b ^ 0xFF for b in data[:16]) + data[16:],  # its header's length
+    lambda data: data[:len(data) // 2],  # truncated
+])
+def test_error_damaged_weight_file_is_named(hf_dir, tmp_path, damage):
+    shard = sorted(hf_dir.glob("*.safetensors"))[1]
+    shard.write_bytes(damage(shard.read_bytes()))
+    with pytest.raises(ValueError, match=f"Weight file {shard} cannot be read .*: it is damaged "
+                                         "or incomplete; download it again"):
+        convert.from_hf(hf_dir, tmp_path / "ckpt")
+
+
 def test_error_missing_tensor(tmp_path):
     tensors = state_dict(random_hf_model())
     del tensors["transformer.h.1.mlp.dense_4h_to_h.bias"]

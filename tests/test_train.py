@@ -236,10 +236,21 @@ def _file_digests(directory: pathlib.Path) -> dict[str, str]:
                                     "train with the gin config it was saved with"),
     ("--gin.TRAIN_STEPS='abc'", "TRAIN_STEPS = 'abc' is not a positive integer; set it to one"),
     ("--gin.SEQUENCE_LENGTH=0", "SEQUENCE_LENGTH = 0 is not a positive integer; set it to one"),
+    ("--gin.BATCH_SIZE='x'", "BATCH_SIZE = 'x' is not a positive integer; set it to one"),
+    ("--gin.TRAIN_STEPZ=12", "Unknown macro TRAIN_STEPZ: no config file defines or uses it. Did "
+                             "you mean TRAIN_STEPS?"),
+    ("--gin_file=gin_configs/nope.gin", "--gin_file=gin_configs/nope.gin: no such file"),
+    ("--gin.VOCABULARY={tmp}/garbage.model", "Vocabulary file {tmp}/garbage.model is not a "
+                                             "readable SentencePiece model"),
+    ("--gin.DATA_DIR={tmp}/garbage.model", "Corpus folder {tmp}/garbage.model is a file, not a "
+                                           "folder"),
+    ("--gin.SEED=7", "Saved data state has seed=42 but this stream has 7"),  # once restored
 ])
 def test_bad_input_ends_with_one_line_and_leaves_model_dir_intact(compile_cache, reference,
                                                                   tmp_path, binding, message):
     model_dir = shutil.copytree(reference, tmp_path / "run")
+    (tmp_path / "garbage.model").write_bytes(np.random.default_rng(0).bytes(2000))
+    binding, message = binding.format(tmp=tmp_path), message.format(tmp=tmp_path)
     digests = _file_digests(model_dir)
     result = train(compile_cache, model_dir, binding)
     assert result.returncode == 1
@@ -247,6 +258,14 @@ def test_bad_input_ends_with_one_line_and_leaves_model_dir_intact(compile_cache,
     last_line = result.stderr.rstrip("\n").splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line, result.stderr
     assert _file_digests(model_dir) == digests
+
+
+def test_bad_input_leaves_a_new_model_dir_unwritten(compile_cache, tmp_path):
+    result = train(compile_cache, tmp_path / "run", f"--gin.INIT_FROM={tmp_path}/nothing")
+    assert result.returncode == 1
+    assert result.stderr.rstrip("\n").splitlines()[-1].startswith(
+        f"error: {tmp_path}/nothing/config.json not found")
+    assert not (tmp_path / "run").exists()
 
 
 def test_verbose_shows_the_traceback(compile_cache, tmp_path):

@@ -8,6 +8,7 @@ import gin
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from bloom_jax import configs, param_store, sharded_step, trainer
@@ -37,6 +38,26 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(trainer.TrainingError, match="3 steps in a row were skipped .* step 4"):
         trainer.train()
     assert read_scalars(tmp_path)["skipped_steps"] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+
+
+@pytest.mark.slow
+def test_an_infinite_learning_rate_never_saves_a_non_finite_parameter(tmp_path):
+    # Its loss and gradient norm are finite: only the update it would apply is not.
+    parse_tiny(tmp_path, "TRAIN_STEPS = 6", "learning_rate_schedule.peak_lr = 1e999",
+               "CheckpointOptions.every_steps = 2", "SkipPolicy.max_consecutive = 4")
+    with pytest.raises(trainer.TrainingError, match="5 steps in a row were skipped .* step 5. "
+                                                    "Skipped updates are never applied"):
+        trainer.train()
+    scalars = read_scalars(tmp_path)
+    assert [value for _, value in scalars["skipped_steps"]] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(value) for _, value in scalars["loss"] + scalars["grad_norm"])
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        assert manager.all_steps() == [1, 2, 4]
+        for step in manager.all_steps():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore()))
+            for leaf in jax.tree.leaves([restored["params"], restored["opt_state"]]):
+                assert np.isfinite(leaf).all(), step
 
 
 @pytest.mark.slow

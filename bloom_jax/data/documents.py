@@ -158,8 +158,9 @@ def resolve_data_dir(data_dir: str | pathlib.Path | None) -> pathlib.Path:
     """`data_dir` as a checked path; None means the default corpus shipped with the package."""
     path = pathlib.Path(data_dir) if data_dir else DEFAULT_CORPUS_DIR
     if not path.is_dir():
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(
-            f"Corpus folder {path} does not exist; set DATA_DIR (--gin.DATA_DIR=... for the "
+            f"Corpus folder {path} {problem}; set DATA_DIR (--gin.DATA_DIR=... for the "
             "trainer, --data_dir for the data tools) to a ROOTS-style folder "
             "(<data_dir>/<language>.jsonl or <data_dir>/<language>/*.jsonl|*.parquet).")
     if not os.access(path, os.R_OK | os.X_OK):

@@ -101,12 +101,25 @@ def load_vocabulary(path: str | pathlib.Path | None = None) -> seqio.Vocabulary:
         raise FileNotFoundError(f"Vocabulary file {path} does not exist. Train one with "
                                 "`python -m bloom_jax.data.tokenizer train` or give BLOOM's "
                                 "tokenizer.json.")
-    if path.suffix == ".json":
-        return TokenizerJsonVocabulary(path)
-    if path.suffix == ".model":
-        return seqio.SentencePieceVocabulary(str(path))
+    kinds = {".json": ("Hugging Face tokenizer.json", TokenizerJsonVocabulary),
+             ".model": ("SentencePiece model", _sentencepiece_vocabulary)}
+    if path.suffix in kinds:
+        kind, load = kinds[path.suffix]
+        try:
+            return load(path)
+        except Exception as error:  # protobuf, sentencepiece and tokenizers raise their own kinds
+            raise ValueError(f"Vocabulary file {path} is not a readable {kind} "
+                             f"({type(error).__name__}: {error}); give a valid one.") from error
     raise ValueError(f"Vocabulary file {path}: expected a SentencePiece '.model' or a Hugging "
                      "Face 'tokenizer.json'.")
+
+
+def _sentencepiece_vocabulary(path: pathlib.Path) -> seqio.SentencePieceVocabulary:
+    """seqio's vocabulary of a SentencePiece model, its file read now (seqio reads it lazily,
+    at the first encode)."""
+    vocabulary = seqio.SentencePieceVocabulary(str(path))
+    vocabulary.tokenizer  # pylint: disable=pointless-statement  # loads and parses the model
+    return vocabulary
 
 
 def vocabulary_file(vocabulary: seqio.Vocabulary) -> str:

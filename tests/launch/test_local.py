@@ -108,6 +108,44 @@ def test_one_process_failing_stops_the_other_by_itself(failure):
         assert "[launch] process 1 was killed by SIGKILL" in output
 
 
+# Process 1 hangs (SIGSTOP) while process 0 reduces with it, under the default heartbeat.
+HANG_MID_RUN = textwrap.dedent("""
+    import os, signal, time
+    from bloom_jax import distributed
+    distributed.initialize()
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.ones(1))
+    total_fn = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+    print("ready", float(total_fn(x)), flush=True)
+    if jax.process_index() == 1:
+        print("hanging at", time.time(), flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    for step in range(600):
+        float(total_fn(x + step))
+        time.sleep(0.1)
+    print("survivor finished", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_a_hung_process_is_detected_within_a_minute_with_the_default_heartbeat():
+    result, _ = launch("--num_processes=2", "--devices_per_process=1", "--grace_s=1", "--",
+                       sys.executable, "-c", HANG_MID_RUN, timeout=180)
+    finished_at = time.time()
+    output = result.stdout
+    assert result.returncode == 1, output
+    (hung_at,) = [float(line.split()[-1]) for line in lines_of(output, 1)
+                  if line.startswith("hanging at")]
+    assert finished_at - hung_at < 60, output
+    errors = [line for line in lines_of(output, 0) if line.startswith("error: ")]
+    assert errors == ["error: process 1 of 2 has not answered for 25 s: it died or hangs. This "
+                      "process stops too; relaunch the run to resume from its last checkpoint."]
+    assert "survivor finished" not in output
+    assert "Fatal Python error" not in output and "Check failure" not in output
+
+
 @pytest.mark.slow
 def test_sigterm_makes_every_process_stop_at_the_same_step():
     """The preemption path: SIGTERM to the launcher reaches every process, and jax's preemption

@@ -1,6 +1,7 @@
 """The tiny BLOOM trained by real processes through launch/local.py: the losses of one process,
 checkpoints that move between process counts and meshes, and a process killed mid-run."""
 
+import contextlib
 import os
 import pathlib
 import re
@@ -135,13 +136,14 @@ def test_one_process_checkpoint_continues_on_two_processes_and_another_mesh(
 
 @pytest.mark.slow
 def test_killing_one_process_stops_the_other_and_a_relaunch_resumes(tmp_path):
-    # The survivor must stop by itself (the launcher's grace period is long): on gloo's error
-    # from the closed connection, after the exit barrier's timeout; or, blocked where no error
-    # comes, once the dead process misses its heartbeats. Both timeouts are shortened here.
+    # The survivor must stop by itself (the launcher's grace period is long), SIGTERM or not: at
+    # once on gloo's error from the closed connection; or, blocked where no error comes, once
+    # its peer watch misses the dead process's beats (half the heartbeat timeout, shortened
+    # here, as is the exit barrier's).
     launcher = start(train_command(
         tmp_path, processes=2, devices=2, steps=1000, mesh={"fsdp": 4},
         launch_flags=("--grace_s=45",),
-        gin_flags=("--gin.initialize.heartbeat_timeout_s=5",
+        gin_flags=("--gin.initialize.heartbeat_timeout_s=20",
                    "--gin.initialize.shutdown_timeout_s=5")))
     # Kill process 1 once process 0 logged an odd step >= 5: the save of the even step before
     # it has started, so the save of the step before that is committed.
@@ -153,15 +155,24 @@ def test_killing_one_process_stops_the_other_and_a_relaunch_resumes(tmp_path):
             break
     else:
         pytest.fail(f"the run ended before step 5: {''.join(output)[-5000:]}")
-    (process_1,) = [pid for pid in children(launcher.pid)
-                    if "JAX_PROCESS_ID=1\0" in pathlib.Path(f"/proc/{pid}/environ").read_text()]
+    process_0, process_1 = sorted(children(launcher.pid), key=lambda pid: "JAX_PROCESS_ID=1\0" in
+                                  pathlib.Path(f"/proc/{pid}/environ").read_text())
     killed_at = time.monotonic()
     os.kill(process_1, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # as SLURM does once a task of the step died
+        os.kill(process_0, signal.SIGTERM)
     output = "".join(output) + launcher.communicate(timeout=200)[0]
     assert launcher.returncode != 0, output[-5000:]
     assert time.monotonic() - killed_at < 30, output[-5000:]
     assert "[launch] process 1 was killed by SIGKILL; stopping the others" in output
     assert "stopping the remaining processes" not in output  # No escalation was needed.
+    # The survivor's last words: one line, from a failed collective or from its peer watch.
+    survivor = [line.split("] ", 1)[1] for line in output.splitlines() if line.startswith("[p0]")]
+    assert re.match(r"error: (a step failed in a collective with the other processes \(.*\): "
+                    r"one of them probably died|process 1 of 2 has not answered for 10 s: it "
+                    r"died or hangs)", survivor[-1]), survivor[-1]
+    assert "relaunch the run to resume from its last checkpoint" in survivor[-1]
+    assert not [line for line in survivor if "Traceback" in line or "Fatal" in line]
 
     resumed = committed_steps(tmp_path / "checkpoints")[-1]
     assert resumed >= 2 and resumed % 2 == 0
