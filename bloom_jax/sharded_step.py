@@ -47,6 +47,9 @@ class Workload:
     batch_ramp: the global batch size over the run; `batch_size` is its final size.
     lora: train low-rank adapters on a frozen base instead of every parameter (None: full
       training). Gin: `Workload.lora = @LoraConfig()`.
+    gather_weights_once: all-gather the FSDP-sharded weights (in the compute dtype) once per
+      step, before the micro-steps, instead of in every micro-step's forward and backward;
+      costs the gathered weights' memory for the whole step.
     """
 
     model_config: model_lib.BloomConfig = gin.REQUIRED
@@ -54,9 +57,13 @@ class Workload:
     micro_batch_size: int | None = None
     batch_ramp: optim.BatchRampUp = dataclasses.field(default_factory=optim.BatchRampUp)
     lora: lora_lib.LoraConfig | None = None
+    gather_weights_once: bool = False
 
     def __post_init__(self):
         check_positive_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
+        if self.gather_weights_once and self.lora is not None:
+            raise ValueError("Workload.gather_weights_once applies to full training; with "
+                             "Workload.lora set it to False.")
 
     @property
     def batch_size(self) -> int:
@@ -182,6 +189,13 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     skip_policy = skip_policy or step_lib.SkipPolicy()
     trained, base_shardings, abstract_base = boxed_model_params, None, None
     make_step = step_lib.make_train_step(model, optimizer, skip_policy)
+    if workload.gather_weights_once:
+        shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
+        make_step = step_lib.make_train_step(
+            model, optimizer, skip_policy,
+            gather=functools.partial(gather_weights, shardings=shardings,
+                                     dtype=workload.model_config.dtype),
+            scatter=functools.partial(_laid_out, shardings=shardings))
     if workload.lora is not None:
         trained = lora_lib.abstract_adapters(workload.lora, boxed_model_params)
         base_shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
@@ -203,6 +217,35 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     return ShardedTraining(workload, mesh, rules, model, optimizer, micro_batch, abstract_state,
                            state_shardings, batch_sharding, MeshFunction(step, mesh, rules),
                            base_shardings, abstract_base)
+
+
+# Parameters the layers cast to the compute dtype before use: gathered already cast, so the step
+# computes the same numbers from half the bytes.
+CAST_PARAMETERS = ("kernel", "embedding")
+
+
+def gather_weights(params: Any, shardings: Any, dtype: Any) -> Any:
+    """The parameters replicated over `fsdp` (and `data`), kernels and embeddings in `dtype`."""
+    def gather(path, param, sharding):
+        if path[-1].key in CAST_PARAMETERS:
+            param = param.astype(dtype)
+        spec = jax.sharding.PartitionSpec(*map(_without_batch_axes, sharding.spec))
+        return jax.lax.with_sharding_constraint(
+            param, jax.sharding.NamedSharding(sharding.mesh, spec))
+    return jax.tree_util.tree_map_with_path(gather, params, shardings)
+
+
+def _without_batch_axes(axes: Any) -> Any:
+    """A PartitionSpec entry without `data` and `fsdp`."""
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                 if a not in ("data", "fsdp"))
+    return kept[0] if len(kept) == 1 else kept or None
+
+
+def _laid_out(grads: Any, shardings: Any) -> Any:
+    """Gradients as float32 in the parameters' layout (a reduce-scatter over `fsdp`)."""
+    return jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g.astype(jnp.float32), s),
+                        grads, shardings)
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:
