@@ -7,9 +7,10 @@ devices: (n - 1) x the operand for an all-gather, (n - 1) / n x the operand for 
 or all-to-all, twice that for an all-reduce, the operand for a permute. Its replica groups say
 which devices talk: logical device i is the i-th device of the mesh in row-major order, node
 i // devices_per_node; a group inside one node runs over NVLink, one spanning nodes over the
-network. An all-reduce whose results are only sliced is counted as the reduce-scatter that XLA's
-GPU compiler makes of it (the CPU compiler, on which the planner compiles, keeps all-reduce +
-dynamic-slice).
+network. The planner compiles on CPUs, so two things are read as a GPU would run them: an
+all-reduce whose results are only sliced is the reduce-scatter XLA's GPU compiler makes of it,
+and a float32 operand rounded from bfloat16 just before (the CPU compiler's float normalization
+of a bfloat16 collective) counts 2 bytes an element.
 """
 
 from __future__ import annotations
@@ -169,25 +170,30 @@ def _iota(spec: str, num_devices: int) -> np.ndarray:
     return ids.reshape(-1)
 
 
+_PASSING = ("get-tuple-element", "bitcast", "convert", "copy")  # ops a sliced value may pass
+
+
 def _only_sliced(name: str, users: dict[str, list[_Instruction]],
                  computations: dict[str, list[_Instruction]]) -> bool:
-    """Whether every value read from `name` (through get-tuple-element) is only sliced."""
+    """Whether every value read from `name` (through get-tuple-element, bitcasts, converts and
+    copies, fused or not) is only dynamic-sliced."""
     found = users.get(name, [])
     for user in found:
-        if user.opcode in ("get-tuple-element", "bitcast"):
+        if user.opcode in _PASSING:
             if not _only_sliced(user.name, users, computations):
                 return False
-        elif user.opcode == "dynamic-slice":
-            continue
         elif user.opcode == "fusion":
-            fused = re.search(r"calls=%([\w.\-]+)", user.text).group(1)
+            fused = computations[re.search(r"calls=%([\w.\-]+)", user.text).group(1)]
+            if all(i.opcode in ("parameter", *_PASSING) for i in fused):
+                if not _only_sliced(user.name, users, computations):
+                    return False
+                continue
             index = user.operands.index(name)
-            inner = [i for i in computations[fused] if i.opcode == "parameter"
+            inner = [i for i in fused if i.opcode == "parameter"
                      and re.match(rf"parameter\({index}\)", i.text)]
-            if not inner or not _only_sliced(inner[0].name, _users(computations[fused]),
-                                             computations):
+            if not inner or not _only_sliced(inner[0].name, _users(fused), computations):
                 return False
-        else:
+        elif user.opcode != "dynamic-slice":
             return False
     return bool(found)
 
@@ -208,7 +214,7 @@ def read(hlo: str, mesh_shape: dict[str, int], devices_per_node: int) -> list[Co
     num_devices = math.prod(mesh_shape.values())
     found = []
     for name, instructions in computations.items():
-        shapes = {i.name: i.shape for i in instructions}
+        producers = {i.name: i for i in instructions}
         users = _users(instructions)
         for instruction in instructions:
             kind = instruction.opcode.removesuffix("-start")
@@ -216,7 +222,7 @@ def read(hlo: str, mesh_shape: dict[str, int], devices_per_node: int) -> list[Co
                 continue
             groups = _groups(instruction.text, num_devices)
             axes, link = _spanned_axes(groups, mesh_shape), _link(groups, devices_per_node)
-            for part, operand_bytes in _parts(kind, instruction, shapes, users, computations):
+            for part, operand_bytes in _parts(kind, instruction, producers, users, computations):
                 size = 2 if part == "collective-permute" else len(groups[0])
                 wire = operand_bytes * _WIRE[part](size, groups)
                 found.append(Collective(part, operand_bytes, wire, size, axes, link,
@@ -224,12 +230,32 @@ def read(hlo: str, mesh_shape: dict[str, int], devices_per_node: int) -> list[Co
     return found
 
 
-def _parts(kind: str, instruction: _Instruction, shapes: dict[str, str],
+def _operand_bytes(name: str, producers: dict[str, _Instruction],
+                   computations: dict[str, list[_Instruction]]) -> int:
+    """Bytes of a collective's operand; a float32 value rounded from bfloat16 just before (a
+    convert to bf16 then to f32, fused or not: XLA's CPU float normalization of a bf16
+    collective) counts at bf16's 2 bytes an element, as a GPU moves it."""
+    producer = producers.get(name)
+    if producer is None:
+        return 0
+    size = _shape_bytes(producer.shape)
+    inner = [producer]
+    if producer.opcode == "fusion":
+        inner = computations[re.search(r"calls=%([\w.\-]+)", producer.text).group(1)]
+    converts = [i.shape.split("[")[0] for i in inner if i.opcode == "convert"]
+    rounded = "bf16" in converts and converts[-1] == "f32" or (
+        producer.opcode == "convert" and any(
+            _shape_bytes(producers[o].shape) * 2 == size for o in producer.operands
+            if o in producers and producers[o].shape.startswith("bf16")))
+    return size // 2 if rounded and producer.shape.startswith("f32") else size
+
+
+def _parts(kind: str, instruction: _Instruction, producers: dict[str, _Instruction],
            users: dict[str, list[_Instruction]], computations: dict[str, list[_Instruction]],
            ) -> list[tuple[str, int]]:
     """(kind, operand bytes) of a collective; an all-reduce's operands whose results are only
     sliced form a reduce-scatter, the rest an all-reduce."""
-    sizes = [_shape_bytes(shapes.get(o, "")) for o in instruction.operands]
+    sizes = [_operand_bytes(o, producers, computations) for o in instruction.operands]
     if kind != "all-reduce":
         return [(kind, sum(sizes))]
     if instruction.shape.startswith("("):

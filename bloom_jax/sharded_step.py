@@ -188,14 +188,17 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
                           (micro_batch, workload.sequence_length))
     skip_policy = skip_policy or step_lib.SkipPolicy()
     trained, base_shardings, abstract_base = boxed_model_params, None, None
-    make_step = step_lib.make_train_step(model, optimizer, skip_policy)
+    shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
     if workload.gather_weights_once:
-        shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
         make_step = step_lib.make_train_step(
             model, optimizer, skip_policy,
             gather=functools.partial(gather_weights, shardings=shardings,
                                      dtype=workload.model_config.dtype),
             scatter=functools.partial(_laid_out, shardings=shardings))
+    else:
+        make_step = step_lib.make_train_step(
+            model, optimizer, skip_policy,
+            gather=functools.partial(cast_weights, dtype=workload.model_config.dtype))
     if workload.lora is not None:
         trained = lora_lib.abstract_adapters(workload.lora, boxed_model_params)
         base_shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
@@ -224,15 +227,20 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
 CAST_PARAMETERS = ("kernel", "embedding")
 
 
+def cast_weights(params: Any, dtype: Any) -> Any:
+    """Kernels and embeddings in `dtype`, where they stay: each micro-step's FSDP all-gathers
+    then move compute-dtype weights, not float32 ones."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.astype(dtype) if path[-1].key in CAST_PARAMETERS else p, params)
+
+
 def gather_weights(params: Any, shardings: Any, dtype: Any) -> Any:
     """The parameters replicated over `fsdp` (and `data`), kernels and embeddings in `dtype`."""
     def gather(path, param, sharding):
-        if path[-1].key in CAST_PARAMETERS:
-            param = param.astype(dtype)
         spec = jax.sharding.PartitionSpec(*map(_without_batch_axes, sharding.spec))
         return jax.lax.with_sharding_constraint(
             param, jax.sharding.NamedSharding(sharding.mesh, spec))
-    return jax.tree_util.tree_map_with_path(gather, params, shardings)
+    return jax.tree_util.tree_map_with_path(gather, cast_weights(params, dtype), shardings)
 
 
 def _without_batch_axes(axes: Any) -> Any:

@@ -24,12 +24,15 @@ class MeshError(ValueError):
 
 
 def factorizations(num_devices: int) -> list[dict[str, int]]:
-    """Every (data, fsdp, tensor) whose product is `num_devices`, as mesh shapes."""
+    """Every shape over MESH_AXES whose product is `num_devices` (the first axis, `data`, takes
+    what the others leave)."""
     divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-    return [
-        dict(zip(MESH_AXES, (num_devices // (fsdp * tensor), fsdp, tensor)))
-        for fsdp in divisors for tensor in divisors if num_devices % (fsdp * tensor) == 0
-    ]
+    shapes: list[dict[str, int]] = [{}]
+    for axis in MESH_AXES[1:]:
+        shapes = [{**shape, axis: d} for shape in shapes for d in divisors
+                  if num_devices % (math.prod(shape.values()) * d) == 0]
+    return [{MESH_AXES[0]: num_devices // math.prod(shape.values()), **shape}
+            for shape in shapes]
 
 
 def format_shape(shape: dict[str, int]) -> str:
