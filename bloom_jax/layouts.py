@@ -223,8 +223,10 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     - FSDP all-gathers of the compute-dtype weights, P_t x itemsize x (f - 1) / f per pass:
       once per step with gather_weights_once, else per micro-step forward, backward and (for a
       policy recomputing the weight matmuls) recompute;
-    - FSDP reduce-scatters of float32 gradients, 4 P_t (f - 1) / f per micro-step;
-    - the data-parallel all-reduce of the gradient shards, 2 x 4 P_t / f x (d - 1) / d per step;
+    - FSDP reduce-scatters of each micro-step's gradients, P_t x itemsize x (f - 1) / f (float32
+      with gather_weights_once, which converts them before scattering);
+    - the data-parallel all-reduce of the float32 gradient shards, 2 x 4 P_t / f x (d - 1) / d
+      per micro-step (XLA reduces each micro-step's gradients into the accumulators' layout);
     - over `tensor`, per layer and micro-step 2 activations of m x s x h (compute dtype) in the
       forward, 2 in the backward, 2 in a recompute: all-reduces, or with SP an all-gather and a
       reduce-scatter each (the same wire bytes).
@@ -246,9 +248,11 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     found = []
     if f > 1:
         found.append(entry("all-gather", params_t * itemsize * ring(f), passes, ("fsdp",)))
-        found.append(entry("reduce-scatter", 4 * params_t * ring(f), micro_steps, ("fsdp",)))
+        gradient = 4 if layout.gather_weights_once else itemsize
+        found.append(entry("reduce-scatter", gradient * params_t * ring(f), micro_steps,
+                           ("fsdp",)))
     if d > 1:
-        found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d), 1, ("data",)))
+        found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d), micro_steps, ("data",)))
     if t > 1:
         per_micro_step = 2 * config.n_layer * (3 if layout.remat != "none" else 2)
         found.append(entry("all-reduce", 2 * activation * ring(t), per_micro_step * micro_steps,
@@ -256,16 +260,20 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     return found
 
 
-def state_bytes_lower_bound(config: BloomConfig, layout: Layout, seq_len: int) -> float:
-    """Bytes a device needs at least: float32 parameters, gradient accumulators and Adam's two
-    moments (16 bytes a parameter over fsdp x tensor), the gathered weights with
-    gather_weights_once, and the remat checkpoints of a micro-step."""
+def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int) -> tuple[float, float]:
+    """(Bytes of a device independent of the micro-batch, bytes per sequence of it), estimated
+    to prune the search: float32 parameters, gradient accumulators and Adam's two moments (16
+    bytes a parameter over fsdp x tensor) and the gathered weights with gather_weights_once;
+    per sequence its remat checkpoints and a working set of one layer's float32 attention
+    probabilities and the float32 logits, each with its gradient. `search` scales the working
+    set by what its compiles measure."""
     mesh, params = layout.mesh, flops.param_count(config)
     f, t = mesh.get("fsdp", 1), mesh.get("tensor", 1)
     gathered = params / t * jnp.dtype(config.dtype).itemsize if layout.gather_weights_once else 0
-    checkpoints = (layout.micro_batch_size * checkpoint_bytes_per_sequence(
-        config, seq_len, t, layout.sequence_parallel) if config.remat_policy != "none" else 0)
-    return 16 * params / (f * t) + gathered + checkpoints
+    checkpoints = (checkpoint_bytes_per_sequence(config, seq_len, t, layout.sequence_parallel)
+                   if config.remat_policy != "none" else 0)
+    working = 2 * 4 * seq_len * (config.n_head / t * seq_len + config.vocab_size / t)
+    return 16 * params / (f * t) + gathered, checkpoints + working
 
 
 def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_node: int,
@@ -354,27 +362,41 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
     """The layouts that fit `memory`, fastest first by their compiled prediction, and how many
     layouts were weighed.
 
-    Every layout is predicted by formula; those whose state alone fits are compiled in order
-    of that prediction until `seconds` have passed (or, with `first`, one fits), skipping any
-    that needs no less memory than one that did not fit.
+    Every layout is predicted by formula; those whose memory_estimate fits are compiled in
+    order of that prediction until `seconds` have passed (or, with `first`, one fits), skipping
+    any that needs no less memory than one that did not fit, or whose estimate, its working
+    set scaled by the compiles so far, does not fit.
     """
+    scale = 1.0  # measured / estimated bytes per sequence, the largest seen so far
+
+    def needs(layout: Layout) -> float:
+        fixed, per_sequence = memory_estimate(layout.workload(workload).model_config, layout,
+                                              workload.sequence_length)
+        return fixed + scale * layout.micro_batch_size * per_sequence
+
     ranked = sorted(
         (c for c in (evaluate(workload, layout, gpu, hfu, links, devices_per_node, False)
                      for layout in search_space(workload, num_devices, devices_per_node))
-         if state_bytes_lower_bound(c.layout.workload(workload).model_config, c.layout,
-                                    workload.sequence_length) <= memory),
-        key=lambda c: c.analytic.step_s)
+         if needs(c.layout) <= memory),
+        key=lambda c: (round(c.analytic.step_s, 3), needs(c.layout)))
     fits, too_big, start = [], [], time.perf_counter()
     for analytic in ranked:
         if time.perf_counter() - start > seconds or (first and fits):
             break
-        if any(_needs_no_less(analytic.layout, big) for big in too_big):
+        if needs(analytic.layout) > memory or any(
+                _needs_no_less(analytic.layout, big) for big in too_big):
             continue
         found = evaluate(workload, analytic.layout, gpu, hfu, links, devices_per_node, True)
         if found is None:
             continue
         log(f"  compiled {found.layout.describe()}: {found.peak_bytes / GIB:.1f} GiB, "
             f"{found.predicted_step_s:.1f} s/step ({found.plan.compile_s:.0f} s)")
-        (fits if found.peak_bytes <= memory else too_big).append(
-            found if found.peak_bytes <= memory else found.layout)
+        fixed, per_sequence = memory_estimate(found.layout.workload(workload).model_config,
+                                              found.layout, workload.sequence_length)
+        scale = max(scale, (found.peak_bytes - fixed) / (found.layout.micro_batch_size
+                                                         * per_sequence))
+        if found.peak_bytes <= memory:
+            fits.append(found)
+        else:
+            too_big.append(found.layout)
     return sorted(fits, key=lambda c: c.predicted_step_s), len(ranked)
