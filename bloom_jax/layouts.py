@@ -264,14 +264,19 @@ def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int) -> tuple[
     """(Bytes of a device independent of the micro-batch, bytes per sequence of it), estimated
     to prune the search: float32 parameters, gradient accumulators and Adam's two moments (16
     bytes a parameter over fsdp x tensor) and the gathered weights with gather_weights_once;
-    per sequence its remat checkpoints and a working set of one layer's float32 attention
+    per sequence its remat checkpoints (in float32, as the CPU compile keeps them) and a working
+    set of one layer's float32 attention
     probabilities and the float32 logits, each with its gradient. `search` scales the working
     set by what its compiles measure."""
     mesh, params = layout.mesh, flops.param_count(config)
     f, t = mesh.get("fsdp", 1), mesh.get("tensor", 1)
     gathered = params / t * jnp.dtype(config.dtype).itemsize if layout.gather_weights_once else 0
-    checkpoints = (checkpoint_bytes_per_sequence(config, seq_len, t, layout.sequence_parallel)
-                   if config.remat_policy != "none" else 0)
+    # The CPU compile holds bfloat16 activations as float32: twice the checkpoints' bytes, of
+    # which device_peak_bytes takes the bfloat16 half off for an offloaded policy.
+    kept = dataclasses.replace(config, remat_policy="layer_inputs") if (
+        config.remat_policy in OFFLOADED) else config
+    checkpoints = ((1 if kept is not config else 2) * checkpoint_bytes_per_sequence(
+        kept, seq_len, t, layout.sequence_parallel) if config.remat_policy != "none" else 0)
     working = 2 * 4 * seq_len * (config.n_head / t * seq_len + config.vocab_size / t)
     return 16 * params / (f * t) + gathered, checkpoints + working
 
