@@ -383,7 +383,10 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
         (c for c in (evaluate(workload, layout, gpu, hfu, links, devices_per_node, False)
                      for layout in search_space(workload, num_devices, devices_per_node))
          if needs(c.layout) <= memory),
-        key=lambda c: (round(c.analytic.step_s, 3), needs(c.layout)))
+        # On a tie SP comes last: it moves the same bytes by the formula, but its compiled
+        # programs have gathered the FSDP weights more often (README, BLOOM-176B).
+        key=lambda c: (round(c.analytic.step_s, 3), c.layout.sequence_parallel,
+                       needs(c.layout)))
     fits, too_big, start = [], [], time.perf_counter()
     for analytic in ranked:
         if time.perf_counter() - start > seconds or (first and fits):
