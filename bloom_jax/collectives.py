@@ -283,12 +283,11 @@ def _link(groups: list[list[int]], devices_per_node: int) -> str:
     return "network" if spans else "nvlink"
 
 
-def wire_bytes_by(collectives: Iterable[Collective], field: str = "link") -> dict[str, float]:
-    """Wire bytes per device per run, summed by `field` ("link", "kind" or "axes")."""
+def wire_bytes_by(collectives: Iterable[Collective]) -> dict[str, float]:
+    """Wire bytes per device per run, by link."""
     totals: dict[str, float] = collections.defaultdict(float)
     for c in collectives:
-        key = getattr(c, field)
-        totals[key if isinstance(key, str) else ",".join(key) or "-"] += c.wire_bytes * c.count
+        totals[c.link] += c.wire_bytes * c.count
     return dict(totals)
 
 

@@ -99,9 +99,9 @@ def plan_json(candidate: layouts.Candidate, workload: sharded_step.Workload) -> 
         "stages": plan.mesh.get("stage", 1),
         "sp": layout.sequence_parallel,
         "remat": layout.remat,
-        "compute_s": round(predicted.compute_s, 3),
+        "compute_s": predicted.compute_s,
         "comm_bytes": {link: int(b) for link, b in predicted.comm_bytes.items()},
-        "predicted_step_s": round(predicted.step_s, 3),
+        "predicted_step_s": predicted.step_s,
         "predicted_tflops_per_device": round(flops.tflops_per_device(
             hardware, predicted.step_s, math.prod(plan.mesh.values())), 2),
         "per_device_peak_bytes": candidate.peak_bytes,
@@ -119,8 +119,9 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
     for c in plan.collectives:
         key = f"{c.kind} over {','.join(c.axes) or '-'} ({c.link})"
         by_kind[key] = by_kind.get(key, 0.0) + c.wire_bytes * c.count
-    checkpoint = ("" if config.remat_policy == "none" else
-                  f"{layouts.checkpoint_bytes_per_sequence(config, seq_len, plan.mesh.get('tensor', 1), layout.sequence_parallel) / 2**20:,.1f} MiB")  # noqa: E501
+    checkpoint = "none (no remat)" if config.remat_policy == "none" else "{:,.1f} MiB".format(
+        layouts.checkpoint_bytes_per_sequence(config, seq_len, plan.mesh.get("tensor", 1),
+                                              layout.sequence_parallel) / 2**20)
     lines = [
         f"parameters: {flops.param_count(config)}",
         f"mesh: {format_shape(plan.mesh)} ({num_devices} devices)",
@@ -137,7 +138,7 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
         f"  optimizer state: {plan.optimizer_bytes / GIB:9.2f} GiB",
         f"  XLA temporaries: {plan.temp_bytes / GIB:9.2f} GiB (activations, gathered weights, "
         "gradients)",
-        f"  remat checkpoints per sequence: {checkpoint or 'none (no remat)'}"
+        f"  remat checkpoints per sequence: {checkpoint}"
         + (" (in pinned host memory, not counted in the peak)"
            if config.remat_policy in layouts.OFFLOADED else ""),
         f"per_device_peak_bytes: {candidate.peak_bytes}",
