@@ -117,16 +117,19 @@ def _parse(hlo: str) -> tuple[dict[str, list[_Instruction]], str]:
     return computations, entry
 
 
-def _executions(computations: dict[str, list[_Instruction]], entry: str) -> dict[str, int]:
+def _executions(computations: dict[str, list[_Instruction]], entry: str,
+                unknown_trips: int) -> dict[str, int]:
     """How many times each computation runs per run of the entry: callers' counts times the
-    trip counts of the while loops whose body or condition it is."""
+    trip counts of the while loops whose body or condition it is (`unknown_trips` where XLA
+    does not know it)."""
     calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     for name, instructions in computations.items():
         for instruction in instructions:
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction.text)
             for attribute, target in _CALLED.findall(instruction.text):
-                repeat = int(trips.group(1)) if trips and attribute in ("body", "condition") \
-                    else 1
+                repeat = 1
+                if attribute in ("body", "condition"):
+                    repeat = int(trips.group(1)) if trips else unknown_trips
                 for callee in re.findall(r"%([\w.\-]+)", target):
                     calls[name].append((callee, repeat))
     counts = collections.Counter({entry: 1})
@@ -206,11 +209,13 @@ def _users(instructions: Iterable[_Instruction]) -> dict[str, list[_Instruction]
     return users
 
 
-def read(hlo: str, mesh_shape: dict[str, int], devices_per_node: int) -> list[Collective]:
+def read(hlo: str, mesh_shape: dict[str, int], devices_per_node: int,
+         unknown_trips: int = 1) -> list[Collective]:
     """The collectives of a compiled program (`compiled.as_text()`) on a mesh of `mesh_shape`
-    (axis name -> size, in the mesh's order)."""
+    (axis name -> size, in the mesh's order). A while loop whose trip count XLA does not know
+    (a micro-step loop whose count is a traced value) runs `unknown_trips` times."""
     computations, entry = _parse(hlo)
-    counts = _executions(computations, entry)
+    counts = _executions(computations, entry, unknown_trips)
     num_devices = math.prod(mesh_shape.values())
     found = []
     for name, instructions in computations.items():

@@ -144,7 +144,7 @@ def plan_step(workload: sharded_step.Workload, mesh: jax.sharding.Mesh, rules: A
                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
         compile_s=compile_s,
         collectives=tuple(collectives.read(compiled.fn.as_text(), dict(mesh.shape),
-                                           devices_per_node)),
+                                           devices_per_node, unknown_trips=micro_batches)),
     )
 
 
