@@ -369,15 +369,19 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
 
     Every layout is predicted by formula; those whose memory_estimate fits are compiled in
     order of that prediction until `seconds` have passed (or, with `first`, one fits), skipping
-    any that needs no less memory than one that did not fit, or whose estimate, its working
-    set scaled by the compiles so far, does not fit.
+    any that needs no less memory than one that did not fit, or whose estimate, its bytes per
+    sequence scaled by the compiles so far of its SP setting and tensor size, does not fit.
     """
-    scale = 1.0  # measured / estimated bytes per sequence, the largest seen so far
+    # Measured / estimated bytes per sequence, the largest seen so far, by (SP, tensor size).
+    scales: dict[tuple[bool, int], float] = {}
+
+    def family(layout: Layout) -> tuple[bool, int]:
+        return layout.sequence_parallel, layout.mesh.get("tensor", 1)
 
     def needs(layout: Layout) -> float:
         fixed, per_sequence = memory_estimate(layout.workload(workload).model_config, layout,
                                               workload.sequence_length)
-        return fixed + scale * layout.micro_batch_size * per_sequence
+        return fixed + scales.get(family(layout), 1.0) * layout.micro_batch_size * per_sequence
 
     ranked = sorted(
         (c for c in (evaluate(workload, layout, gpu, hfu, links, devices_per_node, False)
@@ -401,8 +405,8 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
             f"{found.predicted_step_s:.1f} s/step ({found.plan.compile_s:.0f} s)")
         fixed, per_sequence = memory_estimate(found.layout.workload(workload).model_config,
                                               found.layout, workload.sequence_length)
-        scale = max(scale, (found.peak_bytes - fixed) / (found.layout.micro_batch_size
-                                                         * per_sequence))
+        scales[family(found.layout)] = max(scales.get(family(found.layout), 1.0), (
+            found.peak_bytes - fixed) / (found.layout.micro_batch_size * per_sequence))
         if found.peak_bytes <= memory:
             fits.append(found)
         else:
