@@ -49,9 +49,13 @@ def param_count(config: ModelShape) -> int:
 # 24 h^2 (projections and MLP) + 4 s h (attention's two batched matmuls, over all s keys as
 # Megatron counts them). "dots_with_no_batch_dims" saves the weight matmuls and recomputes
 # attention's; "dots" saves every matmul; neither counts the recomputed elementwise work.
+# "layer_inputs" (and its offloaded variant) keeps only each layer's input: it recomputes the
+# whole forward, as "full" does.
 RECOMPUTED_LAYER_FLOPS = {
     "none": lambda h, s: 0,
     "full": lambda h, s: 24 * h * h + 4 * s * h,
+    "layer_inputs": lambda h, s: 24 * h * h + 4 * s * h,
+    "layer_inputs_offloaded": lambda h, s: 24 * h * h + 4 * s * h,
     "dots": lambda h, s: 0,
     "dots_with_no_batch_dims": lambda h, s: 4 * s * h,
 }

@@ -18,12 +18,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
-# Logical axes of activations: the residual stream, the MLP's hidden layer, and per-head queries,
-# keys and values (the decoding cache is laid out like them).
-EMBED_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+# Logical axes of activations: the residual stream (with the LayerNorm and dropout activations on
+# it: "activation_norm_length", which sequence parallelism shards), the MLP's hidden layer, and
+# per-head queries, keys and values (the decoding cache is laid out like them).
+EMBED_ACTIVATION_AXES = ("activation_batch", "activation_norm_length", "activation_embed")
 MLP_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_mlp")
 HEAD_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_heads",
                         "activation_kv")
@@ -34,6 +36,11 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Only each layer's bfloat16 input (LAYER_INPUT), on the device or (GPU) in pinned host memory.
+    "layer_inputs": jax.checkpoint_policies.save_only_these_names("layer_input"),
+    "layer_inputs_offloaded": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
+        offload_src="device", offload_dst="pinned_host"),
 }
 # How attention is computed (`BloomConfig.attention_implementation`): "cudnn" and "xla" through
 # `jax.nn.dot_product_attention` (cuDNN's fused kernel; XLA's einsums), "einsum" materializes the
@@ -274,12 +281,17 @@ class Block(nn.Module):
                  cache_index: Array | None = None) -> tuple[Array, None]:
         cfg = self.config
         dropout = nn.Dropout(cfg.hidden_dropout)
+        x = checkpoint_name(x, "layer_input")
         h = _layer_norm(cfg, "input_layernorm")(x)
         h = Attention(cfg, self.deterministic, self.decode, name="self_attention")(
             h, alibi, mask, cache_index)
+        # Each sublayer's output joins the residual stream's layout (sequence parallelism: a
+        # reduce-scatter over `tensor` instead of an all-reduce) before dropout and the add.
+        h = nn.with_logical_constraint(h, EMBED_ACTIVATION_AXES)
         x = x + dropout(h, deterministic=self.deterministic)
         h = _layer_norm(cfg, "post_attention_layernorm")(x)
         h = MLP(cfg, name="mlp")(h)
+        h = nn.with_logical_constraint(h, EMBED_ACTIVATION_AXES)
         x = x + dropout(h, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x, EMBED_ACTIVATION_AXES)
         return x, None

@@ -53,6 +53,9 @@ class Workload:
       pipeline together, whose activations and logits are held at once; a step takes passes of
       them (its micro-steps rounded up to a multiple, the surplus masked). Each pass idles
       (stages - 1) / (pipeline_micro_steps + stages - 1). None: one pass of all the micro-steps.
+    gather_weights_once: all-gather the FSDP-sharded weights (in the compute dtype) once per
+      step, before the micro-steps, instead of in every micro-step's forward and backward;
+      costs the gathered weights' memory for the whole step.
     """
 
     model_config: model_lib.BloomConfig = gin.REQUIRED
@@ -61,11 +64,15 @@ class Workload:
     batch_ramp: optim.BatchRampUp = dataclasses.field(default_factory=optim.BatchRampUp)
     lora: lora_lib.LoraConfig | None = None
     pipeline_micro_steps: int | None = None
+    gather_weights_once: bool = False
 
     def __post_init__(self):
         configs.check_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
         if self.pipeline_micro_steps is not None:
             configs.check_int("Workload.pipeline_micro_steps", self.pipeline_micro_steps, "8")
+        if self.gather_weights_once and self.lora is not None:
+            raise ValueError("Workload.gather_weights_once applies to full training; with "
+                             "Workload.lora set it to False.")
 
     @property
     def batch_size(self) -> int:
@@ -207,8 +214,17 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
                           (micro_batch, workload.sequence_length))
     skip_policy = skip_policy or step_lib.SkipPolicy()
     trained, base_shardings, abstract_base = boxed_model_params, None, None
-    make_step = step_lib.make_train_step(model, optimizer, skip_policy,
-                                         workload.pipeline_micro_steps)
+    shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
+    if workload.gather_weights_once:
+        make_step = step_lib.make_train_step(
+            model, optimizer, skip_policy, workload.pipeline_micro_steps,
+            gather=functools.partial(gather_weights, shardings=shardings,
+                                     dtype=workload.model_config.dtype),
+            scatter=functools.partial(_laid_out, shardings=shardings))
+    else:
+        make_step = step_lib.make_train_step(
+            model, optimizer, skip_policy, workload.pipeline_micro_steps,
+            gather=functools.partial(cast_weights, dtype=workload.model_config.dtype))
     if workload.lora is not None:
         trained = lora_lib.abstract_adapters(workload.lora, boxed_model_params)
         base_shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
@@ -243,6 +259,40 @@ def check_stages(workload: Workload, stages: int) -> None:
             f"create_mesh.stage to a divisor of {layers}: {', '.join(map(str, divisors))}.")
     if stages > 1 and workload.lora is not None:
         raise mesh_lib.MeshError("LoRA does not run pipelined; set create_mesh.stage = 1.")
+
+
+# Parameters the layers cast to the compute dtype before use: gathered already cast, so the step
+# computes the same numbers from half the bytes.
+CAST_PARAMETERS = ("kernel", "embedding")
+
+
+def cast_weights(params: Any, dtype: Any) -> Any:
+    """Kernels and embeddings in `dtype`, where they stay: each micro-step's FSDP all-gathers
+    then move compute-dtype weights, not float32 ones."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.astype(dtype) if path[-1].key in CAST_PARAMETERS else p, params)
+
+
+def gather_weights(params: Any, shardings: Any, dtype: Any) -> Any:
+    """The parameters replicated over `fsdp` (and `data`), kernels and embeddings in `dtype`."""
+    def gather(path, param, sharding):
+        spec = jax.sharding.PartitionSpec(*map(_without_batch_axes, sharding.spec))
+        return jax.lax.with_sharding_constraint(
+            param, jax.sharding.NamedSharding(sharding.mesh, spec))
+    return jax.tree_util.tree_map_with_path(gather, cast_weights(params, dtype), shardings)
+
+
+def _without_batch_axes(axes: Any) -> Any:
+    """A PartitionSpec entry without `data` and `fsdp`."""
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                 if a not in ("data", "fsdp"))
+    return kept[0] if len(kept) == 1 else kept or None
+
+
+def _laid_out(grads: Any, shardings: Any) -> Any:
+    """Gradients as float32 in the parameters' layout (a reduce-scatter over `fsdp`)."""
+    return jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g.astype(jnp.float32), s),
+                        grads, shardings)
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:

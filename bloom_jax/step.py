@@ -91,12 +91,17 @@ def uses_dropout(config: Any) -> bool:
 def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: LossFn,
                use_dropout: bool, optimizer: optax.GradientTransformation,
                skip_policy: SkipPolicy = SkipPolicy(), pipeline_pass: int | None = None,
+               gather: Callable | None = None, scatter: Callable | None = None,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step of `state.params` over a global batch of [micro_batches, micro_batch,
     length] arrays; `loss(params, micro_batch, rng)` gives (summed losses, summed weights), with
     a dropout key when `use_dropout`. `pipeline_pass`: the loss takes that many micro-batches at
     once, [pipeline_pass, micro_batch, length] (a pipelined model keeps them in flight together),
     per accumulation step; None: one.
+
+    `gather` (params -> the weights every micro-step reads) runs once per step, outside the
+    micro-step loop, and `scatter` lays each micro-step's gradients out as the float32
+    accumulators: with FSDP, weights gathered once instead of at every micro-step.
 
     Only the first `batch_size` sequences count: when the mesh's data-parallel size does not
     divide the batch (384 GPUs = 3 x 128 against BLOOM's 2048), the last micro-batch is filled
@@ -112,6 +117,7 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
         batch = jax.tree.map(lambda x: x.reshape(-1, pipeline_pass, *x.shape[1:]), batch)
     accumulation_steps = batch["input_ids"].shape[0]
     step_rng = jax.random.fold_in(state.rng, state.step)
+    weights = state.params if gather is None else gather(state.params)
 
     def accumulate(index, carry):
         grads, loss_sum, weight_sum = carry
@@ -119,7 +125,9 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
                              batch)
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
         (micro_loss, micro_weight), micro_grads = jax.value_and_grad(
-            lambda p: loss(p, micro, rng), has_aux=True)(state.params)
+            lambda p: loss(p, micro, rng), has_aux=True)(weights)
+        if scatter is not None:
+            micro_grads = scatter(micro_grads)
         grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
         return grads, loss_sum + micro_loss, weight_sum + micro_weight
 
@@ -174,8 +182,9 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     skip_policy: SkipPolicy = SkipPolicy(),
-                    pipeline_pass: int | None = None) -> Callable:
-    """train_step with the model, optimizer and skip policy bound:
+                    pipeline_pass: int | None = None, gather: Callable | None = None,
+                    scatter: Callable | None = None) -> Callable:
+    """train_step with the model, optimizer, skip policy (and gather, scatter) bound:
     (state, batch, batch_size) -> (state, metrics). A pipelined model takes `pipeline_pass`
     micro-batches at once (None: all of the step's)."""
     def step(state: TrainState, batch: Batch, batch_size: jax.Array):
@@ -183,5 +192,6 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         return train_step(state, batch, batch_size, loss=functools.partial(loss_sums, model),
                           use_dropout=uses_dropout(model.config), optimizer=optimizer,
                           skip_policy=skip_policy,
-                          pipeline_pass=micro_batches if model.stages > 1 else None)
+                          pipeline_pass=micro_batches if model.stages > 1 else None,
+                          gather=gather, scatter=scatter)
     return step

@@ -38,6 +38,7 @@ DEFAULT_RULES: Rules = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
     ("activation_embed", None),
+    ("activation_norm_length", None),  # the residual stream's length; "tensor" with SP
     ("activation_length", None),
     ("activation_kv", None),
     ("activation_stage", "stage"),  # the pipeline's per-stage activations [stages, batch, ...]
@@ -58,14 +59,26 @@ def _checked_rule(rule: Sequence) -> tuple[str, MeshAxes]:
     return name, axes
 
 
+# Megatron's sequence parallelism: outside the tensor-parallel regions (attention, MLP), the
+# residual stream and its LayerNorm and dropout activations are sharded along the length over
+# `tensor`; their all-reduces become an all-gather before and a reduce-scatter after each region.
+SEQUENCE_PARALLEL_RULES: Rules = (("activation_norm_length", "tensor"),)
+
+
 @gin.configurable
-def logical_axis_rules(overrides: Sequence[Sequence] = ()) -> Rules:
-    """DEFAULT_RULES with the rules of the names in `overrides` replaced by those overrides.
+def logical_axis_rules(overrides: Sequence[Sequence] = (),
+                       sequence_parallel: bool = False) -> Rules:
+    """DEFAULT_RULES with the rules of the names in `overrides` replaced by those overrides,
+    and with `sequence_parallel` by SEQUENCE_PARALLEL_RULES (under the overrides).
 
     gin, e.g. to replicate the model dimension and shard sequences over fsdp:
         logical_axis_rules.overrides = [("embed", None), ("activation_length", "fsdp")]
+        logical_axis_rules.sequence_parallel = True
     """
     overrides = tuple(_checked_rule(rule) for rule in overrides)
+    if sequence_parallel:
+        named = {name for name, _ in overrides}
+        overrides += tuple(r for r in SEQUENCE_PARALLEL_RULES if r[0] not in named)
     replaced = {name for name, _ in overrides}
     return overrides + tuple(rule for rule in DEFAULT_RULES if rule[0] not in replaced)
 

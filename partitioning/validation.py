@@ -43,7 +43,8 @@ def sharded_axes(
     of the activations.
 
     An activation axis "activation_X" has the size of the parameter axis "X" (the model's naming
-    convention); "activation_batch" and "activation_length" take `batch_shape`.
+    convention); "activation_batch" and "activation_length" (and the residual stream's
+    "activation_norm_length") take `batch_shape`.
     """
     axes = []
     sizes = collections.defaultdict(set)
@@ -59,6 +60,7 @@ def sharded_axes(
     if batch_shape is not None:
         sizes["activation_batch"].add(batch_shape[0])
         sizes["activation_length"].add(batch_shape[1])
+        sizes["activation_norm_length"].add(batch_shape[1])
     for name, mesh_axes in rules:
         if name.startswith("activation_") and mesh_axes:
             axes.extend(ShardedAxis(name, size, _as_tuple(mesh_axes), "activations")

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from bloom_jax import flops
+from bloom_jax import flops, model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,13 @@ def test_bigscience_logged_149_tflops_at_iteration_12695():
 # batched matmuls (4 s h) are all that dots_with_no_batch_dims recomputes.
 HAND_1B7 = {"none": 1.07678e10, "dots": 1.07678e10,
             "dots_with_no_batch_dims": 1.07678e10 + 24 * 16_777_216,
-            "full": 1.07678e10 + 24 * (100_663_296 + 16_777_216)}
+            "full": 1.07678e10 + 24 * (100_663_296 + 16_777_216),
+            "layer_inputs": 1.07678e10 + 24 * (100_663_296 + 16_777_216),
+            "layer_inputs_offloaded": 1.07678e10 + 24 * (100_663_296 + 16_777_216)}
+
+
+def test_every_remat_policy_has_its_recomputation_counted():
+    assert set(flops.RECOMPUTED_LAYER_FLOPS) == set(model.REMAT_POLICIES) == set(HAND_1B7)
 
 
 @pytest.mark.parametrize("policy", HAND_1B7)

@@ -1,6 +1,7 @@
 """The planner: the real train step compiled on abstract arrays, measured per device."""
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -11,13 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from bloom_jax import flops, lora as lora_lib, optim, plan, scaling, sharded_step
+from bloom_jax import flops, layouts, lora as lora_lib, optim, plan, scaling, sharded_step
+from bloom_jax.collectives import Collective
 from tests.test_runs import write_run
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules
 
 ROOT = pathlib.Path(__file__).parents[1]
-TINY = plan.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
+TINY = sharded_step.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 TINY_GIN = """
 include 'base.gin'
 BloomConfig.vocab_size = 256
@@ -32,8 +34,8 @@ SEQUENCE_LENGTH = 32
 def test_one_device_plan_counts_the_float32_state_it_holds():
     workload = sharded_step.Workload(TINY, sequence_length=32, micro_batch_size=4,
                                      batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
-    result = plan.plan_step(workload, create_mesh(devices=jax.devices()[:1]),
-                            logical_axis_rules())
+    result = layouts.plan_step(workload, create_mesh(devices=jax.devices()[:1]),
+                               logical_axis_rules())
     params = flops.param_count(TINY)
     assert result.param_bytes == result.grad_bytes == 4 * params
     assert 2 * 4 * params <= result.optimizer_bytes < 2 * 4 * params + 1024  # mu, nu, scalars
@@ -43,31 +45,68 @@ def test_one_device_plan_counts_the_float32_state_it_holds():
             ) in result.shardings
 
 
-def test_search_ranks_remat_policies_by_what_they_recompute():
-    """On one device (no collectives) a step that recomputes every layer takes its model FLOPs
-    at --mfu; dots_with_no_batch_dims, which recomputes only attention's matmuls, is faster by
-    its hardware FLOPs, where counting every policy as full recomputation tied them."""
-    config = plan.BloomConfig(hidden_size=2048, n_layer=24, n_head=16)  # bloom-1b7
-    layout = plan.Plan(mesh={"data": 1, "fsdp": 1, "tensor": 1}, micro_batch=8, micro_batches=2,
-                       shardings=[], param_bytes=0, grad_bytes=0, optimizer_bytes=0,
-                       temp_bytes=0, peak_bytes=0, compile_s=0.0)
-    peak, mfu = flops.PEAK_FLOPS["A100"]["bfloat16"], 0.4
-    step_s = {policy: plan.predicted_step_s(
-        layout, dataclasses.replace(config, remat_policy=policy), 2048, "A100", mfu, 8)
+def test_on_one_device_the_step_is_its_hardware_flops_at_the_hfu():
+    """No collectives: a step that recomputes every layer takes its hardware FLOPs at --hfu;
+    dots_with_no_batch_dims, which recomputes only attention's matmuls, is faster by them."""
+    config = sharded_step.BloomConfig(hidden_size=2048, n_layer=24, n_head=16)  # bloom-1b7
+    workload = sharded_step.Workload(config, sequence_length=2048,
+                                     batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
+    peak, hfu = flops.PEAK_FLOPS["A100"]["bfloat16"], 0.48
+    step_s = {policy: layouts.evaluate(
+        workload, layouts.Layout({"data": 1, "fsdp": 1, "tensor": 1}, 8, False, policy, False),
+        "A100", hfu, layouts.LINKS["A100"], 8, compile_it=False).analytic.step_s
         for policy in ("full", "dots_with_no_batch_dims")}
-    assert step_s["full"] == pytest.approx(flops.flops_per_step(config, 16, 2048) / (peak * mfu))
-    assert step_s["dots_with_no_batch_dims"] == pytest.approx(
-        step_s["full"] * flops.flops_per_token(config, 2048, "dots_with_no_batch_dims")
-        / flops.flops_per_token(config, 2048, "full"))
+    for policy, seconds in step_s.items():
+        assert seconds == pytest.approx(flops.flops_per_step(config, 16, 2048, policy)
+                                        / (peak * hfu))
     assert sorted(step_s, key=step_s.get) == ["dots_with_no_batch_dims", "full"]
+
+
+def test_overlap_model_hides_weight_traffic_behind_compute_but_not_activation_traffic():
+    def collective(axes, link, wire):
+        return Collective("all-reduce", 0, wire, 2, axes, link, 2, "x")
+    found = [collective(("fsdp",), "network", 1e9), collective(("data",), "nvlink", 100e9),
+             collective(("tensor",), "nvlink", 50e9)]
+    links = (100e9, 1e9)  # NVLink, network bytes/s
+    short = layouts.predict(found, compute=1.0, links=links)
+    assert (short.overlapped_s, short.exposed_s) == (2 + 2, 1)
+    assert short.step_s == 4 + 1  # the overlapped traffic outlasts compute
+    long = layouts.predict(found, compute=10.0, links=links)
+    assert long.step_s == 10 + 1
+    assert long.comm_bytes == {"nvlink": 300e9, "network": 2e9}
+
+
+def test_sequence_parallelism_shrinks_the_checkpoints_by_the_tensor_size():
+    config = sharded_step.BloomConfig(hidden_size=14336, n_layer=70, n_head=112,
+                                      dtype="bfloat16", remat_policy="full")
+    full = layouts.checkpoint_bytes_per_sequence(config, 2048, 8, False)
+    assert full == 70 * 2048 * 14336 * 2
+    assert layouts.checkpoint_bytes_per_sequence(config, 2048, 8, True) == full // 8
+    offloaded = dataclasses.replace(config, remat_policy="layer_inputs_offloaded")
+    assert layouts.checkpoint_bytes_per_sequence(offloaded, 2048, 8, True) == 0
+
+
+def test_search_space_covers_micro_batches_up_to_the_rank_batch_sp_and_gathering():
+    workload = sharded_step.Workload(TINY, sequence_length=32,
+                                     batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
+    space = list(layouts.search_space(workload, 8, devices_per_node=4))
+    meshes = {(8 // (fsdp * tensor), fsdp, tensor) for fsdp in (1, 2, 4, 8)
+              for tensor in (1, 2, 4) if 8 % (fsdp * tensor) == 0}
+    assert {tuple(layout.mesh.values()) for layout in space} == meshes
+    per_rank = {layout.micro_batch_size for layout in space
+                if layout.mesh == {"data": 2, "fsdp": 1, "tensor": 4}}
+    assert per_rank == {1, 2, 3, 4, 8}  # 8 sequences per rank: 8, 4, 3, 2 or 1 micro-steps
+    assert all(layout.mesh["tensor"] > 1 for layout in space if layout.sequence_parallel)
+    assert all(layout.mesh["fsdp"] > 1 for layout in space if layout.gather_weights_once)
+    assert {layout.remat for layout in space} == set(layouts.SEARCH_REMAT_POLICIES)
 
 
 def test_lora_plan_holds_the_frozen_base_and_state_for_the_adapters_only():
     lora = lora_lib.LoraConfig(rank=4, target_modules=tuple(lora_lib.MODULES))
     workload = sharded_step.Workload(TINY, sequence_length=32, lora=lora,
                                      batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
-    result = plan.plan_step(workload, create_mesh(devices=jax.devices()[:1]),
-                            logical_axis_rules())
+    result = layouts.plan_step(workload, create_mesh(devices=jax.devices()[:1]),
+                               logical_axis_rules())
     # per layer: A and B of qkv (64x4 + 4x192), dense (64x4 + 4x64), and the MLP's two
     adapters = TINY.n_layer * 4 * (64 + 192 + 64 + 64 + 64 + 256 + 256 + 64)
     assert result.grad_bytes == 4 * adapters
@@ -110,10 +149,38 @@ def test_cli_plans_a_pipelined_mesh_with_its_bubble(tmp_path):
     assert "mesh: stage=2, data=1, fsdp=2, tensor=2 (8 devices)" in result.stdout
     # 16 sequences in micro-steps of 2 x fsdp 2: (2 - 1) / (4 + 2 - 1); each device sends its
     # 2 rows of 32 x 64 bfloat16 activations
-    assert ("pipeline: 2 stages, passes of 4 micro-steps, bubble 20.0% (GPipe); 8.19kB per "
-            "device to the next stage per micro-step") in result.stdout
+    assert ("pipeline: 2 stages, passes of 4 micro-steps, bubble 20.0% (GPipe, not in the "
+            "predicted step time); 8.19kB per device to the next stage per micro-step") in (
+        result.stdout)
     assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in (
         result.stdout)
+
+
+@pytest.mark.slow
+def test_cli_json_is_one_object_with_the_planner_keys(tmp_path):
+    result = run_plan(tmp_path, "--num_devices=8", "--gin.create_mesh.fsdp=4",
+                      "--gin.create_mesh.tensor=2", "--gin.logical_axis_rules.sequence_parallel"
+                      "=True", "--gin.MICRO_BATCH_SIZE=2", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    assert list(found) == ["mesh", "micro_batch", "micro_steps", "stages", "sp", "remat",
+                           "compute_s", "comm_bytes", "predicted_step_s",
+                           "predicted_tflops_per_device", "per_device_peak_bytes"]
+    assert found["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert (found["micro_batch"], found["micro_steps"], found["stages"], found["sp"]) == (
+        2, 2, 1, True)
+    assert found["comm_bytes"]["nvlink"] > 0 and found["comm_bytes"]["network"] == 0
+    assert found["predicted_step_s"] >= found["compute_s"] > 0
+
+
+@pytest.mark.slow
+def test_cli_search_lists_layouts_fastest_first(tmp_path):
+    result = run_plan(tmp_path, "--num_devices=4", "--search", "--search_seconds=20",
+                      "--network_gbps=0.01")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [float(s) for s in re.findall(r"^ +([\d.]+) s/step", result.stdout, re.M)]
+    assert len(steps) >= 2 and steps == sorted(steps), result.stdout
+    assert "compiled layouts fit 80 GiB" in result.stdout
 
 
 @pytest.mark.slow
@@ -142,8 +209,8 @@ def test_cli_budget_writes_a_config_that_trains_and_plans(tmp_path):
     chosen = re.search(r"chosen: (\d+) layers, hidden (\d+), (\d+) heads: ([\d,]+) parameters",
                        result.stdout)
     layers, hidden, heads, params = (int(g.replace(",", "")) for g in chosen.groups())
-    assert params == flops.param_count(plan.BloomConfig(n_layer=layers, hidden_size=hidden,
-                                                        n_head=heads))
+    assert params == flops.param_count(sharded_step.BloomConfig(
+        n_layer=layers, hidden_size=hidden, n_head=heads))
     assert f"BloomConfig.hidden_size = {hidden}\n" in gin_file.read_text()
 
     # Trained for 2 steps at a CPU-sized batch (the planned one is 256 x 2048 tokens).
@@ -165,7 +232,7 @@ def test_cli_fit_recovers_the_law_of_synthetic_runs(tmp_path):
     truth, rng = scaling.BESIROGLU2024, np.random.default_rng(0)
     run_dirs = []
     for n_layer, hidden, n_head in ((2, 128, 2), (6, 512, 8), (12, 1024, 16), (24, 2048, 16)):
-        config = plan.BloomConfig(n_layer=n_layer, hidden_size=hidden, n_head=n_head)
+        config = sharded_step.BloomConfig(n_layer=n_layer, hidden_size=hidden, n_head=n_head)
         for tokens in (1e9, 1e10, 1e11):
             loss = truth.loss(flops.param_count(config), tokens) * np.exp(rng.normal(0, 0.003))
             run_dirs.append(tmp_path / f"{hidden}_{tokens:.0e}")

@@ -2,17 +2,23 @@
 mesh and rules (traced anywhere, they shard the model's activations)."""
 
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from bloom_jax import optim, sharded_step
+from bloom_jax import lora as lora_lib, optim, sharded_step
 from bloom_jax.data import pipeline
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 
+ROOT = pathlib.Path(__file__).parents[1]
 TINY = BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
 
 
@@ -64,3 +70,28 @@ def test_an_eval_batch_the_mesh_does_not_divide_is_refused_before_compiling():
     sharded_step.shard_eval(model, mesh, rules_lib.DEFAULT_RULES, 8, 32)
     with pytest.raises(mesh_lib.MeshError, match=r"6 sequences.*data=2 x fsdp=2"):
         sharded_step.shard_eval(model, mesh, rules_lib.DEFAULT_RULES, 6, 32)
+
+
+@pytest.mark.slow
+def test_weights_gathered_once_per_step_give_the_same_step_with_fewer_gathers(tmp_path):
+    """data=1, fsdp=4, tensor=2 on 8 simulated devices (tests/eight_device_steps.py), 3
+    micro-steps: the same loss and parameters after the step, and the all-gathers of one
+    micro-step's forward no longer repeat in every micro-step's forward, recompute and
+    backward."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests/eight_device_steps.py"),
+                             "gather_once", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    arrays = np.load(tmp_path / "gather_once.npz")
+    params = [k.removeprefix("plain/") for k in arrays if k.startswith("plain/params/")]
+    assert params and int(arrays["plain/micro_steps"]) == 3
+    for key in ["loss", *params]:
+        np.testing.assert_array_equal(arrays[f"once/{key}"], arrays[f"plain/{key}"], err_msg=key)
+    once, plain = (int(arrays[f"{name}/all_gather_operand_bytes"]) for name in ("once", "plain"))
+    assert 0 < once * 3 < plain
+
+
+def test_gather_once_is_refused_with_lora():
+    with pytest.raises(ValueError, match="gather_weights_once applies to full training"):
+        sharded_step.Workload(TINY, sequence_length=16, lora=lora_lib.LoraConfig(),
+                              gather_weights_once=True)

@@ -6,7 +6,9 @@ the suite keeps its one device):
         python tests/partitioning/eight_devices.py OUT_DIR
 It writes OUT_DIR/results.npz (loss, parameters and gradients per mesh, keyed "mesh/path", and
 the same computed unsharded on one device, keyed "single/path") and OUT_DIR/shardings.json (each
-parameter's mesh shape and PartitionSpec, read back from the arrays).
+parameter's mesh shape and PartitionSpec, read back from the arrays, and the kinds of collective
+the step runs over `tensor`). Meshes in SP_MESHES run again with sequence parallelism, keyed
+"mesh+sp".
 The shared pieces (model, batch, loss) are imported by the tests that check those files.
 """
 
@@ -20,12 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bloom_jax import collectives
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules, activation_sharding
 from partitioning.shardings import batch_sharding, init_params, put_batch
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2))  # (data, fsdp, tensor)
+SP_MESHES = ((2, 2, 2), (1, 4, 2))
 MODEL = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8))
 BATCH, LENGTH = 8, 16
 SEED = 0
@@ -59,8 +63,8 @@ def loss_fn(params, batch) -> jax.Array:
     return jnp.sum(losses * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
 
 
-def mesh_name(shape: tuple[int, int, int]) -> str:
-    return "x".join(map(str, shape))
+def mesh_name(shape: tuple[int, int, int], sequence_parallel: bool = False) -> str:
+    return "x".join(map(str, shape)) + ("+sp" if sequence_parallel else "")
 
 
 def flat(tree) -> dict[str, jax.Array]:
@@ -84,9 +88,10 @@ def run_single_device() -> dict[str, np.ndarray]:
     return as_arrays(params, loss, grads)
 
 
-def run_mesh(shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], dict]:
+def run_mesh(shape: tuple[int, int, int], sequence_parallel: bool = False,
+             ) -> tuple[dict[str, np.ndarray], dict]:
     mesh = create_mesh(*shape)
-    rules = logical_axis_rules()
+    rules = logical_axis_rules(sequence_parallel=sequence_parallel)
     ids = jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
     params = init_params(MODEL, jax.random.key(SEED), ids, mesh=mesh, rules=rules)
     shardings = {path: {"mesh": dict(p.sharding.mesh.shape), "spec": list(p.sharding.spec)}
@@ -96,8 +101,12 @@ def run_mesh(shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], dict]:
                        out_shardings=(None, jax.tree.map(lambda p: p.sharding, params)))
         batch = put_batch(make_batch(), batch_sharding(mesh, rules))
         lowered = step.lower(params, batch)
-        loss, grads = lowered.compile()(params, batch)
+        compiled = lowered.compile()
+        loss, grads = compiled(params, batch)
     shardings["constraints_in_step"] = lowered.as_text().count("sharding_constraint")
+    shardings["tensor_collectives"] = sorted({
+        c.kind for c in collectives.read(compiled.as_text(), dict(mesh.shape), 8)
+        if c.axes == ("tensor",)})
     return as_arrays(params, loss, grads), shardings
 
 
@@ -105,9 +114,11 @@ def main(out_dir: pathlib.Path) -> None:
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     arrays = {f"single/{k}": v for k, v in run_single_device().items()}
     shardings = {}
-    for shape in MESHES:
-        mesh_arrays, shardings[mesh_name(shape)] = run_mesh(shape)
-        arrays.update({f"{mesh_name(shape)}/{k}": v for k, v in mesh_arrays.items()})
+    runs = [(shape, False) for shape in MESHES] + [(shape, True) for shape in SP_MESHES]
+    for shape, sequence_parallel in runs:
+        name = mesh_name(shape, sequence_parallel)
+        mesh_arrays, shardings[name] = run_mesh(shape, sequence_parallel)
+        arrays.update({f"{name}/{k}": v for k, v in mesh_arrays.items()})
     np.savez(out_dir / "results.npz", **arrays)
     (out_dir / "shardings.json").write_text(json.dumps(shardings))
 

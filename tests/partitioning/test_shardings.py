@@ -112,3 +112,19 @@ def test_sharded_step_equals_single_device_step(eight_device_run, abstract, mesh
         tolerance = dict(rtol=1e-5, atol=1e-6) if key.startswith("grads/") else dict(rtol=1e-6)
         np.testing.assert_allclose(arrays[f"{mesh}/{key}"], expected, err_msg=key, **tolerance)
     assert shardings[mesh]["constraints_in_step"] > 0  # the model's activation constraints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", run8.SP_MESHES, ids=run8.mesh_name)
+def test_sequence_parallel_step_equals_the_step_without_it(eight_device_run, abstract, shape):
+    """Same loss and gradients to float32 rounding, while the residual stream's all-reduces over
+    `tensor` become all-gathers and reduce-scatters."""
+    arrays, shardings = eight_device_run
+    plain, sp = run8.mesh_name(shape), run8.mesh_name(shape, sequence_parallel=True)
+    keys = [k.removeprefix(f"{plain}/") for k in arrays if k.startswith(f"{plain}/")]
+    assert len(keys) == 1 + 2 * len(run8.flat(nn.unbox(abstract)))
+    for key in keys:
+        np.testing.assert_allclose(arrays[f"{sp}/{key}"], arrays[f"{plain}/{key}"], rtol=1e-5,
+                                   atol=1e-6, err_msg=key)
+    assert {"all-gather", "reduce-scatter"} <= set(shardings[sp]["tensor_collectives"])
+    assert "reduce-scatter" not in shardings[plain]["tensor_collectives"]

@@ -1,0 +1,414 @@
+"""Train-step layouts compiled on abstract arrays: memory, collectives and predicted step time.
+
+A layout is a mesh, a micro-batch size, sequence parallelism, a remat policy and whether FSDP
+weights are gathered once per step. `plan_step` compiles the trainer's real step for one (nothing
+is allocated) and reads the per-device memory and the collectives (collectives.py) from the
+compiled program. `predict` turns them into a step time by the overlap model:
+
+    step_s = max(compute_s, overlapped_s) + exposed_s
+
+compute_s is the hardware FLOPs (the remat policy's recomputation and masked rows counted) at
+`hfu` of the bfloat16 peak; every collective takes wire bytes / its link's bandwidth. Collectives
+over `tensor` alone carry activations the next operation waits for (Megatron's all-reduces, or
+SP's all-gathers and reduce-scatters): exposed. All others move weights and gradients (FSDP
+gathers and reduce-scatters, the data-parallel all-reduce), which XLA's scheduler runs beside
+the layers' compute: overlapped, as long as compute lasts. `analytic_collectives` gives the same
+collectives by formula; `search` ranks layouts by it, then compiles the most promising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bloom_jax import collectives, flops, sharded_step
+from bloom_jax.collectives import Collective
+from bloom_jax.data import pipeline
+from bloom_jax.model import BloomConfig
+from partitioning.mesh import MeshError, create_mesh, factorizations
+from partitioning.rules import logical_axis_rules
+
+GIB = 2**30
+# Bandwidth per GPU and direction, bytes/s: (NVLink inside a node, network between nodes).
+# A100: BLOOM's cluster (Jean Zay): NVLink3, and about 50 Gb/s per GPU between nodes.
+LINKS = {"A100": (300e9, 50e9 / 8), "H100-SXM": (450e9, 400e9 / 8),
+         "H100-PCIe": (64e9, 200e9 / 8), "H200": (450e9, 400e9 / 8)}
+# BLOOM's measured hardware FLOPs rate: ~150 TFLOP/s of an A100's 312 (Megatron's K = 4).
+BLOOM_HFU = 150 / 312
+SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "layer_inputs_offloaded")
+# Remat policies whose backward pass recomputes the layers' weight matmuls (gathering again).
+RECOMPUTES_WEIGHTS = ("full", "layer_inputs", "layer_inputs_offloaded")
+OFFLOADED = ("layer_inputs_offloaded",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one train step is laid out on the devices."""
+
+    mesh: dict[str, int]
+    micro_batch_size: int  # sequences per data-parallel rank per micro-step
+    sequence_parallel: bool
+    remat: str
+    gather_weights_once: bool
+
+    def workload(self, workload: sharded_step.Workload) -> sharded_step.Workload:
+        return dataclasses.replace(
+            workload, micro_batch_size=self.micro_batch_size,
+            gather_weights_once=self.gather_weights_once,
+            model_config=dataclasses.replace(workload.model_config, remat_policy=self.remat))
+
+    def describe(self) -> str:
+        return (f"{', '.join(f'{a}={n}' for a, n in self.mesh.items())}  micro_batch_size="
+                f"{self.micro_batch_size}  sp={self.sequence_parallel}  remat={self.remat}  "
+                f"gather_once={self.gather_weights_once}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one compiled train step needs per device, and the collectives it runs."""
+
+    mesh: dict[str, int]
+    micro_batch: int  # global sequences per micro-step
+    micro_batches: int  # micro-steps per optimizer step
+    shardings: list[tuple[str, tuple[int, ...], Any]]  # (parameter, shape, PartitionSpec)
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    temp_bytes: int  # XLA's temporaries: activations, gathered weights, gradient buffers
+    peak_bytes: int  # arguments + outputs - donated + temporaries
+    compile_s: float
+    collectives: tuple[Collective, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """A step time by the overlap model (module docstring)."""
+
+    compute_s: float
+    comm_bytes: dict[str, float]  # wire bytes per device per step, by link
+    overlapped_s: float  # weight and gradient collectives
+    exposed_s: float  # activation collectives over `tensor`
+    step_s: float
+
+
+def _shard_bytes(tree: Any, shardings: Any, dtype: Any = None) -> int:
+    """Bytes of one device's shards of `tree` (optionally as if stored in `dtype`)."""
+    sizes = jax.tree.map(
+        lambda x, s: math.prod(s.shard_shape(x.shape)) * jnp.dtype(dtype or x.dtype).itemsize,
+        tree, shardings)
+    return sum(jax.tree.leaves(sizes))
+
+
+def plan_step(workload: sharded_step.Workload, mesh: jax.sharding.Mesh, rules: Any,
+              devices_per_node: int = 8) -> Plan:
+    """Compiles the trainer's step for `mesh` on abstract arrays and measures it per device.
+
+    Raises MeshError, before compiling, when the mesh does not divide the model or micro-batch.
+    """
+    training = sharded_step.shard_training(workload, mesh, rules)
+    micro_batches = training.micro_steps(workload.batch_size)
+    batch = {k: jax.ShapeDtypeStruct((micro_batches, training.micro_batch,
+                                      workload.sequence_length), dtype,
+                                     sharding=training.batch_sharding)
+             for k, dtype in pipeline.BATCH_FEATURES.items()}
+    start = time.perf_counter()
+    compiled = training.step.lower(training.abstract_state, batch,
+                                   jax.ShapeDtypeStruct((), jnp.int32),
+                                   *training.abstract_args).compile()
+    compile_s = time.perf_counter() - start
+
+    memory = compiled.fn.memory_analysis()
+    state, shardings = training.abstract_state, training.state_shardings
+    params, param_shardings = state.params, shardings.params
+    return Plan(
+        mesh=dict(mesh.shape),
+        micro_batch=training.micro_batch,
+        micro_batches=micro_batches,
+        shardings=[(jax.tree_util.keystr(path, simple=True, separator="/"), x.shape, s.spec)
+                   for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
+                                           jax.tree.leaves(param_shardings))],
+        # With LoRA, the frozen base too (trained: the adapters; gradients and state: theirs).
+        param_bytes=_shard_bytes(params, param_shardings) + sum(
+            _shard_bytes(base, training.base_shardings) for base in training.abstract_args),
+        grad_bytes=_shard_bytes(params, param_shardings, jnp.float32),  # float32 accumulators
+        optimizer_bytes=_shard_bytes(state.opt_state, shardings.opt_state),
+        temp_bytes=memory.temp_size_in_bytes,
+        peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                    - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
+        compile_s=compile_s,
+        collectives=tuple(collectives.read(compiled.fn.as_text(), dict(mesh.shape),
+                                           devices_per_node, unknown_trips=micro_batches)),
+    )
+
+
+def checkpoint_bytes_per_sequence(config: BloomConfig, seq_len: int, tensor: int,
+                                  sequence_parallel: bool) -> int:
+    """Bytes one sequence's remat checkpoints keep on a device across the forward pass: each
+    layer's compute-dtype input (sharded over `tensor` with SP), and with
+    dots_with_no_batch_dims the outputs of the weight matmuls too (qkv, the attention
+    projection, both MLP matmuls); none on the device when offloaded. An estimate of what XLA
+    keeps, from the policy."""
+    itemsize, h = jnp.dtype(config.dtype).itemsize, config.hidden_size
+    per_token = {"none": 0, "full": h / (tensor if sequence_parallel else 1)}
+    per_token["layer_inputs"] = per_token["full"]
+    per_token["layer_inputs_offloaded"] = 0
+    per_token["dots"] = per_token["dots_with_no_batch_dims"] = (
+        per_token["full"] + 3 * h / tensor + h + 4 * h / tensor + h)
+    if config.remat_policy == "none":
+        raise ValueError("remat_policy 'none' keeps every activation; no checkpoints to count")
+    return int(config.n_layer * seq_len * per_token[config.remat_policy] * itemsize)
+
+
+def device_peak_bytes(plan: Plan, config: BloomConfig, layout: Layout, seq_len: int) -> int:
+    """The compiled peak; for an offloaded policy, less the layer inputs that go to host memory
+    (the CPU compiler, on which the planner compiles, keeps them on the device)."""
+    if config.remat_policy not in OFFLOADED:
+        return plan.peak_bytes
+    kept = dataclasses.replace(config, remat_policy="layer_inputs")
+    return plan.peak_bytes - layout.micro_batch_size * checkpoint_bytes_per_sequence(
+        kept, seq_len, layout.mesh.get("tensor", 1), layout.sequence_parallel)
+
+
+def hardware_rate(config: BloomConfig, seq_len: int, mfu: float) -> float:
+    """The share of peak at which a device runs hardware FLOPs when a step that recomputes every
+    layer (as BLOOM's did) reaches `mfu` in model FLOPs: BLOOM-176B's 35.8% is 47.6%."""
+    return mfu * flops.flops_per_token(config, seq_len, "full") / flops.flops_per_token(
+        config, seq_len)
+
+
+def compute_s(config: BloomConfig, rows: int, seq_len: int, num_devices: int, gpu: str,
+              hfu: float) -> float:
+    """Hardware FLOPs of `rows` sequences (the remat policy's recomputation counted) at `hfu`
+    of the bfloat16 peak."""
+    return (flops.flops_per_step(config, rows, seq_len, config.remat_policy)
+            / (num_devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * hfu))
+
+
+def predict(found: Any, compute: float, links: tuple[float, float]) -> Prediction:
+    """The step time of `found` collectives beside `compute` seconds, by the overlap model."""
+    bandwidth = dict(zip(collectives.LINKS, links))
+    exposed = overlapped = 0.0
+    for c in found:
+        seconds = c.wire_bytes * c.count / bandwidth[c.link]
+        if c.axes == ("tensor",):
+            exposed += seconds
+        else:
+            overlapped += seconds
+    comm_bytes = {link: 0.0 for link in collectives.LINKS}
+    comm_bytes.update(collectives.wire_bytes_by(found))
+    return Prediction(compute, comm_bytes, overlapped, exposed,
+                      max(compute, overlapped) + exposed)
+
+
+def _axis_link(mesh: dict[str, int], axes: tuple[str, ...], devices_per_node: int) -> str:
+    """The link a collective over `axes` of `mesh` takes (logical ids in row-major order)."""
+    ids = np.arange(math.prod(mesh.values())).reshape(tuple(mesh.values()))
+    varying = [list(mesh).index(a) for a in axes]
+    fixed = [i for i in range(len(mesh)) if i not in varying]
+    groups = ids.transpose(fixed + varying).reshape(-1, math.prod(mesh[a] for a in axes))
+    spans = any(len(set(g // devices_per_node)) > 1 for g in groups)
+    return "network" if spans else "nvlink"
+
+
+def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, seq_len: int,
+                         devices_per_node: int) -> list[Collective]:
+    """The collectives of a step by formula, per device (P_t = parameters / tensor):
+    - FSDP all-gathers of the compute-dtype weights, P_t x itemsize x (f - 1) / f per pass:
+      once per step with gather_weights_once, else per micro-step forward, backward and (for a
+      policy recomputing the weight matmuls) recompute;
+    - FSDP reduce-scatters of each micro-step's gradients, P_t x itemsize x (f - 1) / f (float32
+      with gather_weights_once, which converts them before scattering);
+    - the data-parallel all-reduce of the float32 gradient shards, 2 x 4 P_t / f x (d - 1) / d
+      per micro-step (XLA reduces each micro-step's gradients into the accumulators' layout);
+    - over `tensor`, per layer and micro-step 2 activations of m x s x h (compute dtype) in the
+      forward, 2 in the backward, 2 in a recompute: all-reduces, or with SP an all-gather and a
+      reduce-scatter each (the same wire bytes).
+    """
+    mesh = layout.mesh
+    d, f, t = mesh.get("data", 1), mesh.get("fsdp", 1), mesh.get("tensor", 1)
+    itemsize = jnp.dtype(config.dtype).itemsize
+    micro_steps = sharded_step.micro_steps(batch_size, layout.micro_batch_size * d * f)
+    params_t = flops.param_count(config) / t
+    recomputes = layout.remat in RECOMPUTES_WEIGHTS
+    passes = 1 if layout.gather_weights_once else micro_steps * (3 if recomputes else 2)
+    activation = layout.micro_batch_size * seq_len * config.hidden_size * itemsize
+    ring = lambda n: (n - 1) / n  # noqa: E731
+
+    def entry(kind, wire, count, axes):
+        return Collective(kind, 0, wire, math.prod(mesh[a] for a in axes), axes,
+                          _axis_link(mesh, axes, devices_per_node), count, "analytic")
+
+    found = []
+    if f > 1:
+        found.append(entry("all-gather", params_t * itemsize * ring(f), passes, ("fsdp",)))
+        gradient = 4 if layout.gather_weights_once else itemsize
+        found.append(entry("reduce-scatter", gradient * params_t * ring(f), micro_steps,
+                           ("fsdp",)))
+    if d > 1:
+        found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d), micro_steps, ("data",)))
+    if t > 1:
+        per_micro_step = 2 * config.n_layer * (3 if layout.remat != "none" else 2)
+        found.append(entry("all-reduce", 2 * activation * ring(t), per_micro_step * micro_steps,
+                           ("tensor",)))
+    return found
+
+
+def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int) -> tuple[float, float]:
+    """(Bytes of a device independent of the micro-batch, bytes per sequence of it), estimated
+    to prune the search: float32 parameters, gradient accumulators and Adam's two moments (16
+    bytes a parameter over fsdp x tensor) and the gathered weights with gather_weights_once;
+    per sequence its remat checkpoints (in float32, as the CPU compile keeps them) and a working
+    set of one layer's float32 attention
+    probabilities and the float32 logits, each with its gradient. `search` scales the working
+    set by what its compiles measure."""
+    mesh, params = layout.mesh, flops.param_count(config)
+    f, t = mesh.get("fsdp", 1), mesh.get("tensor", 1)
+    gathered = params / t * jnp.dtype(config.dtype).itemsize if layout.gather_weights_once else 0
+    # The CPU compile holds bfloat16 activations as float32: twice the checkpoints' bytes, of
+    # which device_peak_bytes takes the bfloat16 half off for an offloaded policy.
+    kept = dataclasses.replace(config, remat_policy="layer_inputs") if (
+        config.remat_policy in OFFLOADED) else config
+    checkpoints = ((1 if kept is not config else 2) * checkpoint_bytes_per_sequence(
+        kept, seq_len, t, layout.sequence_parallel) if config.remat_policy != "none" else 0)
+    working = 2 * 4 * seq_len * (config.n_head / t * seq_len + config.vocab_size / t)
+    return 16 * params / (f * t) + gathered, checkpoints + working
+
+
+def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_node: int,
+                 ) -> Iterator[Layout]:
+    """Every layout the search weighs: meshes over the axes partitioning/mesh.py declares with
+    `tensor` inside a node; micro-batch sizes up to the per-rank batch, one per count of
+    micro-steps (the smallest, for the fewest masked rows); SP on and off where `tensor` > 1;
+    SEARCH_REMAT_POLICIES; gather_weights_once on and off where `fsdp` > 1."""
+    for mesh in factorizations(num_devices):
+        if mesh.get("tensor", 1) > devices_per_node:
+            continue
+        ranks = mesh.get("data", 1) * mesh.get("fsdp", 1)
+        per_rank = -(-workload.batch_size // ranks)
+        sizes = sorted({-(-per_rank // steps) for steps in range(1, per_rank + 1)})
+        for micro_batch_size in sizes:
+            for sp in (False, True) if mesh.get("tensor", 1) > 1 else (False,):
+                for remat in SEARCH_REMAT_POLICIES:
+                    for once in (False, True) if mesh.get("fsdp", 1) > 1 else (False,):
+                        yield Layout(mesh, micro_batch_size, sp, remat, once)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A layout of the search: predicted by formula, and (when compiled) from its program."""
+
+    layout: Layout
+    analytic: Prediction
+    plan: Plan | None = None
+    compiled: Prediction | None = None
+    peak_bytes: int | None = None  # on the device (offloaded checkpoints subtracted)
+
+    @property
+    def predicted_step_s(self) -> float:
+        return (self.compiled or self.analytic).step_s
+
+
+def evaluate(workload: sharded_step.Workload, layout: Layout, gpu: str, hfu: float,
+             links: tuple[float, float], devices_per_node: int, compile_it: bool,
+             rules: Any = None) -> Candidate | None:
+    """A candidate's analytic prediction, and with `compile_it` its compiled plan and
+    prediction; None when the mesh does not divide the model or batch (with `rules`, the
+    rules as given, which raise MeshError instead; default: the layout's SP setting)."""
+    candidate = layout.workload(workload)
+    config, seq_len = candidate.model_config, candidate.sequence_length
+    num_devices = math.prod(layout.mesh.values())
+    ranks = layout.mesh.get("data", 1) * layout.mesh.get("fsdp", 1)
+    rows = sharded_step.micro_steps(candidate.batch_size, layout.micro_batch_size * ranks) * (
+        layout.micro_batch_size * ranks)
+    compute = compute_s(config, rows, seq_len, num_devices, gpu, hfu)
+    analytic = predict(analytic_collectives(config, layout, candidate.batch_size, seq_len,
+                                            devices_per_node), compute, links)
+    if not compile_it:
+        return Candidate(layout, analytic)
+    mesh = create_mesh(**layout.mesh, devices=jax.devices()[:num_devices])
+    if rules is not None:
+        plan = plan_step(candidate, mesh, rules, devices_per_node)
+    else:
+        try:
+            plan = plan_step(candidate, mesh,
+                             logical_axis_rules(sequence_parallel=layout.sequence_parallel),
+                             devices_per_node)
+        except MeshError:
+            return None
+    return Candidate(layout, analytic, plan, predict(plan.collectives, compute, links),
+                     device_peak_bytes(plan, config, layout, seq_len))
+
+
+# Device memory of the remat policies, least first (layer_inputs keeps what full keeps).
+_MEMORY_ORDER = {"layer_inputs_offloaded": 0, "full": 1, "layer_inputs": 1,
+                 "dots_with_no_batch_dims": 2, "dots": 3, "none": 4}
+
+
+def _needs_no_less(layout: Layout, than: Layout) -> bool:
+    """Whether `layout` needs at least the memory of `than` (same mesh; no smaller micro-batch,
+    no leaner remat policy, SP off where `than` has it off, weights gathered once where `than`
+    gathers them once)."""
+    return (layout.mesh == than.mesh and layout.micro_batch_size >= than.micro_batch_size
+            and _MEMORY_ORDER[layout.remat] >= _MEMORY_ORDER[than.remat]
+            and (than.sequence_parallel or not layout.sequence_parallel)
+            and (layout.gather_weights_once or not than.gather_weights_once))
+
+
+def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: str,
+           hfu: float, links: tuple[float, float], devices_per_node: int, seconds: float,
+           first: bool = False, log: Any = print) -> tuple[list[Candidate], int]:
+    """The layouts that fit `memory`, fastest first by their compiled prediction, and how many
+    layouts were weighed.
+
+    Every layout is predicted by formula; those whose memory_estimate fits are compiled in
+    order of that prediction until `seconds` have passed (or, with `first`, one fits), skipping
+    any that needs no less memory than one that did not fit, or whose estimate, its bytes per
+    sequence scaled by the compiles so far of its SP setting and tensor size, does not fit.
+    """
+    # Measured / estimated bytes per sequence, the largest seen so far, by (SP, tensor size).
+    scales: dict[tuple[bool, int], float] = {}
+
+    def family(layout: Layout) -> tuple[bool, int]:
+        return layout.sequence_parallel, layout.mesh.get("tensor", 1)
+
+    def needs(layout: Layout) -> float:
+        fixed, per_sequence = memory_estimate(layout.workload(workload).model_config, layout,
+                                              workload.sequence_length)
+        return fixed + scales.get(family(layout), 1.0) * layout.micro_batch_size * per_sequence
+
+    ranked = sorted(
+        (c for c in (evaluate(workload, layout, gpu, hfu, links, devices_per_node, False)
+                     for layout in search_space(workload, num_devices, devices_per_node))
+         if needs(c.layout) <= memory),
+        # On a tie SP comes last: it moves the same bytes by the formula, but its compiled
+        # programs have gathered the FSDP weights more often (README, BLOOM-176B).
+        key=lambda c: (round(c.analytic.step_s, 3), c.layout.sequence_parallel,
+                       needs(c.layout)))
+    fits, too_big, start = [], [], time.perf_counter()
+    for analytic in ranked:
+        if time.perf_counter() - start > seconds or (first and fits):
+            break
+        if needs(analytic.layout) > memory or any(
+                _needs_no_less(analytic.layout, big) for big in too_big):
+            continue
+        found = evaluate(workload, analytic.layout, gpu, hfu, links, devices_per_node, True)
+        if found is None:
+            continue
+        log(f"  compiled {found.layout.describe()}: {found.peak_bytes / GIB:.1f} GiB, "
+            f"{found.predicted_step_s:.1f} s/step ({found.plan.compile_s:.0f} s)")
+        fixed, per_sequence = memory_estimate(found.layout.workload(workload).model_config,
+                                              found.layout, workload.sequence_length)
+        scales[family(found.layout)] = max(scales.get(family(found.layout), 1.0), (
+            found.peak_bytes - fixed) / (found.layout.micro_batch_size * per_sequence))
+        if found.peak_bytes <= memory:
+            fits.append(found)
+        else:
+            too_big.append(found.layout)
+    return sorted(fits, key=lambda c: c.predicted_step_s), len(ranked)

@@ -1,0 +1,100 @@
+"""Compiles (and runs) tiny BLOOM steps on 8 simulated CPU devices for the collectives and
+gather-once tests, and saves what it got; run in a fresh process (the device count is fixed when
+jax starts):
+    python tests/eight_device_steps.py collectives|gather_once OUT_DIR
+collectives: OUT_DIR/collectives.json, the collectives (bloom_jax.collectives) of the eval step on
+  an FSDP and a tensor-parallel mesh, and of a permute around the 8 devices.
+gather_once: OUT_DIR/gather_once.npz, the state and loss after one train step of 3 micro-steps on
+  data=1, fsdp=4, tensor=2 with and without Workload.gather_weights_once, and the all-gather bytes
+  of each program.
+"""
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)
+
+import flax.linen as nn  # noqa: E402  (after the device count is set)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bloom_jax import collectives, optim, sharded_step  # noqa: E402
+from bloom_jax.data import pipeline  # noqa: E402
+from bloom_jax.model import BloomConfig, BloomForCausalLM  # noqa: E402
+from partitioning.mesh import create_mesh  # noqa: E402
+from partitioning.rules import logical_axis_rules  # noqa: E402
+
+CONFIG = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
+BATCH, LENGTH = 8, 32
+
+
+def eval_collectives(shape: dict[str, int]) -> list[dict]:
+    mesh, rules = create_mesh(**shape), logical_axis_rules()
+    model = BloomForCausalLM(CONFIG)
+    evaluation = sharded_step.shard_eval(model, mesh, rules, BATCH, LENGTH)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(sharded_step.boxed_params(model)),
+                          sharded_step.param_shardings(model, mesh, rules))
+    batch = {k: jax.ShapeDtypeStruct((BATCH, LENGTH), dtype, sharding=evaluation.batch_sharding)
+             for k, dtype in pipeline.BATCH_FEATURES.items()}
+    hlo = evaluation.step.lower(params, batch).compile().fn.as_text()
+    return [dataclasses.asdict(c) for c in collectives.read(hlo, dict(mesh.shape), 4)]
+
+
+def permute_collectives() -> list[dict]:
+    """Each device sends its [16, 64] float32 block to the next one (a ring of 8)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("stage",))
+    ring = [(i, (i + 1) % 8) for i in range(8)]
+    step = jax.jit(jax.shard_map(lambda x: jax.lax.ppermute(x, "stage", ring), mesh=mesh,
+                                 in_specs=jax.P("stage"), out_specs=jax.P("stage")))
+    hlo = step.lower(jax.ShapeDtypeStruct((128, 64), jnp.float32)).compile().as_text()
+    return [dataclasses.asdict(c) for c in collectives.read(hlo, {"stage": 8}, 4)]
+
+
+def gather_once_run(gather: bool) -> dict[str, np.ndarray]:
+    mesh, rules = create_mesh(data=1, fsdp=4, tensor=2), logical_axis_rules()
+    workload = sharded_step.Workload(CONFIG, sequence_length=LENGTH, micro_batch_size=1,
+                                     batch_ramp=optim.BatchRampUp(global_batch_size=10, start=10),
+                                     gather_weights_once=gather)
+    training = sharded_step.shard_training(workload, mesh, rules)
+    steps = training.micro_steps(workload.batch_size)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CONFIG.vocab_size, (steps, training.micro_batch, LENGTH + 1))
+    batch = {"input_ids": tokens[..., :-1], "targets": tokens[..., 1:],
+             "segment_ids": np.ones_like(tokens[..., 1:]),
+             "positions": np.broadcast_to(np.arange(LENGTH), tokens[..., 1:].shape),
+             "loss_weights": np.ones(tokens[..., 1:].shape, np.float32)}
+    batch = {k: jax.device_put(np.asarray(v, pipeline.BATCH_FEATURES[k]), training.batch_sharding)
+             for k, v in batch.items()}
+    compiled = training.step.lower(training.abstract_state, batch,
+                                   jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    state, metrics = compiled(training.init_state(seed=0), batch, jnp.int32(workload.batch_size))
+    found = collectives.read(compiled.fn.as_text(), dict(mesh.shape), 8, unknown_trips=steps)
+    arrays = {f"params/{jax.tree_util.keystr(p, simple=True, separator='/')}": np.asarray(x)
+              for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    arrays["loss"] = np.asarray(metrics["loss"])
+    arrays["micro_steps"] = np.asarray(steps)
+    arrays["all_gather_operand_bytes"] = np.asarray(
+        collectives.operand_bytes_by_kind(found).get("all-gather", 0))
+    return arrays
+
+
+def main(mode: str, out_dir: pathlib.Path) -> None:
+    if mode == "collectives":
+        found = {"fsdp": eval_collectives({"data": 1, "fsdp": 8, "tensor": 1}),
+                 "tensor": eval_collectives({"data": 1, "fsdp": 1, "tensor": 8}),
+                 "permute": permute_collectives()}
+        (out_dir / "collectives.json").write_text(json.dumps(found))
+    else:
+        arrays = {f"{name}/{k}": v for name, gather in (("plain", False), ("once", True))
+                  for k, v in gather_once_run(gather).items()}
+        np.savez(out_dir / "gather_once.npz", **arrays)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], pathlib.Path(sys.argv[2]))
