@@ -284,7 +284,7 @@ def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int) -> tuple[
 def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_node: int,
                  ) -> Iterator[Layout]:
     """Every layout the search weighs: meshes over the axes partitioning/mesh.py declares with
-    `tensor` inside a node; micro-batch sizes up to the per-rank batch, one per count of
+    `tensor` inside a node and no pipeline (`stage` 1: the step-time model does not time one); micro-batch sizes up to the per-rank batch, one per count of
     micro-steps (the smallest, for the fewest masked rows); SP on and off where `tensor` > 1;
     SEARCH_REMAT_POLICIES; gather_weights_once on and off where `fsdp` > 1."""
     for mesh in factorizations(num_devices):

@@ -90,11 +90,11 @@ def test_search_space_covers_micro_batches_up_to_the_rank_batch_sp_and_gathering
     workload = sharded_step.Workload(TINY, sequence_length=32,
                                      batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
     space = list(layouts.search_space(workload, 8, devices_per_node=4))
-    meshes = {(8 // (fsdp * tensor), fsdp, tensor) for fsdp in (1, 2, 4, 8)
+    meshes = {(1, 8 // (fsdp * tensor), fsdp, tensor) for fsdp in (1, 2, 4, 8)
               for tensor in (1, 2, 4) if 8 % (fsdp * tensor) == 0}
     assert {tuple(layout.mesh.values()) for layout in space} == meshes
     per_rank = {layout.micro_batch_size for layout in space
-                if layout.mesh == {"data": 2, "fsdp": 1, "tensor": 4}}
+                if layout.mesh == {"stage": 1, "data": 2, "fsdp": 1, "tensor": 4}}
     assert per_rank == {1, 2, 3, 4, 8}  # 8 sequences per rank: 8, 4, 3, 2 or 1 micro-steps
     assert all(layout.mesh["tensor"] > 1 for layout in space if layout.sequence_parallel)
     assert all(layout.mesh["fsdp"] > 1 for layout in space if layout.gather_weights_once)
