@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from bloom_jax import configs, convert, flops, sharded_step
+from bloom_jax import configs, convert, flops, metrics, sharded_step
 from bloom_jax.data import pipeline
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
@@ -73,6 +73,8 @@ class Result:
     mfu: float
     hardware_flops_per_step: float  # model FLOPs + the remat policy's recomputation
     hfu: float
+    peak_host_rss_mb: float  # the process's so far (a sweep's earlier rows and torch included)
+    peak_device_bytes: int | None = None  # None on CPUs, whose memory is the host's
     torch_step_time_s: float | None = None
     torch_tokens_per_s: float | None = None
     speedup_vs_torch: float | None = None
@@ -199,7 +201,9 @@ def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: in
     hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
                                           cfg.remat_policy)
     figures.update(hardware_flops_per_step=hardware_flops,
-                   hfu=flops.mfu(hardware_flops, step_time, num_devices, peak))
+                   hfu=flops.mfu(hardware_flops, step_time, num_devices, peak),
+                   peak_host_rss_mb=metrics.peak_host_rss_mb(),
+                   peak_device_bytes=metrics.peak_device_bytes())
     if "torch" in step_times:
         figures.update(torch_step_time_s=step_times["torch"],
                        torch_tokens_per_s=workload.tokens / step_times["torch"],
@@ -221,6 +225,9 @@ def format_result(result: Result, workload: sharded_step.Workload) -> str:
         f"model FLOPs: {result.tflops_per_device:.3f} TFLOP/s/device | "
         f"MFU {100 * result.mfu:.1f}% | HFU {100 * result.hfu:.1f}% (remat "
         f"{cfg.remat_policy}'s recomputation counted)",
+        f"memory: peak host RSS {result.peak_host_rss_mb:,.0f} MiB"
+        + ("" if result.peak_device_bytes is None
+           else f" | peak device {result.peak_device_bytes / 2**30:.2f} GiB"),
     ]
     if result.speedup_vs_torch is not None:
         lines.append(f"torch (transformers BloomForCausalLM + AdamW): "

@@ -88,7 +88,7 @@ def test_sweep_table_is_sorted_by_tokens_per_second():
         result = bench.Result(compile_s=1.0, step_time_s=1.0, tokens_per_s=tokens_per_s,
                               num_devices=1, peak_flops=1e12, model_flops_per_step=1e9,
                               tflops_per_device=0.001, mfu=0.001,
-                              hardware_flops_per_step=1e9, hfu=0.001)
+                              hardware_flops_per_step=1e9, hfu=0.001, peak_host_rss_mb=1.0)
         return bench.SweepRow({"MICRO_BATCH_SIZE": mbs}, result=result)
     rows = [row("1", 10.0), bench.SweepRow({"MICRO_BATCH_SIZE": "8"}, does_not_fit="x"),
             row("2", 30.0)]
