@@ -1,5 +1,5 @@
-"""The trainer's checkpoints: the whole train state and the data position, saved asynchronously
-and verified when restored.
+"""The trainer's checkpoints: the whole train state and the data position, saved from where the
+arrays live (or in the background) and verified when restored.
 
 A run's checkpoint directory (MODEL_DIR/checkpoints) is a parameter store directory
 (`bloom_jax.param_store`: config.json, item "params" per step) whose steps also hold the

@@ -63,6 +63,8 @@ def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch():
     assert figures["tflops_per_device"] == pytest.approx(
         flops.tflops_per_device(model_flops, step_time, devices))
     assert figures["compile_s"] > 0
+    assert figures["peak_host_rss_mb"] > 0
+    assert "peak_device_bytes" not in figures  # CPUs keep no count: their memory is the host's
     assert figures["torch_tokens_per_s"] == pytest.approx(4 * 32 / figures["torch_step_time_s"])
     assert figures["speedup_vs_torch"] == pytest.approx(
         figures["torch_step_time_s"] / step_time)
