@@ -113,6 +113,14 @@ class _KeepStep(policies.PreservationPolicy):
         return [info.step == self.step for info in checkpoints]
 
 
+def _write_bound_gb(config: BloomConfig) -> int:
+    """GB of array data orbax may write at once per item: one word-embedding matrix (the largest
+    array) and up to 1 GB more. tensorstore holds what is in flight, which unbounded was about
+    the whole state again (5.8 GB at 560M)."""
+    largest = config.vocab_size * config.hidden_size * jnp.dtype(config.param_dtype).itemsize
+    return largest // 10**9 + 1
+
+
 def _save_policy(every_steps: int | None) -> policies.SaveDecisionPolicy:
     """Every `every_steps` steps and a directory's first save; None: only forced saves."""
     if every_steps is None:
@@ -168,9 +176,11 @@ class TrainCheckpointer:
         keep = [policies.LatestN(options.keep), self._verified]
         if options.keep_every:
             keep.append(policies.EveryNSteps(options.keep_every))
+        arrays = ocp.StandardCheckpointHandler(save_concurrent_gb=_write_bound_gb(config))
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=(PARAMS, OPT_STATE, TRAIN_STATE, DATA, DIGESTS),
+            item_handlers={PARAMS: arrays, OPT_STATE: arrays, TRAIN_STATE: arrays},
             options=ocp.CheckpointManagerOptions(
                 save_decision_policy=_save_policy(options.every_steps),
                 preservation_policy=policies.AnyPreservationPolicy(keep),
