@@ -59,8 +59,9 @@ class CheckpointOptions:
     async_save: write in the background while training goes on. orbax then holds a host copy
       of the whole state until it is written (on CPU devices the old state itself, which the
       next step cannot reuse): the state's bytes again in host memory. Off (the default), the
-      step waits while the arrays are written from where they live, and a failed save raises
-      at its own step; on, a failure raises at the next step's `check`.
+      step waits while the arrays are written (on CPUs from their own buffers; orbax copies
+      GPU arrays to the host first), and a failed save raises at its own step; on, a failure
+      raises at the next step's `check`.
     """
 
     every_steps: int | None = 1000
