@@ -88,6 +88,8 @@ class Result:
     hardware_flops_per_step: float  # model FLOPs + the remat policy's recomputation
     hfu: float
     step_peak_bytes: int  # per device: arguments + outputs - donated + temporaries (as plan's)
+    peak_host_rss_mb: float  # the process's so far (a sweep's earlier rows and torch included)
+    peak_device_bytes: int | None = None  # None on CPUs, whose memory is the host's
     trained_param_bytes: int = 0  # the parameters the step updates (LoRA: the adapters)
     optimizer_state_bytes: int = 0
     checkpoint_bytes: int | None = None  # the parameters and optimizer state
@@ -249,7 +251,9 @@ def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: in
     hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
                                           cfg.remat_policy)
     figures.update(hardware_flops_per_step=hardware_flops,
-                   hfu=flops.mfu(hardware_flops, step_time, num_devices, peak))
+                   hfu=flops.mfu(hardware_flops, step_time, num_devices, peak),
+                   peak_host_rss_mb=metrics.peak_host_rss_mb(),
+                   peak_device_bytes=metrics.peak_device_bytes())
     if "torch" in step_times:
         figures.update(torch_step_time_s=step_times["torch"],
                        torch_tokens_per_s=workload.tokens / step_times["torch"],
@@ -275,6 +279,9 @@ def format_result(result: Result, workload: sharded_step.Workload) -> str:
         f"{result.optimizer_state_bytes / result.trained_param_bytes:.2f} x the "
         f"{metrics.human(result.trained_param_bytes)}B of "
         f"{'LoRA adapters' if workload.lora else 'parameters'} trained",
+        f"memory: peak host RSS {result.peak_host_rss_mb:,.0f} MiB"
+        + ("" if result.peak_device_bytes is None
+           else f" | peak device {result.peak_device_bytes / 2**30:.2f} GiB"),
     ]
     if result.digest_s is not None:
         lines.append(f"checkpoint digests: {result.digest_s:.3f} s at each save and restore "
@@ -471,9 +478,8 @@ def run_suite(models: dict[str, str], bindings: Sequence[str], implementations: 
         first, second = (results[name][i].get("tokens_per_s") for i in implementations[:2])
         if first and second:
             results[name][f"{implementations[0]}_speedup"] = first / second
-    device = jax.devices()[0]
-    return {"device": device.device_kind, "bindings": list(bindings), "models": results,
-            "device_peak_bytes_in_use": (device.memory_stats() or {}).get("peak_bytes_in_use"),
+    return {"device": jax.devices()[0].device_kind, "bindings": list(bindings),
+            "models": results, "peak_device_bytes": metrics.peak_device_bytes(),
             "wall_s": time.perf_counter() - start}
 
 

@@ -1,5 +1,5 @@
-"""The trainer's checkpoints: the whole train state and the data position, saved asynchronously
-and verified when restored.
+"""The trainer's checkpoints: the whole train state and the data position, saved from where the
+arrays live (or in the background) and verified when restored.
 
 A run's checkpoint directory (MODEL_DIR/checkpoints) is a parameter store directory
 (`bloom_jax.param_store`: config.json, item "params" per step) whose steps also hold the
@@ -53,24 +53,30 @@ class CheckpointOptions:
     """When the trainer saves and what it keeps.
 
     every_steps: save every N steps (and always a new directory's first save, the end and a
-      preemption).
+      preemption); None: at the end and at a preemption only.
     keep: the last K checkpoints are kept; keep_every: every M-th step is also kept forever;
       the step a run resumed from (verified) is kept while the run lasts.
-    async_save: write in the background while training goes on (a failure raises at the next
-      step's `check`, at the next save or at close).
+    async_save: write in the background while training goes on. orbax then holds a host copy
+      of the whole state until it is written (on CPU devices the old state itself, which the
+      next step cannot reuse): the state's bytes again in host memory. Off (the default), the
+      step waits while the arrays are written (on CPUs from their own buffers; orbax copies
+      GPU arrays to the host first), and a failed save raises at its own step; on, a failure
+      raises at the next step's `check`.
     """
 
-    every_steps: int = 1000
+    every_steps: int | None = 1000
     keep: int = 3
     keep_every: int | None = None
-    async_save: bool = True
+    async_save: bool = False
 
 
 def _checksum(x: jax.Array) -> jax.Array:
     """[2] uint32: the sum of `x`'s bit patterns and their sum weighted by odd position numbers.
 
     Any one flipped bit, and any swap of two different elements, changes it. Integer sums
-    wrap, so the result does not depend on the sharding or the reduction order.
+    wrap, so the result does not depend on the sharding or the reduction order. Both sums are
+    one variadic reduction, which XLA fuses with the bit casts and positions: no temporary of
+    `x`'s size (two separate sums materialized the bits and positions, twice the state's bytes).
     """
     width = jnp.dtype(x.dtype).itemsize * 8
     bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}")).astype(jnp.uint32)
@@ -79,7 +85,10 @@ def _checksum(x: jax.Array) -> jax.Array:
     for axis in reversed(range(x.ndim)):
         position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * stride
         stride *= x.shape[axis]
-    return jnp.stack([jnp.sum(bits), jnp.sum(bits * (2 * position + 1))])
+    zero = jnp.uint32(0)
+    sums = jax.lax.reduce((bits, bits * (2 * position + 1)), (zero, zero),
+                          lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
+    return jnp.stack(sums)
 
 
 _checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
@@ -103,6 +112,22 @@ class _KeepStep(policies.PreservationPolicy):
     def should_preserve(self, checkpoints, *, context):
         del context
         return [info.step == self.step for info in checkpoints]
+
+
+def _write_bound_gb(config: BloomConfig) -> int:
+    """GB of array data orbax may write at once per item: one word-embedding matrix (the largest
+    array) and up to 1 GB more. tensorstore holds what is in flight, which unbounded was about
+    the whole state again (5.8 GB at 560M)."""
+    largest = config.vocab_size * config.hidden_size * jnp.dtype(config.param_dtype).itemsize
+    return largest // 10**9 + 1
+
+
+def _save_policy(every_steps: int | None) -> policies.SaveDecisionPolicy:
+    """Every `every_steps` steps and a directory's first save; None: only forced saves."""
+    if every_steps is None:
+        return policies.SpecificStepsPolicy(())
+    return policies.AnySavePolicy([policies.FixedIntervalPolicy(every_steps),
+                                   policies.InitialSavePolicy()])
 
 
 def _lock(directory: Path) -> Any:
@@ -151,11 +176,13 @@ class TrainCheckpointer:
         keep = [policies.LatestN(options.keep), self._verified]
         if options.keep_every:
             keep.append(policies.EveryNSteps(options.keep_every))
+        arrays = ocp.StandardCheckpointHandler(save_concurrent_gb=_write_bound_gb(config))
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=(PARAMS, OPT_STATE, TRAIN_STATE, DATA, DIGESTS),
+            item_handlers={PARAMS: arrays, OPT_STATE: arrays, TRAIN_STATE: arrays},
             options=ocp.CheckpointManagerOptions(
-                save_interval_steps=options.every_steps,
+                save_decision_policy=_save_policy(options.every_steps),
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 enable_async_checkpointing=options.async_save,
             ),
@@ -201,8 +228,13 @@ class TrainCheckpointer:
         return saved
 
     def check(self) -> None:
-        """Raises `SaveFailed` if a background save has failed (cheap: call it every step)."""
+        """Raises `SaveFailed` if a background save has failed (cheap: call it every step).
+
+        orbax's finalize thread takes the error of a failed write, so the error is read from that
+        thread once it is done (joining a finished thread does not wait)."""
         with self._reporting_failures():
+            if not self._manager.is_saving_in_progress():
+                self._manager.wait_until_finished()
             self._manager.check_for_errors()
 
     def restore(self, abstract_state: Any) -> tuple[Any, dict] | None:

@@ -5,7 +5,7 @@ loop calls it unconditionally. Console lines know the trainer's keys and print t
 
     step 12695/95000 | loss 2.3456 | lr 6.000e-05 | grad_norm 0.412 | batch 2048 | tokens 20.2B |
     105.22 s/step | 39.9k tokens/s | 111.8 TFLOP/s/device | MFU 35.8% | HFU 47.6% |
-    skipped 0
+    skipped 0 | peak host 21.3 GiB | peak device 61.2 GiB
 
 Any other key (e.g. `eval/loss/fr`) follows, in name order.
 """
@@ -13,6 +13,7 @@ Any other key (e.g. `eval/loss/fr`) follows, in name order.
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import os
+import resource
 import time
 from typing import Any
 
@@ -34,6 +35,8 @@ CONSOLE_FIELDS: dict[str, Callable[[float], str]] = {
     "mfu": lambda v: f"MFU {100 * v:.1f}%",
     "hfu": lambda v: f"HFU {100 * v:.1f}%",
     "skipped_steps": lambda v: f"skipped {v:.0f}",
+    "peak_host_rss_mb": lambda v: f"peak host {v / 1024:.1f} GiB",
+    "peak_device_bytes": lambda v: f"peak device {v / 2**30:.1f} GiB",
     "goodput": lambda v: f"goodput {100 * v:.0f}%",
 }
 
@@ -60,6 +63,28 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {secs:02d}s"
     return f"{secs}s"
+
+
+def peak_host_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB: the kernel's high-water mark, so no
+    short peak between two samples is missed."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux counts KiB
+
+
+def peak_device_bytes() -> int | None:
+    """The highest peak of bytes in use on this process's devices so far; None where the
+    platform keeps no count (CPUs: there the state is host memory, in `peak_host_rss_mb`)."""
+    peaks = [stats["peak_bytes_in_use"] for stats in
+             (device.memory_stats() for device in jax.local_devices())
+             if stats and "peak_bytes_in_use" in stats]
+    return max(peaks) if peaks else None
+
+
+def memory_scalars() -> dict[str, float]:
+    """`peak_host_rss_mb`, and `peak_device_bytes` where the devices count it."""
+    device = peak_device_bytes()
+    return {"peak_host_rss_mb": peak_host_rss_mb(),
+            **({} if device is None else {"peak_device_bytes": device})}
 
 
 # The time shares (`time/compile`, ...) go to TensorBoard and the progress line, not every step's.

@@ -215,6 +215,7 @@ def train(
                 "hfu": flops.mfu(sequence_hardware_flops * done.batch_size, step_time,
                                  jax.device_count(), peak),
                 "skipped_steps": skipped,
+                **metrics.memory_scalars(),
                 **times.scalars(),
             })
         if consecutive_skips > skip_policy.max_consecutive:

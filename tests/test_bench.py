@@ -66,6 +66,8 @@ def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch():
     adam_state_bytes = 3 * 4 * flops.param_count(config)  # float32 parameters, mu and nu
     assert adam_state_bytes <= figures["checkpoint_bytes"] < adam_state_bytes + 1000
     assert figures["digest_s"] > 0
+    assert figures["peak_host_rss_mb"] > 0
+    assert "peak_device_bytes" not in figures  # CPUs keep no count: their memory is the host's
     assert figures["torch_tokens_per_s"] == pytest.approx(4 * 32 / figures["torch_step_time_s"])
     assert figures["speedup_vs_torch"] == pytest.approx(
         figures["torch_step_time_s"] / step_time)
@@ -142,7 +144,8 @@ def test_sweep_table_is_sorted_by_tokens_per_second():
         result = bench.Result(compile_s=1.0, step_time_s=1.0, tokens_per_s=tokens_per_s,
                               num_devices=1, peak_flops=1e12, model_flops_per_step=1e9,
                               tflops_per_device=0.001, mfu=0.001,
-                              hardware_flops_per_step=1e9, hfu=0.001, step_peak_bytes=0)
+                              hardware_flops_per_step=1e9, hfu=0.001, step_peak_bytes=0,
+                              peak_host_rss_mb=1.0)
         return bench.SweepRow({"MICRO_BATCH_SIZE": mbs}, result=result)
     rows = [row("1", 10.0), bench.SweepRow({"MICRO_BATCH_SIZE": "8"}, does_not_fit="x"),
             row("2", 30.0)]

@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import shutil
+import time
 
 import flax.linen as nn
 import jax
@@ -63,6 +64,16 @@ def test_saves_the_first_step_then_every_every_steps_unless_forced(tmp_path):
     assert step_dirs(tmp_path) == {"1", "3", "6", "8"}
 
 
+def test_every_steps_none_saves_only_when_forced(tmp_path):
+    checkpointer = checkpoints.TrainCheckpointer(
+        tmp_path, CONFIG, checkpoints.CheckpointOptions(every_steps=None))
+    saved = [step for step in range(1, 8) if checkpointer.save(at_step(step), DATA_STATE)]
+    assert checkpointer.save(at_step(8), DATA_STATE, force=True)  # the end, or a preemption
+    checkpointer.close()
+    assert saved == []
+    assert step_dirs(tmp_path) == {"8"}
+
+
 def test_restore_returns_the_saved_state_and_data_position(tmp_path):
     state = at_step(7)
     checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
@@ -92,8 +103,31 @@ def failing_writes(monkeypatch):
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full)
 
 
+ASYNC = checkpoints.CheckpointOptions(async_save=True)
+
+
+def test_a_failed_save_raises_at_its_own_step(tmp_path, failing_writes):
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)  # synchronous by default
+    with pytest.raises(checkpoints.SaveFailed, match="checkpoint of step 1 .* No space left"):
+        checkpointer.save(at_step(1), DATA_STATE, force=True)
+    checkpointer.close()  # returns at once after a failure
+    assert checkpointer.latest_step() is None
+
+
+def test_a_failed_background_save_raises_at_the_next_check_without_another_save(
+        tmp_path, failing_writes):
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG, ASYNC)
+    assert checkpointer.save(at_step(1), DATA_STATE, force=True)  # started; fails in background
+    deadline = time.monotonic() + 60  # a hang guard: the write fails at once
+    with pytest.raises(checkpoints.SaveFailed, match="checkpoint of step 1 .* No space left"):
+        while time.monotonic() < deadline:
+            checkpointer.check()  # what the loop calls after every step
+            time.sleep(0.01)
+    assert "1" not in step_dirs(tmp_path)  # the failed step was never committed
+
+
 def test_a_failed_background_save_raises_at_the_next_save(tmp_path, failing_writes):
-    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG, ASYNC)
     assert checkpointer.save(at_step(1), DATA_STATE, force=True)  # started; fails in background
     with pytest.raises(checkpoints.SaveFailed, match="checkpoint of step 1 .* No space left"):
         checkpointer.save(at_step(2), DATA_STATE, force=True)
@@ -101,7 +135,7 @@ def test_a_failed_background_save_raises_at_the_next_save(tmp_path, failing_writ
 
 
 def test_a_failed_background_save_raises_at_close(tmp_path, failing_writes):
-    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG, ASYNC)
     assert checkpointer.save(at_step(1), DATA_STATE, force=True)
     with pytest.raises(OSError, match="No space left on device"):
         checkpointer.close()

@@ -4,10 +4,12 @@ killed and restarted, preempted, on 8 simulated devices, and given bad input.
 Every run shares one persistent compilation cache, so only the first run of each mesh compiles.
 """
 
+import configparser
 import hashlib
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -312,7 +314,7 @@ def test_a_failed_save_ends_the_run_at_once_naming_its_step(compile_cache, tmp_p
     last_line = result.stderr.rstrip("\n").splitlines()[-1]
     assert last_line.startswith("error: saving the checkpoint of step 1 to "), result.stderr
     assert "No space left on device" in last_line
-    assert max(console_losses(result.stderr)) <= EVERY  # stopped before the next save was due
+    assert max(console_losses(result.stderr), default=1) == 1  # stopped at the failed save's step
     assert time.monotonic() - started < TIMEOUT_S / 2
     assert checkpoint_steps(tmp_path) == []
 
@@ -385,3 +387,48 @@ def test_lora_instruction_tuning_resumes_exactly_after_sigkill_and_keeps_its_ada
     last_line = other.stderr.rstrip("\n").splitlines()[-1]
     assert other.returncode == 1 and last_line.startswith("error: "), other.stderr
     assert "LoraConfig(rank=4" in last_line and "asks for LoraConfig(rank=8" in last_line
+
+
+# The Colab cells' model at the tiny config's dimensions, so that CI runs the same command lines.
+TINY_DIMENSIONS = ("--gin.BloomConfig.n_layer=2", "--gin.BloomConfig.hidden_size=64",
+                   "--gin.BloomConfig.n_head=4", "--gin.BloomConfig.vocab_size=1024",
+                   "--gin.BloomConfig.dtype='float32'", "--gin.TRAIN_STEPS=2",
+                   "--gin.SEQUENCE_LENGTH=32", "--gin.train.log_every=1")
+
+
+def readme_colab_cells() -> list[str]:
+    """The lines of the README's "On Colab" code block."""
+    section = (REPO / "README.md").read_text().split("### On Colab\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+@pytest.mark.slow
+def test_the_readme_colab_cells_run_on_cpu_with_the_tiny_dimensions(compile_cache, tmp_path):
+    """The README's cells as written (`/content` moved to a temporary directory), the training
+    command with the tiny model's dimensions appended; the install cell names an extra that
+    setup.cfg defines (the suite's environment is installed already)."""
+    cells = [line.replace("/content", str(tmp_path)) for line in readme_colab_cells()]
+    install = next(line for line in cells if line.startswith("!pip install -e "))
+    extra = re.fullmatch(r'!pip install -e "\.\[(\w+)\]"', install).group(1)
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    assert extra in setup["options.extras_require"]
+
+    commands = [shlex.split(line[1:]) for line in cells if line.startswith("!python ")]
+    assert [command[2] for command in commands] == [
+        "bloom_jax.train", "bloom_jax.generate", "bloom_jax.convert"]
+    assert "--gin_file=gin_configs/bloom560m_colab.gin" in commands[0]
+    commands[0] += TINY_DIMENSIONS
+    runs = [ok(subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True,
+                              env=_env(compile_cache, 1), text=True, timeout=TIMEOUT_S))
+            for command in commands]
+
+    logdir = next(line.split("--logdir ")[1] for line in cells if line.startswith("%tensorboard"))
+    scalars = read_scalars(logdir)
+    assert [step for step, _ in scalars["loss"]] == [1, 2]
+    assert all(rss > 0 for _, rss in scalars["peak_host_rss_mb"])
+    assert checkpoint_steps(pathlib.Path(logdir)) == [2]  # the end only
+    assert runs[1].stdout.startswith("Les modèles de langue")
+    hf_dir = tmp_path / "bloom560m_hf"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in hf_dir.iterdir()}
