@@ -10,7 +10,7 @@ from partitioning import shardings, validation
 from partitioning.mesh import MeshError
 from partitioning.rules import logical_axis_rules
 
-MESH = {"data": 2, "fsdp": 16, "tensor": 8}
+MESH = {"stage": 1, "data": 2, "fsdp": 16, "tensor": 8}
 
 
 def test_gpu_names_of_both_spellings_in_any_case():

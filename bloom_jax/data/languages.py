@@ -176,3 +176,9 @@ def mixture_rates(sizes: Mapping[str, float], rates: Mapping[str, float] | None 
         raise ValueError(f"Mixture rates must be non-negative with a positive sum; got {weights}.")
     total = sum(weights.values())
     return {name: w / total for name, w in weights.items() if w > 0}
+
+
+def padded_vocab_size(size: int, multiple: int = 128) -> int:
+    """`size` rounded up to a multiple of `multiple`: the model's embedding for a vocabulary
+    (BLOOM chose 250,880 = 490 x 512 for 250,680)."""
+    return -(-size // multiple) * multiple

@@ -154,6 +154,13 @@ def train(data_dir: str | pathlib.Path | None, vocab_size: int, out: str | pathl
     return out
 
 
+def vocabulary_size(path: pathlib.Path) -> int:
+    """The ids of a trained `tokenizer.json` or SentencePiece model."""
+    if path.suffix == ".json":
+        return tokenizers.Tokenizer.from_file(str(path)).get_vocab_size()
+    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+
+
 def main(argv: Sequence[str]) -> None:
     if argv[1:] != ["train"]:
         raise app.UsageError("Usage: python -m bloom_jax.data.tokenizer train --data_dir DIR "
@@ -164,11 +171,9 @@ def main(argv: Sequence[str]) -> None:
     configs.parse_flags(skip_unknown=True, default_file=configs.BASE_CONFIG)
     path = train(configs.macro("DATA_DIR"), FLAGS.vocab_size, FLAGS.out, FLAGS.alpha,
                  FLAGS.max_chars)
-    # Loaded as the trainer will load it; seqio (and flax, through clu) only once a file exists.
-    from bloom_jax.data import vocabularies  # pylint: disable=g-import-not-at-top
-    size = vocabularies.load_vocabulary(path).vocab_size
+    size = vocabulary_size(path)
     print(f"Wrote {path} ({size} tokens). Train with --gin.VOCABULARY={path} "
-          f"--gin.BloomConfig.vocab_size={vocabularies.padded_vocab_size(size)} (padded to a "
+          f"--gin.BloomConfig.vocab_size={languages.padded_vocab_size(size)} (padded to a "
           "multiple of 128).")
 
 

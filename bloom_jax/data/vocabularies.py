@@ -1,8 +1,8 @@
 """Vocabularies as seqio.Vocabulary: our SentencePiece byte-fallback BPE and BLOOM's tokenizer.json.
 
 Both encode text without adding special tokens; the tasks append EOS to every document. The
-model's embedding is larger than the vocabulary: `padded_vocab_size` rounds it up to a multiple of
-128, as BLOOM pads 250,680 to 250,880.
+model's embedding is larger than the vocabulary: `languages.padded_vocab_size` rounds it up to a
+multiple of 128, as BLOOM pads 250,680 to 250,880.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import seqio
 import tensorflow as tf
 
 from bloom_jax.data import documents
+from bloom_jax.data import languages
 
 try:  # seqio brings TensorFlow; it is kept off the accelerators (JAX owns them)
     tf.config.set_visible_devices([], "GPU")
@@ -129,16 +130,10 @@ def vocabulary_file(vocabulary: seqio.Vocabulary) -> str:
     return str(getattr(vocabulary, "path", vocabulary))
 
 
-def padded_vocab_size(size: int, multiple: int = 128) -> int:
-    """`size` rounded up to a multiple of `multiple` (BLOOM chose 250,880 = 490 x 512 for
-    250,680)."""
-    return -(-size // multiple) * multiple
-
-
 def check_fits_model(vocabulary: seqio.Vocabulary, model_vocab_size: int,
                      multiple: int = 128) -> None:
     """Raises unless the model's vocab_size is at least the vocabulary's padded size."""
-    needed = padded_vocab_size(vocabulary.vocab_size, multiple)
+    needed = languages.padded_vocab_size(vocabulary.vocab_size, multiple)
     if model_vocab_size < needed:
         raise ValueError(
             f"Vocabulary {vocabulary_file(vocabulary)} has {vocabulary.vocab_size} ids but the "

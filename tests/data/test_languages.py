@@ -76,3 +76,10 @@ def test_bad_rates_are_errors():
         languages.mixture_rates({"roots_en": 1}, rates={"en": 1}, alpha=0.5)
     with pytest.raises(ValueError, match="positive sum"):
         languages.mixture_rates({"roots_en": 1}, rates={"en": 0})
+
+
+def test_padded_vocab_size():
+    assert languages.padded_vocab_size(1024) == 1024
+    assert languages.padded_vocab_size(1025) == 1152
+    assert languages.padded_vocab_size(250_680) == 250_752
+    assert languages.padded_vocab_size(250_680, multiple=512) == 250_880  # BLOOM's embedding

@@ -9,6 +9,7 @@ import pytest
 import tokenizers
 
 from bloom_jax.data import tokenizer
+from bloom_jax.data import languages
 from bloom_jax.data import vocabularies
 from tests.data.helpers import write_jsonl
 
@@ -69,7 +70,7 @@ def test_byte_level_bpe_is_blooms_kind_and_round_trips(corpus, tmp_path):
     vocabulary = vocabularies.load_vocabulary(path)  # as the trainer's VOCABULARY
     assert (vocabulary.vocab_size, vocabulary.eos_id, vocabulary.pad_id) == (400, 2, 3)
     assert vocabulary.decode(vocabulary.encode(TEXTS[1])) == TEXTS[1]
-    assert vocabularies.padded_vocab_size(vocabulary.vocab_size) == 512
+    assert languages.padded_vocab_size(vocabulary.vocab_size) == 512
     vocabularies.check_fits_model(vocabulary, 512)
     with pytest.raises(ValueError, match="BloomConfig.vocab_size = 512"):
         vocabularies.check_fits_model(vocabulary, 400)

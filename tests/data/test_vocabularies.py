@@ -11,13 +11,6 @@ from tests.data.helpers import seqio_documents
 from tests.data.helpers import write_jsonl
 
 
-def test_padded_vocab_size():
-    assert vocabularies.padded_vocab_size(1024) == 1024
-    assert vocabularies.padded_vocab_size(1025) == 1152
-    assert vocabularies.padded_vocab_size(250_680) == 250_752
-    assert vocabularies.padded_vocab_size(250_680, multiple=512) == 250_880  # BLOOM's embedding
-
-
 def test_default_vocabulary_round_trips_any_text_with_byte_fallback(vocabulary):
     assert (vocabulary.vocab_size, vocabulary.eos_id, vocabulary.pad_id) == (1024, 1, 0)
     texts = ["Rivers shape the land.", "河流用耐心塑造大地。", "Ωμέγα 🙂 ḱ", "def f(x):\n    return x"]
