@@ -1,6 +1,8 @@
 """Fixtures for every test: each starts and ends with an empty gin config and pytest's own
-SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs)."""
+SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). And the
+number of pytest-xdist workers `--numprocesses=auto` starts."""
 
+import os
 import signal
 
 import gin
@@ -16,3 +18,10 @@ def clean_gin_and_signals():
     gin.clear_config()
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """One worker more than cores (at most 4): many tests spend their time waiting on the
+    training processes they start, and a third worker fills 2 cores while two wait."""
+    del config
+    return min(4, (os.cpu_count() or 1) + 1)

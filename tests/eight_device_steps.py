@@ -14,20 +14,16 @@ import json
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_platforms", "cpu")
-jax.config.update("jax_num_cpu_devices", 8)
-
-import flax.linen as nn  # noqa: E402  (after the device count is set)
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bloom_jax import collectives, optim, sharded_step  # noqa: E402
-from bloom_jax.data import pipeline  # noqa: E402
-from bloom_jax.model import BloomConfig, BloomForCausalLM  # noqa: E402
-from partitioning.mesh import create_mesh  # noqa: E402
-from partitioning.rules import logical_axis_rules  # noqa: E402
+from bloom_jax import collectives, optim, sharded_step
+from bloom_jax.data import pipeline
+from bloom_jax.model import BloomConfig, BloomForCausalLM
+from partitioning.mesh import create_mesh
+from partitioning.rules import logical_axis_rules
 
 CONFIG = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 BATCH, LENGTH = 8, 32
@@ -97,4 +93,8 @@ def main(mode: str, out_dir: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
+    # Set before jax starts its backend; a test that imports this module for its constants keeps
+    # its own devices.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", 8)
     main(sys.argv[1], pathlib.Path(sys.argv[2]))
