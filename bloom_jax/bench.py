@@ -204,6 +204,20 @@ class TorchStep:
         self._optimizer.zero_grad(set_to_none=True)
 
 
+def interleaved_medians(runners: dict[str, Any], steps: int, warmup_steps: int
+                        ) -> dict[str, float]:
+    """Median seconds per call of each runner, called in turn (so a machine's load falls on all
+    of them alike) after `warmup_steps` untimed rounds."""
+    times = {name: [] for name in runners}
+    for index in range(warmup_steps + steps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            if index >= warmup_steps:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
               compare_torch: bool = False, devices: Any = None) -> Result:
     """Benchmarks the parsed gin config: `steps` timed steps after `warmup_steps`, on a mesh
@@ -219,17 +233,10 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
     runners = {"ours": ours}
     if compare_torch:
         runners["torch"] = TorchStep(workload, ours.host_batch, seed)
-    times = {name: [] for name in runners}
-    for index in range(warmup_steps + steps):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            if index >= warmup_steps:
-                times[name].append(time.perf_counter() - start)
+    medians = interleaved_medians(runners, steps, warmup_steps)
     ours.digest()  # compiles the checksums
     digests = [ours.digest() for _ in range(3)]
-    result = summarize(workload, ours.compile_s, ours.num_devices,
-                       {name: statistics.median(t) for name, t in times.items()}, ours.peak_bytes)
+    result = summarize(workload, ours.compile_s, ours.num_devices, medians, ours.peak_bytes)
     return dataclasses.replace(result, trained_param_bytes=ours.trained_bytes,
                                optimizer_state_bytes=ours.state_bytes,
                                checkpoint_bytes=digests[0][0],
@@ -340,15 +347,8 @@ def benchmark_generate(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
                     pad_token_id=decoding.PAD_ID).numpy()
         runners["torch"] = theirs
         figures["same_tokens_as_torch"] = bool(np.array_equal(out, theirs()))
-    times = {name: [] for name in runners}
-    for index in range(warmup_steps + steps):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            if index >= warmup_steps:
-                times[name].append(time.perf_counter() - start)
     tokens = batch * new_tokens
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = interleaved_medians(runners, steps, warmup_steps)
     figures.update(time_s=median["ours"], tokens_per_s=tokens / median["ours"])
     if compare_torch:
         figures.update(torch_time_s=median["torch"], torch_tokens_per_s=tokens / median["torch"],
