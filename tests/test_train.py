@@ -150,7 +150,8 @@ def test_restart_after_sigkill_logs_the_same_losses(compile_cache, reference, tm
     assert f"Resumed from step {EVERY}" in restarted.stderr
 
     expected = event_losses(reference)
-    assert killed_losses.keys() >= set(range(1, EVERY + 1))
+    # Metrics are fetched one step late, so step EVERY's line may follow its (committed) save.
+    assert killed_losses.keys() >= set(range(1, EVERY))
     assert killed_losses == pytest.approx({s: expected[s] for s in killed_losses}, abs=1e-4)
     resumed = event_losses(new_event_file(model_dir, before))
     assert resumed == {s: expected[s] for s in range(EVERY + 1, TRAIN_STEPS + 1)}  # bit-equal
