@@ -130,17 +130,23 @@ def test_run_writes_its_gin_config_and_metrics(reference):
     assert checkpoint_steps(reference) == [1, EVERY, TRAIN_STEPS]
 
 
-@pytest.mark.slow
-def test_restart_after_sigkill_logs_the_same_losses(compile_cache, reference, tmp_path):
-    model_dir, log = tmp_path / "run", tmp_path / "killed.log"
-    # A run that would go on for long: killed once its step-EVERY checkpoint is committed.
-    proc = start_train(compile_cache, model_dir, log, train_steps=1000)
+def killed_at_checkpoint(cache: pathlib.Path, model_dir: pathlib.Path, log: pathlib.Path,
+                         *bindings: str) -> subprocess.Popen:
+    """A run that would go on for long, SIGKILLed once its step-EVERY checkpoint is committed."""
+    proc = start_train(cache, model_dir, log, *bindings, train_steps=1000)
     try:
         wait_for(lambda: (model_dir / "checkpoints" / str(EVERY)).is_dir(), proc,
                  f"checkpoint {EVERY}")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    return proc
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_logs_the_same_losses(compile_cache, reference, tmp_path):
+    model_dir, log = tmp_path / "run", tmp_path / "killed.log"
+    proc = killed_at_checkpoint(compile_cache, model_dir, log)
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint_steps(model_dir) == [1, EVERY], "killed too late to test the restart"
     killed_losses = console_losses(log.read_text())
@@ -367,13 +373,7 @@ def test_lora_instruction_tuning_resumes_exactly_after_sigkill_and_keeps_its_ada
     reference = ok(train(compile_cache, tmp_path / "reference", *lora_sft_bindings))
     assert "LoRA: " in reference.stderr
     model_dir, log = tmp_path / "run", tmp_path / "killed.log"
-    proc = start_train(compile_cache, model_dir, log, *lora_sft_bindings, train_steps=1000)
-    try:
-        wait_for(lambda: (model_dir / "checkpoints" / str(EVERY)).is_dir(), proc,
-                 f"checkpoint {EVERY}")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    killed_at_checkpoint(compile_cache, model_dir, log, *lora_sft_bindings)
     assert checkpoint_steps(model_dir) == [1, EVERY], "killed too late to test the restart"
 
     before = set(model_dir.glob("events.out.tfevents.*"))

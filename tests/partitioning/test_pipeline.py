@@ -6,10 +6,6 @@ The 8-device runs happen in one subprocess (tests/partitioning/pipeline_eight_de
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,20 +15,14 @@ from bloom_jax import optim, sharded_step
 from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError
 from tests.partitioning import pipeline_eight_devices as pipe8
-from tests.partitioning.test_shardings import XLA_FLAGS
-
-ROOT = pathlib.Path(__file__).parents[2]
+from tests.partitioning.test_shardings import run_on_eight_devices
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     """Runs pipeline_eight_devices.py once; returns its arrays and counts."""
-    out = tmp_path_factory.mktemp("pipeline_eight_devices")
-    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, PYTHONPATH=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests/partitioning/pipeline_eight_devices.py"), str(out)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+    out = run_on_eight_devices("pipeline_eight_devices.py",
+                               tmp_path_factory.mktemp("pipeline_eight_devices"))
     return np.load(out / "results.npz"), json.loads((out / "counts.json").read_text())
 
 

@@ -67,15 +67,19 @@ def test_batches_are_split_over_data_and_fsdp():
     assert stacked.spec == P(None, ("data", "fsdp"), None)
 
 
+def run_on_eight_devices(script: str, out: pathlib.Path) -> pathlib.Path:
+    """Runs tests/partitioning/`script` OUT in a process with 8 simulated devices; returns OUT."""
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(ROOT / "tests/partitioning" / script), str(out)],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def eight_device_run(tmp_path_factory):
     """Runs eight_devices.py once; returns its arrays and read-back shardings."""
-    out = tmp_path_factory.mktemp("eight_devices")
-    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, PYTHONPATH=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests/partitioning/eight_devices.py"), str(out)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+    out = run_on_eight_devices("eight_devices.py", tmp_path_factory.mktemp("eight_devices"))
     return np.load(out / "results.npz"), json.loads((out / "shardings.json").read_text())
 
 
