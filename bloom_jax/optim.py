@@ -193,6 +193,22 @@ def _validate_master_weights(weight_decay: float) -> optax.GradientTransformatio
     return optax.GradientTransformation(init_fn, optax.identity().update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Megatron's clipping: above `max_norm`, gradients times max_norm / global norm.
+
+    optax.clip_by_global_norm divides every gradient by the norm; XLA keeps a divided tensor
+    (an expensive operation) in memory for its two readers in Adam, a float32 copy of every
+    gradient (2 GiB at 560M). A multiply by one scalar fuses into Adam's update instead.
+    """
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)  # [] float32
+        return optax.tree.scale(scale, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 @gin.configurable
 def make_optimizer(
     learning_rate_fn: Callable[[jax.Array], jax.Array] = learning_rate_schedule,
@@ -213,7 +229,7 @@ def make_optimizer(
     """
     return optax.chain(
         _validate_master_weights(weight_decay),
-        optax.clip_by_global_norm(clip_norm),
+        clip_by_global_norm(clip_norm),
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32),
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         scale_by_token_schedule(learning_rate_fn),

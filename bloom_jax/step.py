@@ -118,31 +118,36 @@ def train_step(state: TrainState, batch: Batch, batch_size: jax.Array, *, loss: 
     accumulation_steps = batch["input_ids"].shape[0]
     step_rng = jax.random.fold_in(state.rng, state.step)
     weights = state.params if gather is None else gather(state.params)
+    # The step's loss is a mean over all its tokens. Each micro-step differentiates its share of
+    # it (its summed losses over the whole step's weight), so the accumulated gradients come out
+    # as the mean's: dividing them afterwards wrote a second float32 copy of all of them.
+    weight_sum = jnp.maximum(jnp.sum(batch["loss_weights"].astype(jnp.float32)), 1.0)
+
+    def share(p, micro, rng):
+        micro_loss, _ = loss(p, micro, rng)
+        return micro_loss / weight_sum, micro_loss
 
     def accumulate(index, carry):
-        grads, loss_sum, weight_sum = carry
+        grads, loss_sum = carry
         micro = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
                              batch)
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
-        (micro_loss, micro_weight), micro_grads = jax.value_and_grad(
-            lambda p: loss(p, micro, rng), has_aux=True)(weights)
+        (_, micro_loss), micro_grads = jax.value_and_grad(share, has_aux=True)(weights, micro, rng)
         if scatter is not None:
             micro_grads = scatter(micro_grads)
         grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
-        return grads, loss_sum + micro_loss, weight_sum + micro_weight
+        return grads, loss_sum + micro_loss
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), state.params)
-    init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+    init = (zeros, jnp.zeros([], jnp.float32))
     if accumulation_steps == 1:  # no loop: XLA fuses the step whole
-        grads, loss_sum, weight_sum = accumulate(0, init)
+        grads, loss_sum = accumulate(0, init)
     else:
         # A traced trip count: the batch ramp changes how many micro-steps run, never the
         # shapes, so one compiled step serves the run; micro-steps past it are never read.
         used = jnp.minimum(accumulation_steps, (batch_size + rows_per_step - 1) // rows_per_step)
-        grads, loss_sum, weight_sum = jax.lax.fori_loop(0, used, accumulate, init)
-    weight_sum = jnp.maximum(weight_sum, 1.0)
+        grads, loss_sum = jax.lax.fori_loop(0, used, accumulate, init)
     loss = loss_sum / weight_sum
-    grads = jax.tree_util.tree_map(lambda g: g / weight_sum, grads)
     grad_norm = optax.global_norm(grads)
 
     consumed_tokens = state.consumed_samples.astype(jnp.float32) * length
