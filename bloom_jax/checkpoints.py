@@ -47,6 +47,10 @@ class SaveFailed(OSError):
     """A checkpoint could not be written (disk full, permissions, ...)."""
 
 
+class ParamsOnlyCheckpoint(ValueError):
+    """The newest checkpoint holds no optimizer state (`CheckpointOptions.params_only`)."""
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
@@ -62,12 +66,17 @@ class CheckpointOptions:
       step waits while the arrays are written (on CPUs from their own buffers; orbax copies
       GPU arrays to the host first), and a failed save raises at its own step; on, a failure
       raises at the next step's `check`.
+    params_only: save the parameters without the optimizer state (a third of the bytes: 2.2
+      instead of 6.7 GB at 560M), for smoke runs whose result is only generated from or
+      converted. `generate`, `convert`, `evaluate` and INIT_FROM read such a checkpoint; a run
+      cannot resume from it (Adam's moments are gone) and says so.
     """
 
     every_steps: int | None = 1000
     keep: int = 3
     keep_every: int | None = None
     async_save: bool = False
+    params_only: bool = False
 
 
 def _checksum(x: jax.Array) -> jax.Array:
@@ -189,6 +198,7 @@ class TrainCheckpointer:
         )
         self._saving: int | None = None  # the step of the save last started
         self._failed = False
+        self._params_only = options.params_only
 
     def claim(self) -> None:
         """Writes this process into the lock file, which a refused second trainer names. Call it
@@ -214,6 +224,8 @@ class TrainCheckpointer:
             return False
         items = {PARAMS: state.params, OPT_STATE: state.opt_state,
                  TRAIN_STATE: {name: getattr(state, name) for name in _COUNTERS}}
+        if self._params_only:
+            del items[OPT_STATE]
         with self._reporting_failures():  # the previous save's failure, named as its own
             self._manager.wait_until_finished()  # (orbax's save waits for it too)
             self._manager.check_for_errors()
@@ -239,9 +251,18 @@ class TrainCheckpointer:
 
     def restore(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest verified (state, data_state), placed as `abstract_state`'s shardings say;
-        None if there is no checkpoint yet. Raises `CorruptCheckpoint` if none verifies."""
+        None if there is no checkpoint yet. Raises `CorruptCheckpoint` if none verifies, and
+        `ParamsOnlyCheckpoint` if the newest holds no optimizer state."""
         refused = []
-        for step in reversed(self._manager.all_steps()):
+        steps = self._manager.all_steps()
+        if steps and not (self.directory / str(steps[-1]) / OPT_STATE).is_dir():
+            raise ParamsOnlyCheckpoint(
+                f"checkpoint step {steps[-1]} in {self.directory} holds parameters only "
+                "(CheckpointOptions.params_only): there is no optimizer state to resume from; "
+                f"start a new run from its parameters with --gin.INIT_FROM={self.directory} "
+                "and another MODEL_DIR (Adam's moments start afresh), or move the step away to "
+                "resume from an earlier checkpoint.")
+        for step in reversed(steps):
             try:
                 restored = self._restore_verified(step, abstract_state)
             except CorruptCheckpoint as error:

@@ -254,3 +254,20 @@ def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path):
         checkpoints.TrainCheckpointer(tmp_path, CONFIG)
     first.close()
     checkpoints.TrainCheckpointer(tmp_path, CONFIG).close()  # free again once the first closed
+
+
+def test_a_params_only_checkpoint_serves_the_parameters_and_refuses_to_resume(tmp_path):
+    state = at_step(5)
+    options = checkpoints.CheckpointOptions(params_only=True)
+    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG, options)
+    checkpointer.save(state, DATA_STATE, force=True)
+    checkpointer.close()
+    assert not (tmp_path / "5" / checkpoints.OPT_STATE).exists()
+
+    _, params = param_store.load_params(tmp_path, CONFIG)  # what generate and convert read
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+                 jax.device_get(state.params))
+    reopened = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
+    with pytest.raises(checkpoints.ParamsOnlyCheckpoint, match="parameters only.*INIT_FROM"):
+        reopened.restore(abstract(state))
+    reopened.close()
