@@ -429,6 +429,7 @@ def test_the_readme_colab_cells_run_on_cpu_with_the_tiny_dimensions(compile_cach
     assert [step for step, _ in scalars["loss"]] == [1, 2]
     assert all(rss > 0 for _, rss in scalars["peak_host_rss_mb"])
     assert checkpoint_steps(pathlib.Path(logdir)) == [2]  # the end only
+    assert not (pathlib.Path(logdir) / "checkpoints" / "2" / "opt_state").exists()  # params only
     assert runs[1].stdout.startswith("Les modèles de langue")
     hf_dir = tmp_path / "bloom560m_hf"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
