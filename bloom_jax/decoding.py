@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bloom_jax import sharded_step
-from bloom_jax.model import BloomConfig, BloomForCausalLM
+from bloom_jax.model import BloomConfig, BloomForCausalLM, unstack_layers
 from partitioning import shardings as shardings_lib
 from partitioning.mesh import create_mesh
 from partitioning.rules import Rules, logical_axis_rules
@@ -147,16 +147,20 @@ class DecodeState(NamedTuple):
     token: Array  # [batch] the last token chosen
     done: Array  # [batch] whether the row has stopped (its later tokens are padding)
     new_tokens: Array  # [batch, max_new_tokens] chosen so far, padding after
-    cache: Any  # the model's "cache" collection
+    cache: Any  # the model's "cache" collection, each layer's keys and values apart
     keys: Array  # [batch] each row's key
     sampling: RowSampling
 
 
 def _cache_axes(model: BloomForCausalLM) -> Any:
-    """The logical axis names of the decoding cache's leaves (a tree of PartitionSpecs)."""
+    """The logical axis names of the decoding cache's leaves, as a decode step returns them
+    (split per layer; `init` stacks them): a tree of PartitionSpecs."""
     ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     init = functools.partial(model.init, decode=True)
-    return nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0), ids)["cache"])
+    axes = nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0), ids)["cache"])
+    layer = jax.tree.map(lambda spec: PartitionSpec(*spec[1:]), axes["h"],
+                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return {**axes, "h": (layer,) * model.config.n_layer}
 
 
 def _forward(model: BloomForCausalLM, params: Any, ids: Array, mask: Array,
@@ -209,7 +213,9 @@ def _advance(model: BloomForCausalLM, limits: Limits, params: Any,
 def _generate(model: BloomForCausalLM, limits: Limits, params: Any, prompt_ids: Array,
               attention_mask: Array, key_data: Array, sampling: RowSampling) -> Array:
     """Prefill, then one cached step per token until every row has stopped:
-    [batch, prompt_len + max_new_tokens]."""
+    [batch, prompt_len + max_new_tokens]. The layers' weights are split apart once, here, not
+    sliced out of their stack at every token."""
+    params = {**params, "h": unstack_layers(params["h"], model.config.n_layer)}
     state = _start(model, limits, params, prompt_ids, attention_mask, key_data, sampling)
     state = jax.lax.while_loop(
         lambda s: (s.step < limits.max_new_tokens) & ~jnp.all(s.done),

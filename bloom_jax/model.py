@@ -338,8 +338,8 @@ class BloomForCausalLM(nn.Module):
     the stages divide the micro-batches, the LM head's work is split over the stages too.
 
     decode=True runs the cached path used for generation: `input_ids` ([batch, n]) are the next
-    n tokens, appended to the "cache" collection (keys and values stacked over layers, the mask
-    of every token written so far and the write index), and `attention_mask` ([batch, n]) marks
+    n tokens, appended to the "cache" collection (each layer's keys and values, the mask of
+    every token written so far and the write index), and `attention_mask` ([batch, n]) marks
     which of them are padding. `init(..., decode=True)` sizes an empty cache by its input length.
     """
 
@@ -418,7 +418,9 @@ class BloomForCausalLM(nn.Module):
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, decode, name="h")
-        if not pipelined:
+        if decode and not self.is_initializing():
+            x = self._cached_layers(x, alibi, mask, cache_index, deterministic)
+        elif not pipelined:
             x, _ = stack(x, alibi, mask, cache_index)
         elif self.is_initializing():  # creates the stacked parameters that the pipeline runs
             flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
@@ -435,6 +437,26 @@ class BloomForCausalLM(nn.Module):
         logits = nn.with_logical_constraint(
             logits, (*micro_out, "activation_batch", "activation_length", "activation_vocab"))
         return logits[0] if one_micro_batch else logits
+
+    def _cached_layers(self, x: Array, alibi: Array, mask: Array, cache_index: Array,
+                       deterministic: bool) -> Array:
+        """The layers unrolled, each on its own parameters and cache (no scan: inside a decode
+        loop, a scan would slice, i.e. copy, every layer's weights and cache at every token).
+
+        Takes the stacked parameters and cache, or either already split per layer
+        (`unstack_layers`, e.g. once before a decode loop); the cache comes out split.
+        """
+        n_layer = self.config.n_layer
+        block = Block(self.config, deterministic, decode=True, parent=None)
+        caches = []
+        for params, cache in zip(unstack_layers(self.variables["params"]["h"], n_layer),
+                                 unstack_layers(self.variables["cache"]["h"], n_layer)):
+            rngs = None if deterministic else {"dropout": self.make_rng("dropout")}
+            (x, _), variables = block.apply({"params": params, "cache": cache}, x, alibi, mask,
+                                            cache_index, rngs=rngs, mutable=["cache"])
+            caches.append(variables["cache"])
+        self.put_variable("cache", "h", tuple(caches))
+        return x
 
     def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
         """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.
@@ -456,6 +478,14 @@ class BloomForCausalLM(nn.Module):
         causal = jnp.arange(max_length)[None, :] <= slots[:, None]  # [n, max_length]
         mask = causal[None] & (token_mask[:, None, :] != 0)
         return _alibi(self.config.n_head, _positions(token_mask)), mask[:, None], start
+
+
+def unstack_layers(layers: Any, n_layer: int) -> tuple[Any, ...]:
+    """A tree stacked over a leading "layers" axis as one tree per layer; a tuple of per-layer
+    trees is returned as it is."""
+    if isinstance(layers, (tuple, list)):
+        return tuple(layers)
+    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n_layer))
 
 
 def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: Array,
