@@ -24,11 +24,13 @@ Array = jax.Array
 
 # Logical axes of activations: the residual stream (with the LayerNorm and dropout activations on
 # it: "activation_norm_length", which sequence parallelism shards), the MLP's hidden layer, and
-# per-head queries, keys and values (the decoding cache is laid out like them).
+# per-head queries, keys and values. The decoding cache holds keys and values heads-major, so that
+# a decode step's attention dots read it as it is (length-major, it is transposed at every token).
 EMBED_ACTIVATION_AXES = ("activation_batch", "activation_norm_length", "activation_embed")
 MLP_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_mlp")
 HEAD_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_heads",
                         "activation_kv")
+CACHE_AXES = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
 
 # Names of `jax.checkpoint_policies` (plus "none": no rematerialization) that a config may use.
 REMAT_POLICIES = {
@@ -133,15 +135,16 @@ def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
 
 
 def _cache_variable(module: nn.Module, name: str, value: Array, index: Array,
-                    names: tuple[str, ...]) -> Array:
-    """Writes `value` ([batch, n, ...]) into the cache at slot `index`; returns the whole cache.
+                    names: tuple[str, ...], axis: int = 1) -> Array:
+    """Writes `value` (n tokens along `axis`) into the cache at slot `index` of that axis;
+    returns the whole cache.
 
     `init` only sizes the cache (its length is the input's) and leaves it empty.
     """
     initialized = module.has_variable("cache", name)
     cache = module.variable("cache", name, nn.with_logical_partitioning(jnp.zeros, names),
                             value.shape, value.dtype)
-    start = (0, index) + (0,) * (value.ndim - 2)
+    start = tuple(index if i == axis else 0 for i in range(value.ndim))
     updated = jax.lax.dynamic_update_slice(cache.value, value, start)
     if initialized:
         cache.value = updated
@@ -152,7 +155,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with BLOOM's fused, head-interleaved query_key_value.
 
     With decode=True, keys and values are appended to the "cache" collection at `cache_index`
-    and the queries attend over the whole cache ([batch, max_length, heads, head_dim]).
+    and the queries attend over the whole cache ([batch, heads, max_length, head_dim]).
     """
 
     config: BloomConfig
@@ -179,9 +182,10 @@ class Attention(nn.Module):
         )(x)
         names = HEAD_ACTIVATION_AXES
         q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
-        if self.decode:
-            k = _cache_variable(self, "key", k, cache_index, HEAD_ACTIVATION_AXES)
-            v = _cache_variable(self, "value", v, cache_index, HEAD_ACTIVATION_AXES)
+        if self.decode:  # [batch, heads, max_length, head_dim] in the cache (CACHE_AXES)
+            k, v = (jnp.swapaxes(_cache_variable(self, name, jnp.swapaxes(x, 1, 2), cache_index,
+                                                 CACHE_AXES, axis=2), 1, 2)
+                    for name, x in (("key", k), ("value", v)))
 
         implementation = cfg.attention_implementation
         dropout = None
@@ -198,7 +202,9 @@ class Attention(nn.Module):
 
         return nn.Einsum(
             shape=(cfg.n_head, cfg.head_dim, cfg.hidden_size),
-            einsum_str="blhd,hde->ble",
+            # h heads, k head_dim: jnp.einsum lists contracted axes alphabetically, and in the
+            # order (d, h) XLA would transpose the weight and the activations on every call.
+            einsum_str="blhk,hke->ble",
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             # Megatron's scaled init of output projections: std / sqrt(2 * n_layer).
