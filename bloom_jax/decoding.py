@@ -126,9 +126,13 @@ def choose(logits: Array, rows: RowSampling, keys: Array) -> Array:
 
 def row_keys(seeds: Sequence[int], rows: Sequence[int]) -> np.ndarray:
     """Key data [batch, 2] of row `rows[i]` of a prompt batch seeded `seeds[i]`."""
-    keys = jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(
-        jnp.asarray(seeds, jnp.uint32), jnp.asarray(rows, jnp.uint32))
-    return np.asarray(jax.random.key_data(keys))
+    return np.asarray(_row_key_data(np.asarray(seeds, np.uint32), np.asarray(rows, np.uint32)))
+
+
+@jax.jit  # one dispatch: op by op, it took longer than a whole tiny model's decode
+def _row_key_data(seeds: Array, rows: Array) -> Array:
+    keys = jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(seeds, rows)
+    return jax.random.key_data(keys)
 
 
 @dataclasses.dataclass(frozen=True)
