@@ -217,8 +217,8 @@ def _advance(model: BloomForCausalLM, limits: Limits, params: Any,
 def _generate(model: BloomForCausalLM, limits: Limits, params: Any, prompt_ids: Array,
               attention_mask: Array, key_data: Array, sampling: RowSampling) -> Array:
     """Prefill, then one cached step per token until every row has stopped:
-    [batch, prompt_len + max_new_tokens]. The layers' weights are split apart once, here, not
-    sliced out of their stack at every token."""
+    [batch, prompt_len + max_new_tokens]. Stacked layer weights are split apart once, here, not
+    sliced out of their stack at every token (`put_params` splits them once for every call)."""
     params = {**params, "h": unstack_layers(params["h"], model.config.n_layer)}
     state = _start(model, limits, params, prompt_ids, attention_mask, key_data, sampling)
     state = jax.lax.while_loop(
@@ -251,9 +251,19 @@ class Generator:
     def rows_multiple(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+    @functools.cached_property
+    def decode_param_shardings(self) -> Any:
+        """`param_shardings` with the layer stack split into one tree per layer."""
+        layer = jax.tree.map(lambda s: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])),
+                             self.param_shardings["h"])
+        return {**self.param_shardings, "h": (layer,) * self.config.n_layer}
+
     def put_params(self, params: Any) -> Any:
-        """`params` laid out on the mesh as training lays them out."""
-        return jax.device_put(params, self.param_shardings)
+        """`params` laid out on the mesh as training lays them out, but with the layer stack
+        split into one tree per layer, once, here (a decode step would otherwise slice, i.e.
+        copy, every layer's weights); params it gave already come back as they are."""
+        split = {**params, "h": unstack_layers(params["h"], self.config.n_layer)}
+        return jax.device_put(split, self.decode_param_shardings)
 
     def _batch_sharding(self, ndim: int) -> NamedSharding:
         """Of [batch, ...] arrays of `ndim` axes: rows over the data-parallel devices."""
@@ -306,10 +316,12 @@ class Generator:
     def compile(self, limits: Limits, batch: int, prompt_len: int) -> sharded_step.MeshFunction:
         """`generate` compiled for a batch shape on abstract arrays (nothing is allocated), e.g.
         to read its per-device memory: `.fn.memory_analysis()`."""
+        stacked = nn.unbox(shardings_lib.abstract_params(
+            self.model, jax.ShapeDtypeStruct((1, 1), jnp.int32)))
+        split = jax.eval_shape(
+            lambda p: {**p, "h": unstack_layers(p["h"], self.config.n_layer)}, stacked)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              nn.unbox(shardings_lib.abstract_params(
-                                  self.model, jax.ShapeDtypeStruct((1, 1), jnp.int32))),
-                              self.param_shardings)
+                              split, self.decode_param_shardings)
         batch += -batch % self.rows_multiple
 
         def rows(shape, dtype):

@@ -189,7 +189,7 @@ def test_meshes_of_eight_devices_decode_the_tokens_of_one(tmp_path):
         assert shards[name]["cache_key"] == [rows, config.n_head // tensor, cache_len,
                                              config.head_dim]
         assert shards[name]["cache_token_mask"] == [rows, cache_len]
-        assert shards[name]["query_key_value"] == [config.n_layer, config.hidden_size // fsdp,
+        assert shards[name]["query_key_value"] == [config.hidden_size // fsdp,
                                                    config.n_head // tensor, 3, config.head_dim]
         assert shards[name]["word_embeddings"] == [config.vocab_size // tensor,
                                                    config.hidden_size // fsdp]
