@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bloom_jax import sharded_step
-from bloom_jax.model import BloomConfig, BloomForCausalLM
+from bloom_jax.model import BloomConfig, BloomForCausalLM, unstack_layers
 from partitioning import shardings as shardings_lib
 from partitioning.mesh import create_mesh
 from partitioning.rules import Rules, logical_axis_rules
@@ -126,9 +126,13 @@ def choose(logits: Array, rows: RowSampling, keys: Array) -> Array:
 
 def row_keys(seeds: Sequence[int], rows: Sequence[int]) -> np.ndarray:
     """Key data [batch, 2] of row `rows[i]` of a prompt batch seeded `seeds[i]`."""
-    keys = jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(
-        jnp.asarray(seeds, jnp.uint32), jnp.asarray(rows, jnp.uint32))
-    return np.asarray(jax.random.key_data(keys))
+    return np.asarray(_row_key_data(np.asarray(seeds, np.uint32), np.asarray(rows, np.uint32)))
+
+
+@jax.jit  # one dispatch: op by op, it took longer than a whole tiny model's decode
+def _row_key_data(seeds: Array, rows: Array) -> Array:
+    keys = jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(seeds, rows)
+    return jax.random.key_data(keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,16 +151,20 @@ class DecodeState(NamedTuple):
     token: Array  # [batch] the last token chosen
     done: Array  # [batch] whether the row has stopped (its later tokens are padding)
     new_tokens: Array  # [batch, max_new_tokens] chosen so far, padding after
-    cache: Any  # the model's "cache" collection
+    cache: Any  # the model's "cache" collection, each layer's keys and values apart
     keys: Array  # [batch] each row's key
     sampling: RowSampling
 
 
 def _cache_axes(model: BloomForCausalLM) -> Any:
-    """The logical axis names of the decoding cache's leaves (a tree of PartitionSpecs)."""
+    """The logical axis names of the decoding cache's leaves, as a decode step returns them
+    (split per layer; `init` stacks them): a tree of PartitionSpecs."""
     ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     init = functools.partial(model.init, decode=True)
-    return nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0), ids)["cache"])
+    axes = nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0), ids)["cache"])
+    layer = jax.tree.map(lambda spec: PartitionSpec(*spec[1:]), axes["h"],
+                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return {**axes, "h": (layer,) * model.config.n_layer}
 
 
 def _forward(model: BloomForCausalLM, params: Any, ids: Array, mask: Array,
@@ -209,7 +217,9 @@ def _advance(model: BloomForCausalLM, limits: Limits, params: Any,
 def _generate(model: BloomForCausalLM, limits: Limits, params: Any, prompt_ids: Array,
               attention_mask: Array, key_data: Array, sampling: RowSampling) -> Array:
     """Prefill, then one cached step per token until every row has stopped:
-    [batch, prompt_len + max_new_tokens]."""
+    [batch, prompt_len + max_new_tokens]. Stacked layer weights are split apart once, here, not
+    sliced out of their stack at every token (`put_params` splits them once for every call)."""
+    params = {**params, "h": unstack_layers(params["h"], model.config.n_layer)}
     state = _start(model, limits, params, prompt_ids, attention_mask, key_data, sampling)
     state = jax.lax.while_loop(
         lambda s: (s.step < limits.max_new_tokens) & ~jnp.all(s.done),
@@ -241,9 +251,19 @@ class Generator:
     def rows_multiple(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+    @functools.cached_property
+    def decode_param_shardings(self) -> Any:
+        """`param_shardings` with the layer stack split into one tree per layer."""
+        layer = jax.tree.map(lambda s: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])),
+                             self.param_shardings["h"])
+        return {**self.param_shardings, "h": (layer,) * self.config.n_layer}
+
     def put_params(self, params: Any) -> Any:
-        """`params` laid out on the mesh as training lays them out."""
-        return jax.device_put(params, self.param_shardings)
+        """`params` laid out on the mesh as training lays them out, but with the layer stack
+        split into one tree per layer, once, here (a decode step would otherwise slice, i.e.
+        copy, every layer's weights); params it gave already come back as they are."""
+        split = {**params, "h": unstack_layers(params["h"], self.config.n_layer)}
+        return jax.device_put(split, self.decode_param_shardings)
 
     def _batch_sharding(self, ndim: int) -> NamedSharding:
         """Of [batch, ...] arrays of `ndim` axes: rows over the data-parallel devices."""
@@ -296,10 +316,12 @@ class Generator:
     def compile(self, limits: Limits, batch: int, prompt_len: int) -> sharded_step.MeshFunction:
         """`generate` compiled for a batch shape on abstract arrays (nothing is allocated), e.g.
         to read its per-device memory: `.fn.memory_analysis()`."""
+        stacked = nn.unbox(shardings_lib.abstract_params(
+            self.model, jax.ShapeDtypeStruct((1, 1), jnp.int32)))
+        split = jax.eval_shape(
+            lambda p: {**p, "h": unstack_layers(p["h"], self.config.n_layer)}, stacked)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              nn.unbox(shardings_lib.abstract_params(
-                                  self.model, jax.ShapeDtypeStruct((1, 1), jnp.int32))),
-                              self.param_shardings)
+                              split, self.decode_param_shardings)
         batch += -batch % self.rows_multiple
 
         def rows(shape, dtype):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 from absl import flags
 
@@ -69,7 +70,7 @@ def load_model(ckpt_dir: str | None = None, hf_dir: str | None = None,
     if hf_dir:
         config, params = convert.load_hf_checkpoint(hf_dir)
         run = decoding.generator(config, mesh)
-        params = run.put_params(params)
+        params = jax.device_put(params, run.param_shardings)
         vocabulary = vocabulary or pathlib.Path(hf_dir) / "tokenizer.json"
     else:
         config = param_store.load_config(param_store.checkpoint_dir(ckpt_dir))

@@ -24,11 +24,13 @@ Array = jax.Array
 
 # Logical axes of activations: the residual stream (with the LayerNorm and dropout activations on
 # it: "activation_norm_length", which sequence parallelism shards), the MLP's hidden layer, and
-# per-head queries, keys and values (the decoding cache is laid out like them).
+# per-head queries, keys and values. The decoding cache holds keys and values heads-major, so that
+# a decode step's attention dots read it as it is (length-major, it is transposed at every token).
 EMBED_ACTIVATION_AXES = ("activation_batch", "activation_norm_length", "activation_embed")
 MLP_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_mlp")
 HEAD_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_heads",
                         "activation_kv")
+CACHE_AXES = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
 
 # Names of `jax.checkpoint_policies` (plus "none": no rematerialization) that a config may use.
 REMAT_POLICIES = {
@@ -133,15 +135,16 @@ def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
 
 
 def _cache_variable(module: nn.Module, name: str, value: Array, index: Array,
-                    names: tuple[str, ...]) -> Array:
-    """Writes `value` ([batch, n, ...]) into the cache at slot `index`; returns the whole cache.
+                    names: tuple[str, ...], axis: int = 1) -> Array:
+    """Writes `value` (n tokens along `axis`) into the cache at slot `index` of that axis;
+    returns the whole cache.
 
     `init` only sizes the cache (its length is the input's) and leaves it empty.
     """
     initialized = module.has_variable("cache", name)
     cache = module.variable("cache", name, nn.with_logical_partitioning(jnp.zeros, names),
                             value.shape, value.dtype)
-    start = (0, index) + (0,) * (value.ndim - 2)
+    start = tuple(index if i == axis else 0 for i in range(value.ndim))
     updated = jax.lax.dynamic_update_slice(cache.value, value, start)
     if initialized:
         cache.value = updated
@@ -152,7 +155,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with BLOOM's fused, head-interleaved query_key_value.
 
     With decode=True, keys and values are appended to the "cache" collection at `cache_index`
-    and the queries attend over the whole cache ([batch, max_length, heads, head_dim]).
+    and the queries attend over the whole cache ([batch, heads, max_length, head_dim]).
     """
 
     config: BloomConfig
@@ -179,9 +182,10 @@ class Attention(nn.Module):
         )(x)
         names = HEAD_ACTIVATION_AXES
         q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
-        if self.decode:
-            k = _cache_variable(self, "key", k, cache_index, HEAD_ACTIVATION_AXES)
-            v = _cache_variable(self, "value", v, cache_index, HEAD_ACTIVATION_AXES)
+        if self.decode:  # [batch, heads, max_length, head_dim] in the cache (CACHE_AXES)
+            k, v = (jnp.swapaxes(_cache_variable(self, name, jnp.swapaxes(x, 1, 2), cache_index,
+                                                 CACHE_AXES, axis=2), 1, 2)
+                    for name, x in (("key", k), ("value", v)))
 
         implementation = cfg.attention_implementation
         dropout = None
@@ -198,7 +202,9 @@ class Attention(nn.Module):
 
         return nn.Einsum(
             shape=(cfg.n_head, cfg.head_dim, cfg.hidden_size),
-            einsum_str="blhd,hde->ble",
+            # h heads, k head_dim: jnp.einsum lists contracted axes alphabetically, and in the
+            # order (d, h) XLA would transpose the weight and the activations on every call.
+            einsum_str="blhk,hke->ble",
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             # Megatron's scaled init of output projections: std / sqrt(2 * n_layer).
@@ -338,8 +344,8 @@ class BloomForCausalLM(nn.Module):
     the stages divide the micro-batches, the LM head's work is split over the stages too.
 
     decode=True runs the cached path used for generation: `input_ids` ([batch, n]) are the next
-    n tokens, appended to the "cache" collection (keys and values stacked over layers, the mask
-    of every token written so far and the write index), and `attention_mask` ([batch, n]) marks
+    n tokens, appended to the "cache" collection (each layer's keys and values, the mask of
+    every token written so far and the write index), and `attention_mask` ([batch, n]) marks
     which of them are padding. `init(..., decode=True)` sizes an empty cache by its input length.
     """
 
@@ -418,7 +424,9 @@ class BloomForCausalLM(nn.Module):
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, decode, name="h")
-        if not pipelined:
+        if decode and not self.is_initializing():
+            x = self._cached_layers(x, alibi, mask, cache_index, deterministic)
+        elif not pipelined:
             x, _ = stack(x, alibi, mask, cache_index)
         elif self.is_initializing():  # creates the stacked parameters that the pipeline runs
             flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
@@ -435,6 +443,26 @@ class BloomForCausalLM(nn.Module):
         logits = nn.with_logical_constraint(
             logits, (*micro_out, "activation_batch", "activation_length", "activation_vocab"))
         return logits[0] if one_micro_batch else logits
+
+    def _cached_layers(self, x: Array, alibi: Array, mask: Array, cache_index: Array,
+                       deterministic: bool) -> Array:
+        """The layers unrolled, each on its own parameters and cache (no scan: inside a decode
+        loop, a scan would slice, i.e. copy, every layer's weights and cache at every token).
+
+        Takes the stacked parameters and cache, or either already split per layer
+        (`unstack_layers`, e.g. once before a decode loop); the cache comes out split.
+        """
+        n_layer = self.config.n_layer
+        block = Block(self.config, deterministic, decode=True, parent=None)
+        caches = []
+        for params, cache in zip(unstack_layers(self.variables["params"]["h"], n_layer),
+                                 unstack_layers(self.variables["cache"]["h"], n_layer)):
+            rngs = None if deterministic else {"dropout": self.make_rng("dropout")}
+            (x, _), variables = block.apply({"params": params, "cache": cache}, x, alibi, mask,
+                                            cache_index, rngs=rngs, mutable=["cache"])
+            caches.append(variables["cache"])
+        self.put_variable("cache", "h", tuple(caches))
+        return x
 
     def _cached_attention_inputs(self, attention_mask: Array) -> tuple[Array, Array, Array]:
         """Appends the new tokens' mask to the cache; ALiBi and mask of the new queries over it.
@@ -456,6 +484,14 @@ class BloomForCausalLM(nn.Module):
         causal = jnp.arange(max_length)[None, :] <= slots[:, None]  # [n, max_length]
         mask = causal[None] & (token_mask[:, None, :] != 0)
         return _alibi(self.config.n_head, _positions(token_mask)), mask[:, None], start
+
+
+def unstack_layers(layers: Any, n_layer: int) -> tuple[Any, ...]:
+    """A tree stacked over a leading "layers" axis as one tree per layer; a tuple of per-layer
+    trees is returned as it is."""
+    if isinstance(layers, (tuple, list)):
+        return tuple(layers)
+    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n_layer))
 
 
 def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: Array,

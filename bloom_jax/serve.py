@@ -42,6 +42,7 @@ def main(argv: Sequence[str]) -> None:
         if FLAGS[name].value < 1:
             raise ValueError(f"--{name}={FLAGS[name].value} must be at least 1.")
     run, params, vocabulary = generate.load_flagged_model()
+    params = run.put_params(params)  # the layers split once, not sliced at every token
     engine = serving.Engine(run, params, vocabulary, context=FLAGS.context,
                             max_batch=FLAGS.max_batch, max_queue=FLAGS.max_queue)
     name = FLAGS.model_name or pathlib.Path(FLAGS.hf_dir or FLAGS.ckpt_dir).resolve().name

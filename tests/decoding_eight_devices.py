@@ -5,7 +5,8 @@ Run as a script in a fresh process (the device count is fixed when jax starts):
         python tests/decoding_eight_devices.py parity OUT_DIR
 writes OUT_DIR/parity.npz (greedy and sampled outputs on one device, keyed "single/...", and on
 each mesh, keyed "DxFxT/...") and OUT_DIR/shardings.json (per mesh, the shape of one device's
-shard of the cached keys, the cache's token mask and two parameters, read from the arrays);
+shard of the first layer's cached keys, the cache's token mask and two parameters (as put for
+decoding: the layers split), read from the arrays);
     python tests/decoding_eight_devices.py plan OUT_DIR
 compiles BLOOM-7b1's decode (bfloat16) for a batch on mesh (1, 1, 8) on abstract arrays and
 writes OUT_DIR/plan.json (XLA's per-device bytes).
@@ -69,9 +70,10 @@ def shard_shapes(mesh) -> dict[str, list]:
     state = run.start(decoding.Limits(NEW_TOKENS), laid_out, ids, mask,
                       decoding.row_keys([0] * 3, range(3)), decoding.Sampling().rows(3))
     shard = lambda x: list(x.sharding.shard_shape(x.shape))
-    return {"cache_key": shard(state.cache["h"]["self_attention"]["key"]),
+    return {"cache_key": shard(state.cache["h"][0]["self_attention"]["key"]),  # layer 0's
             "cache_token_mask": shard(state.cache["token_mask"]),
-            "query_key_value": shard(laid_out["h"]["self_attention"]["query_key_value"]["kernel"]),
+            "query_key_value": shard(
+                laid_out["h"][0]["self_attention"]["query_key_value"]["kernel"]),  # layer 0's
             "word_embeddings": shard(laid_out["word_embeddings"]["embedding"])}
 
 

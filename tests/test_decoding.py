@@ -186,10 +186,10 @@ def test_meshes_of_eight_devices_decode_the_tokens_of_one(tmp_path):
         # Three prompts padded to a multiple of data x fsdp rows, split over them; heads over
         # tensor; parameters as training lays them out.
         rows = -(-3 // (data * fsdp)) * (data * fsdp) // (data * fsdp)
-        assert shards[name]["cache_key"] == [config.n_layer, rows, cache_len,
-                                             config.n_head // tensor, config.head_dim]
+        assert shards[name]["cache_key"] == [rows, config.n_head // tensor, cache_len,
+                                             config.head_dim]
         assert shards[name]["cache_token_mask"] == [rows, cache_len]
-        assert shards[name]["query_key_value"] == [config.n_layer, config.hidden_size // fsdp,
+        assert shards[name]["query_key_value"] == [config.hidden_size // fsdp,
                                                    config.n_head // tensor, 3, config.head_dim]
         assert shards[name]["word_embeddings"] == [config.vocab_size // tensor,
                                                    config.hidden_size // fsdp]

@@ -226,8 +226,8 @@ def test_cache_is_empty_stacked_over_layers_and_named():
     cache = BloomForCausalLM(TINY).init(jax.random.PRNGKey(0), jnp.ones((2, 9), jnp.int32),
                                         decode=True)["cache"]
     key = cache["h"]["self_attention"]["key"]
-    assert key.value.shape == (TINY.n_layer, 2, 9, TINY.n_head, TINY.head_dim)
-    assert key.names == ("layers", "activation_batch", "activation_length", "activation_heads",
+    assert key.value.shape == (TINY.n_layer, 2, TINY.n_head, 9, TINY.head_dim)
+    assert key.names == ("layers", "activation_batch", "activation_heads", "activation_length",
                          "activation_kv")
     assert cache["token_mask"].names == ("activation_batch", "activation_length")
     assert all(np.all(leaf == 0) for leaf in jax.tree_util.tree_leaves(nn.unbox(cache)))
