@@ -465,15 +465,24 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
     iteration t, runs micro-batch t - s; after each iteration every stage's output moves to the
     next stage (a roll over the stage axis, which XLA compiles to a collective permute when
     `activation_stage` is sharded). M micro-batches take M + S - 1 iterations, S - 1 of them
-    idle per stage (`flops.pipeline_bubble`).
+    idle per stage (`flops.pipeline_bubble`). When S does not divide L, the stack is padded here
+    (not in the parameters) with layers that pass their input through (`padded_layers`); they
+    still cost their stage a layer's compute.
 
     layers: the scanned stack's parameters, [n_layer, ...] leaves; inputs: [micro_batches,
     batch, length, embed]; segment_ids, positions: [micro_batches, batch, length]. Returns the
     last layer's outputs, [micro_batches, batch, length, embed].
     """
-    per_stage = cfg.n_layer // stages
-    # [stages, layers per stage, ...]: the "layers" sharding over stage carries over to stages.
-    layers = jax.tree.map(lambda p: p.reshape(stages, per_stage, *p.shape[1:]), layers)
+    padded = padded_layers(cfg.n_layer, stages)
+    per_stage = padded // stages
+
+    def split(p):  # [n_layer, ...] -> [stages, layers per stage, ...], a stage's on its devices
+        p = jnp.pad(p, [(0, padded - cfg.n_layer)] + [(0, 0)] * (p.ndim - 1))
+        return nn.with_logical_constraint(
+            p.reshape(stages, per_stage, *p.shape[1:]),
+            ("activation_stage", None, *[jax.sharding.PartitionSpec.UNCONSTRAINED] * (p.ndim - 1)))
+    layers = jax.tree.map(split, layers)
+    real = jnp.arange(padded).reshape(stages, per_stage) < cfg.n_layer  # [stages, per_stage]
     micro_batches = inputs.shape[0]
     segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
     stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
@@ -483,16 +492,16 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
     if cfg.remat_policy != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
 
-    def run_stage(params, x, segment_ids, positions, rngs):
+    def run_stage(params, real, x, segment_ids, positions, rngs):
         """One stage's layers on one micro-batch: [batch, length, embed] -> the same."""
         alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
 
-        def layer(x, params_and_rng):
-            params, rng = params_and_rng
-            x, _ = block({"params": params}, x, alibi, mask,
+        def layer(x, params_real_rng):
+            params, is_real, rng = params_real_rng
+            y, _ = block({"params": params}, x, alibi, mask,
                          rngs=None if rng is None else {"dropout": rng})
-            return x, None
-        return jax.lax.scan(layer, x, (params, rngs))[0]
+            return (y if padded == cfg.n_layer else jnp.where(is_real, y, x)), None
+        return jax.lax.scan(layer, x, (params, real, rngs))[0]
 
     if cfg.remat_policy != "none":
         # Across iterations keep only each stage's input, and recompute its layers from it (under
@@ -507,10 +516,15 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
         rngs = (None if dropout_rng is None else
                 jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
         state = jax.vmap(run_stage, spmd_axis_name=stage_mesh_axis)(
-            layers, state, segment_ids[micro], positions[micro], rngs)
+            layers, real, state, segment_ids[micro], positions[micro], rngs)
         state = nn.with_logical_constraint(state, stage_axes)
         return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
 
     state = jnp.zeros((stages, *inputs.shape[1:]), inputs.dtype)
     _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
     return finished[stages - 1:]
+
+
+def padded_layers(n_layer: int, stages: int) -> int:
+    """Layers a pipeline of `stages` runs: `n_layer` rounded up to a multiple of `stages`."""
+    return -(-n_layer // stages) * stages
