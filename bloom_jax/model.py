@@ -484,7 +484,6 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
     layers = jax.tree.map(split, layers)
     real = jnp.arange(padded).reshape(stages, per_stage) < cfg.n_layer  # [stages, per_stage]
     micro_batches = inputs.shape[0]
-    segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
     stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
     stage_mesh_axis = nn.logical_to_mesh_axes(("activation_stage",))[0]
 
@@ -508,21 +507,55 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
         # the policy) in the backward pass: memory grows with the micro-steps, not the layers.
         run_stage = jax.checkpoint(run_stage, prevent_cse=False)
 
-    def iteration(state, t):
-        # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
-        state = jnp.roll(state, 1, axis=0).at[0].set(inputs[jnp.minimum(t, micro_batches - 1)])
-        state = nn.with_logical_constraint(state, stage_axes)
-        micro = jnp.clip(t - jnp.arange(stages), 0, micro_batches - 1)  # [stages]
-        rngs = (None if dropout_rng is None else
-                jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
-        state = jax.vmap(run_stage, spmd_axis_name=stage_mesh_axis)(
-            layers, real, state, segment_ids[micro], positions[micro], rngs)
-        state = nn.with_logical_constraint(state, stage_axes)
-        return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
+    def pipeline(layers, inputs, segment_ids, positions, dropout_rng):
+        def iteration(state, t):
+            # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
+            state = jnp.roll(state, 1, axis=0).at[0].set(
+                inputs[jnp.minimum(t, micro_batches - 1)])
+            state = nn.with_logical_constraint(state, stage_axes)
+            micro = jnp.clip(t - jnp.arange(stages), 0, micro_batches - 1)  # [stages]
+            rngs = (None if dropout_rng is None else
+                    jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
+            state = jax.vmap(run_stage)(
+                layers, real, state, segment_ids[micro], positions[micro], rngs)
+            state = nn.with_logical_constraint(state, stage_axes)
+            return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
 
-    state = jnp.zeros((stages, *inputs.shape[1:]), inputs.dtype)
-    _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
-    return finished[stages - 1:]
+        state = jnp.zeros_like(inputs, shape=(stages, *inputs.shape[1:]))
+        _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
+        return finished[stages - 1:]
+
+    args = (layers, inputs, jnp.asarray(segment_ids), jnp.asarray(positions), dropout_rng)
+    batch_axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    if not batch_axes:
+        return pipeline(*args)
+    # The batch's mesh axes are manual inside the pipeline: each device sums its own rows' weight
+    # gradients over the iterations, reduced across those axes once, at its boundary (left to
+    # XLA, each iteration's gradients of each layer are all-reduced over them).
+    inner_rules = tuple((name, _without(axes, batch_axes))
+                        for name, axes in nn.get_logical_axis_rules())
+
+    def manual(layers, inputs, segment_ids, positions, dropout_rng):
+        if dropout_rng is not None:  # a different mask for each device's rows
+            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(batch_axes))
+        # Varying over the batch axes here, once: the transpose, a psum, runs once per pass
+        # (cast at each use inside the loop, it would run at each iteration); in float32, as the
+        # gradient accumulators are (XLA's CPU compiler aborts on this bfloat16 psum).
+        layers = jax.tree.map(lambda p: jax.lax.pcast(p.astype(jnp.float32), batch_axes,
+                                                      to="varying").astype(p.dtype), layers)
+        with nn.logical_axis_rules(inner_rules):
+            return pipeline(layers, inputs, segment_ids, positions, dropout_rng)
+    P = jax.sharding.PartitionSpec
+    rows = P(None, batch_axes)  # [micro_batches, batch, ...]
+    return jax.shard_map(manual, in_specs=(P(), rows, rows, rows, P()), out_specs=rows,
+                         axis_names=set(batch_axes))(*args)
+
+
+def _without(axes: Any, dropped: tuple[str, ...]) -> Any:
+    """Mesh axes of a rule (a name, a tuple or None) without the `dropped` ones."""
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in dropped)
+    return kept[0] if len(kept) == 1 else kept or None
 
 
 def padded_layers(n_layer: int, stages: int) -> int:
