@@ -51,10 +51,13 @@ SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "layer_inputs_offloa
 # Remat policies whose backward pass recomputes the layers' weight matmuls (gathering again).
 RECOMPUTES_WEIGHTS = ("full", "layer_inputs", "layer_inputs_offloaded")
 OFFLOADED = ("layer_inputs_offloaded",)
-# What the CPU compiles hold per sequence over memory_estimate's bytes per sequence: 3.3 for
-# BLOOM-176B on 3 x 16 x 8 with SP (22 sequences a micro-step, 122.7 GiB), rounded up; `search`
-# assumes it until a compile of the layout's kind measures its own.
-FIRST_SCALE = 3.5
+# What the CPU compiles hold per sequence over memory_estimate's bytes per sequence, the most
+# measured: 5.1 for BLOOM-176B on 3 x 16 x 8 with SP, 9 sequences a micro-step (85.0 GiB; 2.6
+# without SP, 4 a micro-step); `search` assumes it until a compile of the layout's kind measures
+# its own.
+FIRST_SCALE = 5.1
+# Passes of a step's micro-steps through a pipeline that the search weighs.
+PIPELINE_PASSES = (2, 3, 4, 6, 8, 12, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,10 +259,11 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     its share of the padded layers and the embedding). A "run" is a micro-step, or pipelined
     one iteration of a pass (M + S - 1 per pass of M micro-steps):
     - FSDP all-gathers of the compute-dtype weights, P_t x itemsize x (f - 1) / f per use:
-      once per step with gather_weights_once, else per run forward, backward, in a recompute of
-      the weight matmuls and, pipelined under remat, the stage's own recompute;
-    - FSDP reduce-scatters of each run's gradients, P_t x itemsize x (f - 1) / f (float32
-      with gather_weights_once, which converts them before scattering);
+      once per step with gather_weights_once, pipelined once per pass (into the pipeline's
+      manual region), else per micro-step forward, backward and in a recompute of the weight
+      matmuls;
+    - FSDP reduce-scatters of the gradients, P_t x itemsize x (f - 1) / f (float32 with
+      gather_weights_once, which converts them before scattering), per micro-step or pass;
     - the data-parallel all-reduce of the float32 gradient shards, 2 x 4 P_t / f x (d - 1) / d
       per micro-step (pipelined: per pass);
     - over `tensor`, per layer and run 2 activations of m x s x h (compute dtype) in the
@@ -278,7 +282,9 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     layers = padded_layers(config.n_layer, stages) // stages
     params_t = _stage_params(config, stages) / t
     recomputes = (layout.remat in RECOMPUTES_WEIGHTS) + (stages > 1 and layout.remat != "none")
-    uses = 1 if layout.gather_weights_once else runs * (2 + recomputes)
+    uses = (1 if layout.gather_weights_once else passes if stages > 1
+            else runs * (2 + recomputes))
+    scatters = passes if stages > 1 else runs
     activation = layout.micro_batch_size * seq_len * config.hidden_size * itemsize
     ring = lambda n: (n - 1) / n  # noqa: E731
 
@@ -291,7 +297,8 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     if f > 1:
         found.append(entry("all-gather", params_t * itemsize * ring(f), uses, ("fsdp",)))
         gradient = 4 if layout.gather_weights_once else itemsize
-        found.append(entry("reduce-scatter", gradient * params_t * ring(f), runs, ("fsdp",)))
+        found.append(entry("reduce-scatter", gradient * params_t * ring(f), scatters,
+                           ("fsdp",)))
     if d > 1:
         found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d),
                            micro_steps if stages == 1 else passes, ("data",)))
@@ -320,8 +327,11 @@ def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int, batch_siz
     mesh, params = layout.mesh, flops.param_count(config)
     f, t, stages = mesh.get("fsdp", 1), mesh.get("tensor", 1), mesh.get("stage", 1)
     per_stage = padded_layers(config.n_layer, stages) // stages
-    gathered = (_stage_params(config, stages) / t * jnp.dtype(config.dtype).itemsize
-                if layout.gather_weights_once else 0)
+    # A stage's weights gathered (once per step, or pipelined for each pass) and, pipelined,
+    # their float32 gradients, summed over the pass before they are reduced.
+    gathered = _stage_params(config, stages) / t * (
+        (jnp.dtype(config.dtype).itemsize if layout.gather_weights_once or stages > 1 else 0)
+        + (4 if stages > 1 else 0))
     # The CPU compile holds bfloat16 activations as float32: twice the checkpoints' bytes, of
     # which device_peak_bytes takes the bfloat16 half off for an offloaded policy.
     offloaded = config.remat_policy in OFFLOADED
@@ -338,27 +348,39 @@ def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int, batch_siz
     return 16 * params / (stages * f * t) + gathered, checkpoints + working
 
 
+def _divides(config: BloomConfig, mesh: dict[str, int]) -> bool:
+    """Whether `mesh` divides the parameters as the rules shard them (`tensor`: heads, MLP and
+    vocabulary; `fsdp`, and `stage` where it does not divide the layers: the model dimension),
+    so that the search does not build a model to find out (validation.check_mesh does)."""
+    t, f, stage = mesh["tensor"], mesh["fsdp"], mesh["stage"]
+    embed = f * (stage if config.n_layer % stage else 1)
+    return (config.n_head % t == 0 and config.vocab_size % t == 0
+            and 4 * config.hidden_size % t == 0 and config.hidden_size % embed == 0)
+
+
 def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_node: int,
                  ) -> Iterator[Layout]:
     """Every layout the search weighs: meshes over the axes partitioning/mesh.py declares with
     `tensor` inside a node and every pipeline stage holding a layer; micro-batch sizes up to the
     per-rank batch, one per count of micro-steps (the smallest, for the fewest masked rows); SP
     on and off where `tensor` > 1; SEARCH_REMAT_POLICIES; gather_weights_once on and off where
-    `fsdp` > 1; pipelined, passes of all the micro-steps or of 1, 2, 4, ... x the stages (the
-    stages then split the LM head's work)."""
+    `fsdp` > 1; pipelined, the micro-steps in PIPELINE_PASSES passes (of as many micro-steps,
+    the fewest masked), each of at least as many micro-steps as stages."""
     layers = workload.model_config.n_layer
     for stage in (s for s in range(1, min(num_devices, layers) + 1) if num_devices % s == 0):
         if padded_layers(layers, stage) - layers >= layers / stage:
             continue  # a stage without a layer (sharded_step.check_stages)
         for mesh in factorizations(num_devices, stage):
-            if mesh.get("tensor", 1) > devices_per_node:
+            if mesh.get("tensor", 1) > devices_per_node or not _divides(
+                    workload.model_config, mesh):
                 continue
             ranks = mesh.get("data", 1) * mesh.get("fsdp", 1)
             per_rank = -(-workload.batch_size // ranks)
             for micro_batch_size in sorted({-(-per_rank // steps)
                                             for steps in range(1, per_rank + 1)}):
                 steps = -(-per_rank // micro_batch_size)
-                passes = [None] + [stage * 2**k for k in range(8) if stage * 2**k < steps]
+                passes = sorted({-(-steps // k) for k in PIPELINE_PASSES if k < steps})
+                passes = [None] + [m for m in passes if m >= stage]
                 for per_pass in passes if stage > 1 else [None]:
                     for sp in (False, True) if mesh.get("tensor", 1) > 1 else (False,):
                         for remat in SEARCH_REMAT_POLICIES:
