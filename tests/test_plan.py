@@ -180,9 +180,9 @@ def test_cli_plans_a_pipelined_mesh_with_its_bubble(tmp_path):
     assert "mesh: stage=2, data=1, fsdp=2, tensor=2 (8 devices)" in result.stdout
     # 16 sequences in micro-steps of 2 x fsdp 2: (2 - 1) / (4 + 2 - 1); each device sends its
     # 2 rows of 32 x 64 bfloat16 activations
-    assert ("pipeline: 2 stages, passes of 4 micro-steps, bubble 20.0% (GPipe, not in the "
-            "predicted step time); 8.19kB per device to the next stage per micro-step") in (
-        result.stdout)
+    assert ("pipeline: 2 stages of 1 layers (0 of them pass-throughs), passes of 4 micro-steps, "
+            "bubble 20.0% (GPipe, in the predicted compute); 8.19kB per device to the next "
+            "stage per micro-step") in result.stdout
     assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in (
         result.stdout)
 
