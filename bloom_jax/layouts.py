@@ -2,9 +2,9 @@
 
 A layout is a mesh (with `stage` > 1, a GPipe pipeline), a micro-batch size, sequence
 parallelism, a remat policy, whether FSDP weights are gathered once per step and, pipelined, the
-micro-steps of one pass through the pipeline. `plan_step` compiles the trainer's real step for one (nothing
-is allocated) and reads the per-device memory and the collectives (collectives.py) from the
-compiled program. `predict` turns them into a step time by the overlap model:
+micro-steps of one pass through the pipeline. `plan_step` compiles the trainer's real step for
+one (nothing is allocated) and reads the per-device memory and the collectives (collectives.py)
+from the compiled program. `predict` turns them into a step time by the overlap model:
 
     step_s = max(compute_s, overlapped_s) + exposed_s
 

@@ -478,14 +478,13 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
 
     def split(p):  # [n_layer, ...] -> [stages, layers per stage, ...], a stage's on its devices
         p = jnp.pad(p, [(0, padded - cfg.n_layer)] + [(0, 0)] * (p.ndim - 1))
-        return nn.with_logical_constraint(
-            p.reshape(stages, per_stage, *p.shape[1:]),
-            ("activation_stage", None, *[jax.sharding.PartitionSpec.UNCONSTRAINED] * (p.ndim - 1)))
+        unconstrained = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (p.ndim - 1)
+        return nn.with_logical_constraint(p.reshape(stages, per_stage, *p.shape[1:]),
+                                          ("activation_stage", None, *unconstrained))
     layers = jax.tree.map(split, layers)
     real = jnp.arange(padded).reshape(stages, per_stage) < cfg.n_layer  # [stages, per_stage]
     micro_batches = inputs.shape[0]
     stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
-    stage_mesh_axis = nn.logical_to_mesh_axes(("activation_stage",))[0]
 
     block = Block(cfg, deterministic, parent=None).apply
     if cfg.remat_policy != "none":
