@@ -1,17 +1,21 @@
 """Train-step layouts compiled on abstract arrays: memory, collectives and predicted step time.
 
-A layout is a mesh, a micro-batch size, sequence parallelism, a remat policy and whether FSDP
-weights are gathered once per step. `plan_step` compiles the trainer's real step for one (nothing
-is allocated) and reads the per-device memory and the collectives (collectives.py) from the
-compiled program. `predict` turns them into a step time by the overlap model:
+A layout is a mesh (with `stage` > 1, a GPipe pipeline), a micro-batch size, sequence
+parallelism, a remat policy, whether FSDP weights are gathered once per step and, pipelined, the
+micro-steps of one pass through the pipeline. `plan_step` compiles the trainer's real step for
+one (nothing is allocated) and reads the per-device memory and the collectives (collectives.py)
+from the compiled program. `predict` turns them into a step time by the overlap model:
 
     step_s = max(compute_s, overlapped_s) + exposed_s
 
 compute_s is the hardware FLOPs (the remat policy's recomputation and masked rows counted) at
-`hfu` of the bfloat16 peak; every collective takes wire bytes / its link's bandwidth. Collectives
-over `tensor` alone carry activations the next operation waits for (Megatron's all-reduces, or
-SP's all-gathers and reduce-scatters): exposed. All others move weights and gradients (FSDP
-gathers and reduce-scatters, the data-parallel all-reduce), which XLA's scheduler runs beside
+`hfu` of the bfloat16 peak; pipelined, of the layer stack padded to a multiple of the stages,
+stretched by GPipe's bubble: x (M + S - 1) / M for passes of M micro-steps over S stages. Every
+collective takes wire bytes / its link's bandwidth. Collectives over `tensor` alone carry
+activations the next operation waits for (Megatron's all-reduces, or SP's all-gathers and
+reduce-scatters), and so do collective permutes (a pipeline stage's output, which the next
+stage waits for): exposed. All others move weights and gradients (FSDP gathers and
+reduce-scatters within a stage, the data-parallel all-reduce), which XLA's scheduler runs beside
 the layers' compute: overlapped, as long as compute lasts. `analytic_collectives` gives the same
 collectives by formula; `search` ranks layouts by it, then compiles the most promising.
 """
@@ -19,6 +23,7 @@ collectives by formula; `search` ranks layouts by it, then compiles the most pro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -31,7 +36,7 @@ import numpy as np
 from bloom_jax import collectives, flops, sharded_step
 from bloom_jax.collectives import Collective
 from bloom_jax.data import pipeline
-from bloom_jax.model import BloomConfig
+from bloom_jax.model import BloomConfig, padded_layers
 from partitioning.mesh import MeshError, create_mesh, factorizations
 from partitioning.rules import logical_axis_rules
 
@@ -46,6 +51,13 @@ SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "layer_inputs_offloa
 # Remat policies whose backward pass recomputes the layers' weight matmuls (gathering again).
 RECOMPUTES_WEIGHTS = ("full", "layer_inputs", "layer_inputs_offloaded")
 OFFLOADED = ("layer_inputs_offloaded",)
+# What the CPU compiles hold per sequence over memory_estimate's bytes per sequence, the most
+# measured: 5.1 for BLOOM-176B on 3 x 16 x 8 with SP, 9 sequences a micro-step (85.0 GiB; 2.6
+# without SP, 4 a micro-step); `search` assumes it until a compile of the layout's kind measures
+# its own.
+FIRST_SCALE = 5.1
+# Passes of a step's micro-steps through a pipeline that the search weighs.
+PIPELINE_PASSES = (2, 3, 4, 6, 8, 12, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +69,31 @@ class Layout:
     sequence_parallel: bool
     remat: str
     gather_weights_once: bool
+    pipeline_micro_steps: int | None = None  # per pass through the pipeline; None: all
 
     def workload(self, workload: sharded_step.Workload) -> sharded_step.Workload:
         return dataclasses.replace(
             workload, micro_batch_size=self.micro_batch_size,
             gather_weights_once=self.gather_weights_once,
+            pipeline_micro_steps=self.pipeline_micro_steps,
             model_config=dataclasses.replace(workload.model_config, remat_policy=self.remat))
 
+    def micro_steps(self, batch_size: int) -> tuple[int, int]:
+        """(Micro-steps per step, micro-steps per pass through the pipeline): in whole passes,
+        as sharded_step.ShardedTraining counts them (1 a pass without stages)."""
+        ranks = self.mesh.get("data", 1) * self.mesh.get("fsdp", 1)
+        steps = sharded_step.micro_steps(batch_size, self.micro_batch_size * ranks)
+        if self.mesh.get("stage", 1) == 1:
+            return steps, 1
+        per_pass = min(self.pipeline_micro_steps or steps, steps)
+        return -(-steps // per_pass) * per_pass, per_pass
+
     def describe(self) -> str:
+        passes = (f"  pipeline_micro_steps={self.pipeline_micro_steps}"
+                  if self.mesh.get("stage", 1) > 1 else "")
         return (f"{', '.join(f'{a}={n}' for a, n in self.mesh.items())}  micro_batch_size="
                 f"{self.micro_batch_size}  sp={self.sequence_parallel}  remat={self.remat}  "
-                f"gather_once={self.gather_weights_once}")
+                f"gather_once={self.gather_weights_once}{passes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +170,8 @@ def plan_step(workload: sharded_step.Workload, mesh: jax.sharding.Mesh, rules: A
                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
         compile_s=compile_s,
         collectives=tuple(collectives.read(compiled.fn.as_text(), dict(mesh.shape),
-                                           devices_per_node, unknown_trips=micro_batches)),
+                                           devices_per_node, unknown_trips=micro_batches
+                                           // training.pipeline_pass(workload.batch_size))),
     )
 
 
@@ -184,11 +211,16 @@ def hardware_rate(config: BloomConfig, seq_len: int, mfu: float) -> float:
 
 
 def compute_s(config: BloomConfig, rows: int, seq_len: int, num_devices: int, gpu: str,
-              hfu: float) -> float:
+              hfu: float, stages: int = 1, per_pass: int = 1) -> float:
     """Hardware FLOPs of `rows` sequences (the remat policy's recomputation counted) at `hfu`
-    of the bfloat16 peak."""
-    return (flops.flops_per_step(config, rows, seq_len, config.remat_policy)
-            / (num_devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * hfu))
+    of the bfloat16 peak. Pipelined over `stages`, the padded layers' too (model.padded_layers,
+    the stage-level recomputation of flops.flops_per_token), and every pass of `per_pass`
+    micro-steps takes per_pass + stages - 1 iterations (GPipe's bubble; the LM head, outside
+    the pipeline, is stretched with the layers: ~0.1% too long for BLOOM-176B)."""
+    padded = dataclasses.replace(config, n_layer=padded_layers(config.n_layer, stages))
+    return (flops.flops_per_step(padded, rows, seq_len, config.remat_policy, stages)
+            / (num_devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * hfu)
+            / (1 - flops.pipeline_bubble(stages, per_pass)))
 
 
 def predict(found: Any, compute: float, links: tuple[float, float]) -> Prediction:
@@ -197,7 +229,7 @@ def predict(found: Any, compute: float, links: tuple[float, float]) -> Predictio
     exposed = overlapped = 0.0
     for c in found:
         seconds = c.wire_bytes * c.count / bandwidth[c.link]
-        if c.axes == ("tensor",):
+        if c.axes == ("tensor",) or c.kind == "collective-permute":
             exposed += seconds
         else:
             overlapped += seconds
@@ -207,97 +239,153 @@ def predict(found: Any, compute: float, links: tuple[float, float]) -> Predictio
                       max(compute, overlapped) + exposed)
 
 
-def _axis_link(mesh: dict[str, int], axes: tuple[str, ...], devices_per_node: int) -> str:
-    """The link a collective over `axes` of `mesh` takes (logical ids in row-major order)."""
+@functools.lru_cache(maxsize=None)
+def _axis_link(mesh_items: tuple[tuple[str, int], ...], axes: tuple[str, ...],
+               devices_per_node: int) -> str:
+    """The link a collective over `axes` of a mesh ((axis, size) pairs) takes (logical ids in
+    row-major order)."""
+    mesh = dict(mesh_items)
     ids = np.arange(math.prod(mesh.values())).reshape(tuple(mesh.values()))
     varying = [list(mesh).index(a) for a in axes]
     fixed = [i for i in range(len(mesh)) if i not in varying]
-    groups = ids.transpose(fixed + varying).reshape(-1, math.prod(mesh[a] for a in axes))
-    spans = any(len(set(g // devices_per_node)) > 1 for g in groups)
-    return "network" if spans else "nvlink"
+    nodes = ids.transpose(fixed + varying).reshape(-1, math.prod(mesh[a] for a in axes)) // (
+        devices_per_node)
+    return "network" if (nodes.min(axis=1) != nodes.max(axis=1)).any() else "nvlink"
 
 
 def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, seq_len: int,
                          devices_per_node: int) -> list[Collective]:
-    """The collectives of a step by formula, per device (P_t = parameters / tensor):
-    - FSDP all-gathers of the compute-dtype weights, P_t x itemsize x (f - 1) / f per pass:
-      once per step with gather_weights_once, else per micro-step forward, backward and (for a
-      policy recomputing the weight matmuls) recompute;
-    - FSDP reduce-scatters of each micro-step's gradients, P_t x itemsize x (f - 1) / f (float32
-      with gather_weights_once, which converts them before scattering);
+    """The collectives of a step by formula, per device (P_t = a stage's parameters / tensor:
+    its share of the padded layers and the embedding). A "run" is a micro-step, or pipelined
+    one iteration of a pass (M + S - 1 per pass of M micro-steps):
+    - FSDP all-gathers of the compute-dtype weights, P_t x itemsize x (f - 1) / f per use:
+      once per step with gather_weights_once, pipelined once per pass (into the pipeline's
+      manual region), else per micro-step forward, backward and in a recompute of the weight
+      matmuls;
+    - FSDP reduce-scatters of the gradients, P_t x itemsize x (f - 1) / f (float32 with
+      gather_weights_once, which converts them before scattering), per micro-step or pass;
     - the data-parallel all-reduce of the float32 gradient shards, 2 x 4 P_t / f x (d - 1) / d
-      per micro-step (XLA reduces each micro-step's gradients into the accumulators' layout);
-    - over `tensor`, per layer and micro-step 2 activations of m x s x h (compute dtype) in the
-      forward, 2 in the backward, 2 in a recompute: all-reduces, or with SP an all-gather and a
-      reduce-scatter each (the same wire bytes).
+      per micro-step (pipelined: per pass);
+    - over `tensor`, per layer and run 2 activations of m x s x h (compute dtype) in the
+      forward, 2 in the backward, 2 in each recompute: all-reduces, or with SP an all-gather
+      and a reduce-scatter each (the same wire bytes);
+    - pipelined, a permute of each run's m x s x h activations (over `tensor` with SP) to the
+      next stage forward, and of their gradients back.
     """
     mesh = layout.mesh
     d, f, t = mesh.get("data", 1), mesh.get("fsdp", 1), mesh.get("tensor", 1)
+    stages = mesh.get("stage", 1)
     itemsize = jnp.dtype(config.dtype).itemsize
-    micro_steps = sharded_step.micro_steps(batch_size, layout.micro_batch_size * d * f)
-    params_t = flops.param_count(config) / t
-    recomputes = layout.remat in RECOMPUTES_WEIGHTS
-    passes = 1 if layout.gather_weights_once else micro_steps * (3 if recomputes else 2)
+    micro_steps, per_pass = layout.micro_steps(batch_size)
+    passes = micro_steps // per_pass
+    runs = micro_steps if stages == 1 else passes * (per_pass + stages - 1)
+    layers = padded_layers(config.n_layer, stages) // stages
+    params_t = _stage_params(config, stages) / t
+    recomputes = (layout.remat in RECOMPUTES_WEIGHTS) + (stages > 1 and layout.remat != "none")
+    uses = (1 if layout.gather_weights_once else passes if stages > 1
+            else runs * (2 + recomputes))
+    scatters = passes if stages > 1 else runs
     activation = layout.micro_batch_size * seq_len * config.hidden_size * itemsize
     ring = lambda n: (n - 1) / n  # noqa: E731
 
     def entry(kind, wire, count, axes):
         return Collective(kind, 0, wire, math.prod(mesh[a] for a in axes), axes,
-                          _axis_link(mesh, axes, devices_per_node), count, "analytic")
+                          _axis_link(tuple(mesh.items()), axes, devices_per_node), count,
+                          "analytic")
 
     found = []
     if f > 1:
-        found.append(entry("all-gather", params_t * itemsize * ring(f), passes, ("fsdp",)))
+        found.append(entry("all-gather", params_t * itemsize * ring(f), uses, ("fsdp",)))
         gradient = 4 if layout.gather_weights_once else itemsize
-        found.append(entry("reduce-scatter", gradient * params_t * ring(f), micro_steps,
+        found.append(entry("reduce-scatter", gradient * params_t * ring(f), scatters,
                            ("fsdp",)))
     if d > 1:
-        found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d), micro_steps, ("data",)))
+        found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d),
+                           micro_steps if stages == 1 else passes, ("data",)))
     if t > 1:
-        per_micro_step = 2 * config.n_layer * (3 if layout.remat != "none" else 2)
-        found.append(entry("all-reduce", 2 * activation * ring(t), per_micro_step * micro_steps,
-                           ("tensor",)))
+        per_run = 2 * layers * (2 + (layout.remat != "none") + (stages > 1 and
+                                                                 layout.remat != "none"))
+        found.append(entry("all-reduce", 2 * activation * ring(t), per_run * runs, ("tensor",)))
+    if stages > 1:
+        found.append(entry("collective-permute",
+                           activation / (t if layout.sequence_parallel else 1), 2 * runs,
+                           ("stage",)))
     return found
 
 
-def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int) -> tuple[float, float]:
+def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int, batch_size: int,
+                    ) -> tuple[float, float]:
     """(Bytes of a device independent of the micro-batch, bytes per sequence of it), estimated
     to prune the search: float32 parameters, gradient accumulators and Adam's two moments (16
-    bytes a parameter over fsdp x tensor) and the gathered weights with gather_weights_once;
-    per sequence its remat checkpoints (in float32, as the CPU compile keeps them) and a working
-    set of one layer's float32 attention
-    probabilities and the float32 logits, each with its gradient. `search` scales the working
-    set by what its compiles measure."""
+    bytes a parameter over stage x fsdp x tensor) and a stage's gathered weights with
+    gather_weights_once; per sequence its remat checkpoints (in float32, as the CPU compile
+    keeps them) and a working set of one layer's float32 attention probabilities and the
+    float32 logits, each with its gradient. Pipelined, a pass of M micro-steps keeps each
+    stage's input of its M + S - 1 iterations, the checkpoints of one stage, and the pass's
+    logits (split over the stages). `search` scales the per-sequence bytes by what its
+    compiles measure."""
     mesh, params = layout.mesh, flops.param_count(config)
-    f, t = mesh.get("fsdp", 1), mesh.get("tensor", 1)
-    gathered = params / t * jnp.dtype(config.dtype).itemsize if layout.gather_weights_once else 0
+    f, t, stages = mesh.get("fsdp", 1), mesh.get("tensor", 1), mesh.get("stage", 1)
+    per_stage = padded_layers(config.n_layer, stages) // stages
+    # A stage's weights gathered (once per step, or pipelined for each pass) and, pipelined,
+    # their float32 gradients, summed over the pass before they are reduced.
+    gathered = _stage_params(config, stages) / t * (
+        (jnp.dtype(config.dtype).itemsize if layout.gather_weights_once or stages > 1 else 0)
+        + (4 if stages > 1 else 0))
     # The CPU compile holds bfloat16 activations as float32: twice the checkpoints' bytes, of
     # which device_peak_bytes takes the bfloat16 half off for an offloaded policy.
-    kept = dataclasses.replace(config, remat_policy="layer_inputs") if (
-        config.remat_policy in OFFLOADED) else config
-    checkpoints = ((1 if kept is not config else 2) * checkpoint_bytes_per_sequence(
-        kept, seq_len, t, layout.sequence_parallel) if config.remat_policy != "none" else 0)
-    working = 2 * 4 * seq_len * (config.n_head / t * seq_len + config.vocab_size / t)
-    return 16 * params / (f * t) + gathered, checkpoints + working
+    offloaded = config.remat_policy in OFFLOADED
+    kept = _with_remat(config, "layer_inputs") if offloaded else config
+    checkpoints = ((1 if offloaded else 2) * per_stage / config.n_layer
+                   * checkpoint_bytes_per_sequence(kept, seq_len, t, layout.sequence_parallel)
+                   if config.remat_policy != "none" else 0)
+    logits = 2 * 4 * seq_len * config.vocab_size / t
+    working = 2 * 4 * seq_len * config.n_head / t * seq_len + logits
+    if stages > 1:
+        per_pass = layout.micro_steps(batch_size)[1]
+        inputs = 4 * seq_len * config.hidden_size / (t if layout.sequence_parallel else 1)
+        working += (per_pass + stages - 1) * inputs + per_pass * logits / stages
+    return 16 * params / (stages * f * t) + gathered, checkpoints + working
+
+
+def _divides(config: BloomConfig, mesh: dict[str, int]) -> bool:
+    """Whether `mesh` divides the parameters as the rules shard them (`tensor`: heads, MLP and
+    vocabulary; `fsdp`, and `stage` where it does not divide the layers: the model dimension),
+    so that the search does not build a model to find out (validation.check_mesh does)."""
+    t, f, stage = mesh["tensor"], mesh["fsdp"], mesh["stage"]
+    embed = f * (stage if config.n_layer % stage else 1)
+    return (config.n_head % t == 0 and config.vocab_size % t == 0
+            and 4 * config.hidden_size % t == 0 and config.hidden_size % embed == 0)
 
 
 def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_node: int,
                  ) -> Iterator[Layout]:
     """Every layout the search weighs: meshes over the axes partitioning/mesh.py declares with
-    `tensor` inside a node and no pipeline (`stage` 1: the step-time model does not time one); micro-batch sizes up to the per-rank batch, one per count of
-    micro-steps (the smallest, for the fewest masked rows); SP on and off where `tensor` > 1;
-    SEARCH_REMAT_POLICIES; gather_weights_once on and off where `fsdp` > 1."""
-    for mesh in factorizations(num_devices):
-        if mesh.get("tensor", 1) > devices_per_node:
-            continue
-        ranks = mesh.get("data", 1) * mesh.get("fsdp", 1)
-        per_rank = -(-workload.batch_size // ranks)
-        sizes = sorted({-(-per_rank // steps) for steps in range(1, per_rank + 1)})
-        for micro_batch_size in sizes:
-            for sp in (False, True) if mesh.get("tensor", 1) > 1 else (False,):
-                for remat in SEARCH_REMAT_POLICIES:
-                    for once in (False, True) if mesh.get("fsdp", 1) > 1 else (False,):
-                        yield Layout(mesh, micro_batch_size, sp, remat, once)
+    `tensor` inside a node and every pipeline stage holding a layer; micro-batch sizes up to the
+    per-rank batch, one per count of micro-steps (the smallest, for the fewest masked rows); SP
+    on and off where `tensor` > 1; SEARCH_REMAT_POLICIES; gather_weights_once on and off where
+    `fsdp` > 1; pipelined, the micro-steps in PIPELINE_PASSES passes (of as many micro-steps,
+    the fewest masked), each of at least as many micro-steps as stages."""
+    layers = workload.model_config.n_layer
+    for stage in (s for s in range(1, min(num_devices, layers) + 1) if num_devices % s == 0):
+        if padded_layers(layers, stage) - layers >= layers / stage:
+            continue  # a stage without a layer (sharded_step.check_stages)
+        for mesh in factorizations(num_devices, stage):
+            if mesh.get("tensor", 1) > devices_per_node or not _divides(
+                    workload.model_config, mesh):
+                continue
+            ranks = mesh.get("data", 1) * mesh.get("fsdp", 1)
+            per_rank = -(-workload.batch_size // ranks)
+            for micro_batch_size in sorted({-(-per_rank // steps)
+                                            for steps in range(1, per_rank + 1)}):
+                steps = -(-per_rank // micro_batch_size)
+                passes = sorted({-(-steps // k) for k in PIPELINE_PASSES if k < steps})
+                passes = [None] + [m for m in passes if m >= stage]
+                for per_pass in passes if stage > 1 else [None]:
+                    for sp in (False, True) if mesh.get("tensor", 1) > 1 else (False,):
+                        for remat in SEARCH_REMAT_POLICIES:
+                            for once in (False, True) if mesh.get("fsdp", 1) > 1 else (False,):
+                                yield Layout(mesh, micro_batch_size, sp, remat, once, per_pass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,17 +409,17 @@ def evaluate(workload: sharded_step.Workload, layout: Layout, gpu: str, hfu: flo
     """A candidate's analytic prediction, and with `compile_it` its compiled plan and
     prediction; None when the mesh does not divide the model or batch (with `rules`, the
     rules as given, which raise MeshError instead; default: the layout's SP setting)."""
-    candidate = layout.workload(workload)
-    config, seq_len = candidate.model_config, candidate.sequence_length
+    config, seq_len = _with_remat(workload.model_config, layout.remat), workload.sequence_length
     num_devices = math.prod(layout.mesh.values())
     ranks = layout.mesh.get("data", 1) * layout.mesh.get("fsdp", 1)
-    rows = sharded_step.micro_steps(candidate.batch_size, layout.micro_batch_size * ranks) * (
-        layout.micro_batch_size * ranks)
-    compute = compute_s(config, rows, seq_len, num_devices, gpu, hfu)
-    analytic = predict(analytic_collectives(config, layout, candidate.batch_size, seq_len,
+    micro_steps, per_pass = layout.micro_steps(workload.batch_size)
+    compute = compute_s(config, micro_steps * layout.micro_batch_size * ranks, seq_len,
+                        num_devices, gpu, hfu, layout.mesh.get("stage", 1), per_pass)
+    analytic = predict(analytic_collectives(config, layout, workload.batch_size, seq_len,
                                             devices_per_node), compute, links)
     if not compile_it:
         return Candidate(layout, analytic)
+    candidate = layout.workload(workload)
     mesh = create_mesh(**layout.mesh, devices=jax.devices()[:num_devices])
     if rules is not None:
         plan = plan_step(candidate, mesh, rules, devices_per_node)
@@ -346,16 +434,32 @@ def evaluate(workload: sharded_step.Workload, layout: Layout, gpu: str, hfu: flo
                      device_peak_bytes(plan, config, layout, seq_len))
 
 
+@functools.lru_cache(maxsize=None)
+def _stage_params(config: BloomConfig, stages: int) -> int:
+    """Parameters one pipeline stage runs: its share of the padded layers, and the embedding."""
+    outside = flops.param_count(dataclasses.replace(config, n_layer=0))
+    per_layer = (flops.param_count(config) - outside) // config.n_layer
+    return outside + padded_layers(config.n_layer, stages) // stages * per_layer
+
+
+@functools.lru_cache(maxsize=None)
+def _with_remat(config: BloomConfig, remat: str) -> BloomConfig:
+    return dataclasses.replace(config, remat_policy=remat)
+
+
 # Device memory of the remat policies, least first (layer_inputs keeps what full keeps).
 _MEMORY_ORDER = {"layer_inputs_offloaded": 0, "full": 1, "layer_inputs": 1,
                  "dots_with_no_batch_dims": 2, "dots": 3, "none": 4}
 
 
 def _needs_no_less(layout: Layout, than: Layout) -> bool:
-    """Whether `layout` needs at least the memory of `than` (same mesh; no smaller micro-batch,
-    no leaner remat policy, SP off where `than` has it off, weights gathered once where `than`
-    gathers them once)."""
+    """Whether `layout` needs at least the memory of `than` (same mesh; no smaller micro-batch
+    or pipeline pass, no leaner remat policy, SP off where `than` has it off, weights gathered
+    once where `than` gathers them once)."""
+    def per_pass(a: Layout) -> float:
+        return a.pipeline_micro_steps or math.inf
     return (layout.mesh == than.mesh and layout.micro_batch_size >= than.micro_batch_size
+            and per_pass(layout) >= per_pass(than)
             and _MEMORY_ORDER[layout.remat] >= _MEMORY_ORDER[than.remat]
             and (than.sequence_parallel or not layout.sequence_parallel)
             and (layout.gather_weights_once or not than.gather_weights_once))
@@ -367,33 +471,44 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
     """The layouts that fit `memory`, fastest first by their compiled prediction, and how many
     layouts were weighed.
 
-    Every layout is predicted by formula; those whose memory_estimate fits are compiled in
-    order of that prediction until `seconds` have passed (or, with `first`, one fits), skipping
-    any that needs no less memory than one that did not fit, or whose estimate, its bytes per
-    sequence scaled by the compiles so far of its SP setting and tensor size, does not fit.
+    Every layout whose memory_estimate fits is predicted by formula, and compiled in order of
+    that prediction, each once, while the next compile (as long as the last one) ends within
+    `seconds` (or, with `first`, until one fits), skipping any that needs no less memory than
+    one that did not fit, or whose estimate, its bytes per sequence scaled by the compiles so
+    far of its SP setting, tensor size and pipelining, does not fit.
     """
-    # Measured / estimated bytes per sequence, the largest seen so far, by (SP, tensor size).
-    scales: dict[tuple[bool, int], float] = {}
+    # Measured / estimated bytes per sequence, the largest seen so far, by (SP, tensor size,
+    # pipelined); FIRST_SCALE before a family's first compile.
+    scales: dict[tuple[bool, int, bool], float] = {}
 
-    def family(layout: Layout) -> tuple[bool, int]:
-        return layout.sequence_parallel, layout.mesh.get("tensor", 1)
+    def family(layout: Layout) -> tuple[bool, int, bool]:
+        return (layout.sequence_parallel, layout.mesh.get("tensor", 1),
+                layout.mesh.get("stage", 1) > 1)
+
+    estimates: dict[tuple, tuple[float, float]] = {}
 
     def needs(layout: Layout) -> float:
-        fixed, per_sequence = memory_estimate(layout.workload(workload).model_config, layout,
-                                              workload.sequence_length)
-        return fixed + scales.get(family(layout), 1.0) * layout.micro_batch_size * per_sequence
+        key = (tuple(layout.mesh.items()), layout.micro_batch_size, layout.sequence_parallel,
+               layout.remat, layout.gather_weights_once, layout.pipeline_micro_steps)
+        if key not in estimates:
+            estimates[key] = memory_estimate(_with_remat(workload.model_config, layout.remat),
+                                             layout, workload.sequence_length,
+                                             workload.batch_size)
+        fixed, per_sequence = estimates[key]
+        return (fixed + scales.get(family(layout), FIRST_SCALE) * layout.micro_batch_size
+                * per_sequence)
 
     ranked = sorted(
-        (c for c in (evaluate(workload, layout, gpu, hfu, links, devices_per_node, False)
-                     for layout in search_space(workload, num_devices, devices_per_node))
-         if needs(c.layout) <= memory),
+        (evaluate(workload, layout, gpu, hfu, links, devices_per_node, False)
+         for layout in search_space(workload, num_devices, devices_per_node)
+         if needs(layout) <= memory),
         # On a tie SP comes last: it moves the same bytes by the formula, but its compiled
         # programs have gathered the FSDP weights more often (README, BLOOM-176B).
         key=lambda c: (round(c.analytic.step_s, 3), c.layout.sequence_parallel,
                        needs(c.layout)))
-    fits, too_big, start = [], [], time.perf_counter()
+    fits, too_big, start, last_compile = [], [], time.perf_counter(), 0.0
     for analytic in ranked:
-        if time.perf_counter() - start > seconds or (first and fits):
+        if time.perf_counter() - start + last_compile > seconds or (first and fits):
             break
         if needs(analytic.layout) > memory or any(
                 _needs_no_less(analytic.layout, big) for big in too_big):
@@ -401,11 +516,13 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
         found = evaluate(workload, analytic.layout, gpu, hfu, links, devices_per_node, True)
         if found is None:
             continue
+        last_compile = found.plan.compile_s
         log(f"  compiled {found.layout.describe()}: {found.peak_bytes / GIB:.1f} GiB, "
             f"{found.predicted_step_s:.1f} s/step ({found.plan.compile_s:.0f} s)")
         fixed, per_sequence = memory_estimate(found.layout.workload(workload).model_config,
-                                              found.layout, workload.sequence_length)
-        scales[family(found.layout)] = max(scales.get(family(found.layout), 1.0), (
+                                              found.layout, workload.sequence_length,
+                                              workload.batch_size)
+        scales[family(found.layout)] = max(scales.get(family(found.layout), 0.0), (
             found.peak_bytes - fixed) / (found.layout.micro_batch_size * per_sequence))
         if found.peak_bytes <= memory:
             fits.append(found)

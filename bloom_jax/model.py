@@ -501,52 +501,98 @@ def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: 
     iteration t, runs micro-batch t - s; after each iteration every stage's output moves to the
     next stage (a roll over the stage axis, which XLA compiles to a collective permute when
     `activation_stage` is sharded). M micro-batches take M + S - 1 iterations, S - 1 of them
-    idle per stage (`flops.pipeline_bubble`).
+    idle per stage (`flops.pipeline_bubble`). When S does not divide L, the stack is padded here
+    (not in the parameters) with layers that pass their input through (`padded_layers`); they
+    still cost their stage a layer's compute.
 
     layers: the scanned stack's parameters, [n_layer, ...] leaves; inputs: [micro_batches,
     batch, length, embed]; segment_ids, positions: [micro_batches, batch, length]. Returns the
     last layer's outputs, [micro_batches, batch, length, embed].
     """
-    per_stage = cfg.n_layer // stages
-    # [stages, layers per stage, ...]: the "layers" sharding over stage carries over to stages.
-    layers = jax.tree.map(lambda p: p.reshape(stages, per_stage, *p.shape[1:]), layers)
+    padded = padded_layers(cfg.n_layer, stages)
+    per_stage = padded // stages
+
+    def split(p):  # [n_layer, ...] -> [stages, layers per stage, ...], a stage's on its devices
+        p = jnp.pad(p, [(0, padded - cfg.n_layer)] + [(0, 0)] * (p.ndim - 1))
+        unconstrained = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (p.ndim - 1)
+        return nn.with_logical_constraint(p.reshape(stages, per_stage, *p.shape[1:]),
+                                          ("activation_stage", None, *unconstrained))
+    layers = jax.tree.map(split, layers)
+    real = jnp.arange(padded).reshape(stages, per_stage) < cfg.n_layer  # [stages, per_stage]
     micro_batches = inputs.shape[0]
-    segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
     stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
-    stage_mesh_axis = nn.logical_to_mesh_axes(("activation_stage",))[0]
 
     block = Block(cfg, deterministic, parent=None).apply
     if cfg.remat_policy != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
 
-    def run_stage(params, x, segment_ids, positions, rngs):
+    def run_stage(params, real, x, segment_ids, positions, rngs):
         """One stage's layers on one micro-batch: [batch, length, embed] -> the same."""
         alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
 
-        def layer(x, params_and_rng):
-            params, rng = params_and_rng
-            x, _ = block({"params": params}, x, alibi, mask,
+        def layer(x, params_real_rng):
+            params, is_real, rng = params_real_rng
+            y, _ = block({"params": params}, x, alibi, mask,
                          rngs=None if rng is None else {"dropout": rng})
-            return x, None
-        return jax.lax.scan(layer, x, (params, rngs))[0]
+            return (y if padded == cfg.n_layer else jnp.where(is_real, y, x)), None
+        return jax.lax.scan(layer, x, (params, real, rngs))[0]
 
     if cfg.remat_policy != "none":
         # Across iterations keep only each stage's input, and recompute its layers from it (under
         # the policy) in the backward pass: memory grows with the micro-steps, not the layers.
         run_stage = jax.checkpoint(run_stage, prevent_cse=False)
 
-    def iteration(state, t):
-        # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
-        state = jnp.roll(state, 1, axis=0).at[0].set(inputs[jnp.minimum(t, micro_batches - 1)])
-        state = nn.with_logical_constraint(state, stage_axes)
-        micro = jnp.clip(t - jnp.arange(stages), 0, micro_batches - 1)  # [stages]
-        rngs = (None if dropout_rng is None else
-                jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
-        state = jax.vmap(run_stage, spmd_axis_name=stage_mesh_axis)(
-            layers, state, segment_ids[micro], positions[micro], rngs)
-        state = nn.with_logical_constraint(state, stage_axes)
-        return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
+    def pipeline(layers, inputs, segment_ids, positions, dropout_rng):
+        def iteration(state, t):
+            # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
+            state = jnp.roll(state, 1, axis=0).at[0].set(
+                inputs[jnp.minimum(t, micro_batches - 1)])
+            state = nn.with_logical_constraint(state, stage_axes)
+            micro = jnp.clip(t - jnp.arange(stages), 0, micro_batches - 1)  # [stages]
+            rngs = (None if dropout_rng is None else
+                    jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
+            state = jax.vmap(run_stage)(
+                layers, real, state, segment_ids[micro], positions[micro], rngs)
+            state = nn.with_logical_constraint(state, stage_axes)
+            return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
 
-    state = jnp.zeros((stages, *inputs.shape[1:]), inputs.dtype)
-    _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
-    return finished[stages - 1:]
+        state = jnp.zeros_like(inputs, shape=(stages, *inputs.shape[1:]))
+        _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
+        return finished[stages - 1:]
+
+    args = (layers, inputs, jnp.asarray(segment_ids), jnp.asarray(positions), dropout_rng)
+    batch_axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    if not batch_axes:
+        return pipeline(*args)
+    # The batch's mesh axes are manual inside the pipeline: each device sums its own rows' weight
+    # gradients over the iterations, reduced across those axes once, at its boundary (left to
+    # XLA, each iteration's gradients of each layer are all-reduced over them).
+    inner_rules = tuple((name, _without(axes, batch_axes))
+                        for name, axes in nn.get_logical_axis_rules())
+
+    def manual(layers, inputs, segment_ids, positions, dropout_rng):
+        if dropout_rng is not None:  # a different mask for each device's rows
+            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(batch_axes))
+        # Varying over the batch axes here, once: the transpose, a psum, runs once per pass
+        # (cast at each use inside the loop, it would run at each iteration); in float32, as the
+        # gradient accumulators are (XLA's CPU compiler aborts on this bfloat16 psum).
+        layers = jax.tree.map(lambda p: jax.lax.pcast(p.astype(jnp.float32), batch_axes,
+                                                      to="varying").astype(p.dtype), layers)
+        with nn.logical_axis_rules(inner_rules):
+            return pipeline(layers, inputs, segment_ids, positions, dropout_rng)
+    P = jax.sharding.PartitionSpec
+    rows = P(None, batch_axes)  # [micro_batches, batch, ...]
+    return jax.shard_map(manual, in_specs=(P(), rows, rows, rows, P()), out_specs=rows,
+                         axis_names=set(batch_axes))(*args)
+
+
+def _without(axes: Any, dropped: tuple[str, ...]) -> Any:
+    """Mesh axes of a rule (a name, a tuple or None) without the `dropped` ones."""
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in dropped)
+    return kept[0] if len(kept) == 1 else kept or None
+
+
+def padded_layers(n_layer: int, stages: int) -> int:
+    """Layers a pipeline of `stages` runs: `n_layer` rounded up to a multiple of `stages`."""
+    return -(-n_layer // stages) * stages

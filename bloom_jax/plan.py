@@ -31,6 +31,7 @@ import jax
 from absl import app, flags
 
 from bloom_jax import budget, budget_report, configs, flops, layouts, scaling, sharded_step
+from bloom_jax.model import padded_layers
 from partitioning.mesh import MeshError, create_mesh, format_shape, shown
 from partitioning.rules import logical_axis_rules
 
@@ -54,8 +55,9 @@ def define_flags() -> None:
                        "rate a fully recomputing step has at this MFU.")
     flags.DEFINE_bool("search", False, "Rank the meshes, micro-batch sizes, SP, remat policies "
                       "and weight gathering that fit, by predicted step time.")
-    flags.DEFINE_float("search_seconds", 90.0, "--search: compile the most promising layouts "
-                       "(by the analytic model) for this long.")
+    flags.DEFINE_float("search_seconds", 60.0, "--search: compile the most promising layouts "
+                       "(by the analytic model), each once, while the next compile (timed as "
+                       "the last one) ends within this many seconds.")
     flags.DEFINE_bool("json", False, "Print the plan as one JSON object (--search: a list).")
     flags.DEFINE_string("gpu", "A100", "GPU the step time and --budget plan for, any case: one "
                         f"of {', '.join(budget.GPUS)}.")
@@ -91,7 +93,8 @@ def plan_json(candidate: layouts.Candidate, workload: sharded_step.Workload) -> 
     plan, layout, predicted = candidate.plan, candidate.layout, candidate.compiled
     config = layout.workload(workload).model_config
     rows = plan.micro_batches * plan.micro_batch
-    hardware = flops.flops_per_step(config, rows, workload.sequence_length, config.remat_policy)
+    hardware = flops.flops_per_step(config, rows, workload.sequence_length, config.remat_policy,
+                                    plan.mesh.get("stage", 1))
     return {
         "mesh": shown(plan.mesh),
         "micro_batch": layout.micro_batch_size,
@@ -115,7 +118,7 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
     config, seq_len = layout.workload(workload).model_config, workload.sequence_length
     num_devices = math.prod(plan.mesh.values())
     stages = plan.mesh.get("stage", 1)
-    per_pass = workload.pipeline_micro_steps or plan.micro_batches
+    per_pass = layout.micro_steps(workload.batch_size)[1]
     transfer = flops.stage_transfer_bytes(config, plan.micro_batch, seq_len, plan.mesh)
     compiled, analytic = candidate.compiled, candidate.analytic
     by_kind = {}
@@ -132,10 +135,11 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
         f"micro-steps of {plan.micro_batch} sequences (remat: {config.remat_policy}, "
         f"sequence parallel: {layout.sequence_parallel}, weights gathered once per step: "
         f"{layout.gather_weights_once})",
-        *([f"pipeline: {stages} stages, passes of {per_pass} micro-steps, bubble "
-           f"{flops.pipeline_bubble(stages, per_pass):.1%} (GPipe, not in the predicted step "
-           f"time); {budget.short(transfer)}B "
-           "per device to the next stage per micro-step"]
+        *([f"pipeline: {stages} stages of {padded_layers(config.n_layer, stages) // stages} "
+           f"layers ({padded_layers(config.n_layer, stages) - config.n_layer} of them "
+           f"pass-throughs), passes of {per_pass} micro-steps, bubble "
+           f"{flops.pipeline_bubble(stages, per_pass):.1%} (GPipe, in the predicted compute); "
+           f"{budget.short(transfer)}B per device to the next stage per micro-step"]
           if stages > 1 else []),
         "sharding (parameter: shape -> mesh axes):",
         *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
@@ -246,7 +250,8 @@ def main(argv: Sequence[str]) -> None:
         dict(mesh.shape), workload.micro_batch_size or -(-workload.batch_size // ranks),
         sequence_parallel=bool(dict(rules).get("activation_norm_length")),
         remat=workload.model_config.remat_policy,
-        gather_weights_once=workload.gather_weights_once)
+        gather_weights_once=workload.gather_weights_once,
+        pipeline_micro_steps=workload.pipeline_micro_steps)
     candidate = layouts.evaluate(workload, layout, gpu.name, FLAGS.hfu, links(gpu.name),
                                  FLAGS.devices_per_host, compile_it=True, rules=rules)
     if FLAGS.json:

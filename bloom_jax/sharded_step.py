@@ -216,6 +216,7 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     """
     stages = mesh.shape["stage"]
     check_stages(workload, stages)
+    rules = rules_lib.pipeline_rules(rules, workload.model_config.n_layer, stages)
     model = model_lib.BloomForCausalLM(workload.model_config, stages=stages)
     optimizer = optim.make_optimizer()
     micro_batch = workload.micro_batch(mesh)
@@ -260,14 +261,14 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
 
 
 def check_stages(workload: Workload, stages: int) -> None:
-    """Raises MeshError unless the layers split evenly into `stages` pipeline stages (and the
-    run is not LoRA's, which is not pipelined)."""
+    """Raises MeshError unless every one of `stages` pipeline stages gets a layer (stages that
+    do not divide the layers are padded, model.pipelined_layers) and the run is not LoRA's,
+    which is not pipelined."""
     layers = workload.model_config.n_layer
-    if layers % stages:
-        divisors = [d for d in range(1, layers + 1) if layers % d == 0]
+    if stages > 1 and model_lib.padded_layers(layers, stages) - layers >= layers / stages:
         raise mesh_lib.MeshError(
-            f"n_layer={layers} layers do not split into stage={stages} pipeline stages; set "
-            f"create_mesh.stage to a divisor of {layers}: {', '.join(map(str, divisors))}.")
+            f"n_layer={layers} layers leave a stage of stage={stages} pipeline stages without "
+            f"a layer; set create_mesh.stage to at most {layers}.")
     if stages > 1 and workload.lora is not None:
         raise mesh_lib.MeshError("LoRA does not run pipelined; set create_mesh.stage = 1.")
 

@@ -83,6 +83,23 @@ def logical_axis_rules(overrides: Sequence[Sequence] = (),
     return overrides + tuple(rule for rule in DEFAULT_RULES if rule[0] not in replaced)
 
 
+def pipeline_rules(rules: Rules, n_layer: int, stages: int) -> Rules:
+    """`rules` for a pipeline of `stages` that do not divide the `n_layer` stacked layers: the
+    stored stack cannot be split over `stage` (jit shards only evenly), so every parameter's
+    model dimension is sharded over `stage` as well as its own axes, and the model pads the
+    stack and moves each stage's layers to it at run time. "activation_stage" comes first, so
+    that those layers take `stage` on their stage axis and "embed" then falls back to its own
+    rule. Divisible stages keep `rules`."""
+    if n_layer % stages == 0:
+        return rules
+    named = dict(rules)
+    embed = named.get("embed")
+    embed = () if embed is None else (embed,) if isinstance(embed, str) else tuple(embed)
+    return (("activation_stage", named.get("activation_stage")), ("embed", (*embed, "stage")),
+            ("layers", None),
+            *(rule for rule in rules if rule[0] not in ("activation_stage", "layers")))
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
     """Scope in which the model's `nn.with_logical_constraint` calls shard over `mesh`.

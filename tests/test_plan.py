@@ -66,14 +66,40 @@ def test_overlap_model_hides_weight_traffic_behind_compute_but_not_activation_tr
     def collective(axes, link, wire):
         return Collective("all-reduce", 0, wire, 2, axes, link, 2, "x")
     found = [collective(("fsdp",), "network", 1e9), collective(("data",), "nvlink", 100e9),
-             collective(("tensor",), "nvlink", 50e9)]
+             collective(("tensor",), "nvlink", 50e9),
+             Collective("collective-permute", 0, 0.5e9, 2, ("stage",), "network", 2, "x")]
     links = (100e9, 1e9)  # NVLink, network bytes/s
     short = layouts.predict(found, compute=1.0, links=links)
-    assert (short.overlapped_s, short.exposed_s) == (2 + 2, 1)
-    assert short.step_s == 4 + 1  # the overlapped traffic outlasts compute
+    assert (short.overlapped_s, short.exposed_s) == (2 + 2, 1 + 1)  # the next stage waits
+    assert short.step_s == 4 + 2  # the overlapped traffic outlasts compute
     long = layouts.predict(found, compute=10.0, links=links)
-    assert long.step_s == 10 + 1
-    assert long.comm_bytes == {"nvlink": 300e9, "network": 2e9}
+    assert long.step_s == 10 + 2
+    assert long.comm_bytes == {"nvlink": 300e9, "network": 3e9}
+
+
+def test_a_pipelined_step_computes_the_padded_layers_through_gpipes_bubble():
+    """3 layers on 2 stages run 4 (one a pass-through); 16 sequences in micro-steps of 2 per
+    rank, passes of 4: each pass takes 4 + 2 - 1 iterations."""
+    config = sharded_step.BloomConfig(hidden_size=2048, n_layer=3, n_head=16,
+                                      remat_policy="full")
+    workload = sharded_step.Workload(config, sequence_length=2048,
+                                     batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
+    layout = layouts.Layout({"stage": 2, "data": 1, "fsdp": 1, "tensor": 1}, 2, False, "full",
+                            False, pipeline_micro_steps=4)
+    assert layout.micro_steps(16) == (8, 4)
+    found = layouts.evaluate(workload, layout, "A100", 0.5, layouts.LINKS["A100"], 8,
+                             compile_it=False).analytic
+    padded = dataclasses.replace(config, n_layer=4)
+    # a stage recomputes its layers from its input, then each layer under "full" once more
+    hardware = flops.flops_per_step(padded, 16, 2048, "full", stages=2)
+    assert hardware == pytest.approx(flops.flops_per_step(padded, 16, 2048) + 2 * 16 * 2048 * 4
+                                     * (24 * 2048**2 + 4 * 2048 * 2048))
+    assert found.compute_s == pytest.approx(
+        hardware / (2 * flops.PEAK_FLOPS["A100"]["bfloat16"] * 0.5) * (4 + 2 - 1) / 4)
+    permutes = [c for c in layouts.analytic_collectives(padded, layout, 16, 2048, 8)
+                if c.kind == "collective-permute"]  # 2 passes of 5 iterations, both ways
+    assert [(c.axes, c.count, c.wire_bytes) for c in permutes] == [
+        (("stage",), 2 * 2 * 5, 2 * 2048 * 2048 * 4)]
 
 
 def test_sequence_parallelism_shrinks_the_checkpoints_by_the_tensor_size():
@@ -90,9 +116,14 @@ def test_search_space_covers_micro_batches_up_to_the_rank_batch_sp_and_gathering
     workload = sharded_step.Workload(TINY, sequence_length=32,
                                      batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
     space = list(layouts.search_space(workload, 8, devices_per_node=4))
-    meshes = {(1, 8 // (fsdp * tensor), fsdp, tensor) for fsdp in (1, 2, 4, 8)
-              for tensor in (1, 2, 4) if 8 % (fsdp * tensor) == 0}
+    meshes = {(stage, 8 // (stage * fsdp * tensor), fsdp, tensor) for stage in (1, 2)
+              for fsdp in (1, 2, 4, 8) for tensor in (1, 2, 4)
+              if 8 % (stage * fsdp * tensor) == 0}  # 2 layers: at most 2 stages
     assert {tuple(layout.mesh.values()) for layout in space} == meshes
+    passes = {layout.pipeline_micro_steps for layout in space
+              if layout.mesh == {"stage": 2, "data": 4, "fsdp": 1, "tensor": 1}
+              and layout.micro_batch_size == 1}
+    assert passes == {None, 2}  # 4 micro-steps: in one pass, or two of 2 (the stages)
     per_rank = {layout.micro_batch_size for layout in space
                 if layout.mesh == {"stage": 1, "data": 2, "fsdp": 1, "tensor": 4}}
     assert per_rank == {1, 2, 3, 4, 8}  # 8 sequences per rank: 8, 4, 3, 2 or 1 micro-steps
@@ -149,9 +180,9 @@ def test_cli_plans_a_pipelined_mesh_with_its_bubble(tmp_path):
     assert "mesh: stage=2, data=1, fsdp=2, tensor=2 (8 devices)" in result.stdout
     # 16 sequences in micro-steps of 2 x fsdp 2: (2 - 1) / (4 + 2 - 1); each device sends its
     # 2 rows of 32 x 64 bfloat16 activations
-    assert ("pipeline: 2 stages, passes of 4 micro-steps, bubble 20.0% (GPipe, not in the "
-            "predicted step time); 8.19kB per device to the next stage per micro-step") in (
-        result.stdout)
+    assert ("pipeline: 2 stages of 1 layers (0 of them pass-throughs), passes of 4 micro-steps, "
+            "bubble 20.0% (GPipe, in the predicted compute); 8.19kB per device to the next "
+            "stage per micro-step") in result.stdout
     assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in (
         result.stdout)
 
@@ -175,7 +206,7 @@ def test_cli_json_is_one_object_with_the_planner_keys(tmp_path):
 
 @pytest.mark.slow
 def test_cli_search_lists_layouts_fastest_first(tmp_path):
-    result = run_plan(tmp_path, "--num_devices=4", "--search", "--search_seconds=20",
+    result = run_plan(tmp_path, "--num_devices=4", "--search", "--search_seconds=60",
                       "--network_gbps=0.01")
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [float(s) for s in re.findall(r"^ +([\d.]+) s/step", result.stdout, re.M)]

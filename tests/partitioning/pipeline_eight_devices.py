@@ -6,16 +6,18 @@ Run as a script in a fresh process (the device count is fixed when jax starts):
         python tests/partitioning/pipeline_eight_devices.py OUT_DIR
 It writes OUT_DIR/results.npz, keyed "<run>/<what>":
   - "single/...": loss and gradients of the unpipelined model on one device; "<mesh>/...": the
-    same from the pipelined model on that mesh;
+    same from the pipelined model on that mesh; "single_uneven/..." and "uneven_<mesh>/...": the
+    same for a model of 7 layers, on stages that do not divide them;
   - "step_<layout>/...": loss, gradient norm and parameters after one train step
-    (`shard_training`) on pipelined (in one pass or two) and unpipelined layouts of the same 8
-    devices;
+    (`shard_training`) on pipelined (in one pass or two, and with uneven stages) and unpipelined
+    layouts of the same 8 devices;
   - "restored_<from>_on_<to>/...": the parameters a checkpoint of one layout restores to on the
     other;
 and OUT_DIR/counts.json: collective permutes in each compiled program, and the shardings of the
 restored parameters.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -29,7 +31,7 @@ import optax
 from bloom_jax import checkpoints, optim, sharded_step
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
-from partitioning.rules import activation_sharding, logical_axis_rules
+from partitioning.rules import activation_sharding, logical_axis_rules, pipeline_rules
 from partitioning.shardings import batch_sharding, init_params, put_batch
 from tests.partitioning import eight_devices as run8
 
@@ -39,13 +41,18 @@ MESHES = {  # the pipelined meshes the loss and gradients are checked on
     "stage2_fsdp2_tensor2": dict(stage=2, data=1, fsdp=2, tensor=2),
     "stage4_data2": dict(stage=4, data=2),
 }
+# 7 layers: 4 stages run 8, the last stage's second a pass-through (model.padded_layers).
+UNEVEN_CONFIG = dataclasses.replace(CONFIG, n_layer=7)
+UNEVEN_MESHES = {"uneven_stage4_fsdp2": dict(stage=4, data=1, fsdp=2)}
 MICRO_BATCHES = 4  # of 2 sequences: more micro-batches than stages, and as many
 # The train step: the same 8 devices with and without a pipeline, 2 micro-steps of 4 sequences
 # (mesh, MICRO_BATCH_SIZE, Workload.pipeline_micro_steps): through the pipeline in one pass or two.
 LAYOUTS = {
-    "pipelined": (dict(stage=2, data=1, fsdp=2, tensor=2), 2, None),
-    "pipelined_in_passes": (dict(stage=2, data=1, fsdp=2, tensor=2), 2, 1),
-    "plain": (dict(data=1, fsdp=4, tensor=2), 1, None),
+    "pipelined": (CONFIG, dict(stage=2, data=1, fsdp=2, tensor=2), 2, None),
+    "pipelined_in_passes": (CONFIG, dict(stage=2, data=1, fsdp=2, tensor=2), 2, 1),
+    "plain": (CONFIG, dict(data=1, fsdp=4, tensor=2), 1, None),
+    "uneven_pipelined": (UNEVEN_CONFIG, dict(stage=4, data=1, fsdp=2), 2, None),
+    "uneven_plain": (UNEVEN_CONFIG, dict(data=1, fsdp=4, tensor=2), 1, None),
 }
 
 
@@ -63,8 +70,8 @@ def loss_fn(model, params, batch) -> jax.Array:
     return jnp.sum(losses * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
 
 
-def run_single_device() -> dict[str, np.ndarray]:
-    model = BloomForCausalLM(CONFIG)
+def run_single_device(config: BloomConfig) -> dict[str, np.ndarray]:
+    model = BloomForCausalLM(config)
     params = init_params(model, jax.random.key(run8.SEED), jax.ShapeDtypeStruct((1, 1), jnp.int32),
                          mesh=create_mesh(devices=jax.devices()[:1]), rules=logical_axis_rules())
     loss, grads = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(model, p, b)))(
@@ -72,10 +79,12 @@ def run_single_device() -> dict[str, np.ndarray]:
     return run8.as_arrays(params, loss, grads)
 
 
-def run_pipelined(shape: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
+def run_pipelined(config: BloomConfig, shape: dict[str, int],
+                  ) -> tuple[dict[str, np.ndarray], int]:
     """Loss and gradients of the pipelined model, and the compiled program's permutes."""
-    mesh, rules = create_mesh(**shape), logical_axis_rules()
-    model = BloomForCausalLM(CONFIG, stages=shape["stage"])
+    mesh = create_mesh(**shape)
+    rules = pipeline_rules(logical_axis_rules(), config.n_layer, shape["stage"])
+    model = BloomForCausalLM(config, stages=shape["stage"])
     params = init_params(model, jax.random.key(run8.SEED), jax.ShapeDtypeStruct((1, 1), jnp.int32),
                          mesh=mesh, rules=rules)
     with activation_sharding(mesh, rules):
@@ -87,10 +96,10 @@ def run_pipelined(shape: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
     return run8.as_arrays(params, loss, grads), compiled.as_text().count("collective-permute(")
 
 
-def shard_layout(shape: dict[str, int], micro_batch_size: int,
+def shard_layout(config: BloomConfig, shape: dict[str, int], micro_batch_size: int,
                  pipeline_micro_steps: int | None) -> sharded_step.ShardedTraining:
     workload = sharded_step.Workload(
-        CONFIG, sequence_length=run8.LENGTH, micro_batch_size=micro_batch_size,
+        config, sequence_length=run8.LENGTH, micro_batch_size=micro_batch_size,
         batch_ramp=optim.BatchRampUp(global_batch_size=run8.BATCH, start=run8.BATCH),
         pipeline_micro_steps=pipeline_micro_steps)
     return sharded_step.shard_training(workload, create_mesh(**shape), logical_axis_rules())
@@ -124,11 +133,13 @@ def restore_across(saved: sharded_step.ShardedTraining, target: sharded_step.Sha
 
 def main(out_dir: pathlib.Path) -> None:
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    arrays = {f"single/{k}": v for k, v in run_single_device().items()}
+    arrays = {f"single/{k}": v for k, v in run_single_device(CONFIG).items()}
+    arrays.update({f"single_uneven/{k}": v for k, v in run_single_device(UNEVEN_CONFIG).items()})
     counts = {}
-    for name, shape in MESHES.items():
-        mesh_arrays, counts[name] = run_pipelined(shape)
-        arrays.update({f"{name}/{k}": v for k, v in mesh_arrays.items()})
+    for config, meshes in ((CONFIG, MESHES), (UNEVEN_CONFIG, UNEVEN_MESHES)):
+        for name, shape in meshes.items():
+            mesh_arrays, counts[name] = run_pipelined(config, shape)
+            arrays.update({f"{name}/{k}": v for k, v in mesh_arrays.items()})
     layouts = {name: shard_layout(*layout) for name, layout in LAYOUTS.items()}
     for name, training in layouts.items():
         arrays.update({f"step_{name}/{k}": v for k, v in run_step(training).items()})

@@ -7,13 +7,16 @@ The 8-device runs happen in one subprocess (tests/partitioning/pipeline_eight_de
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from bloom_jax import optim, sharded_step
 from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError
+from partitioning.rules import logical_axis_rules, pipeline_rules
 from tests.partitioning import pipeline_eight_devices as pipe8
 from tests.partitioning.test_shardings import run_on_eight_devices
 
@@ -30,37 +33,50 @@ def keys(arrays, run: str, prefix: str = "") -> list[str]:
     return [k.removeprefix(f"{run}/") for k in arrays if k.startswith(f"{run}/{prefix}")]
 
 
-def test_layers_that_do_not_split_into_the_stages_are_refused_naming_the_fix():
+def test_stages_left_without_a_layer_are_refused_naming_the_fix():
     workload = sharded_step.Workload(
         BloomConfig(vocab_size=64, hidden_size=32, n_layer=6, n_head=4), sequence_length=16,
         batch_ramp=optim.BatchRampUp(global_batch_size=8, start=8))
     mesh = jax.sharding.AbstractMesh((4, 1, 1, 1), ("stage", "data", "fsdp", "tensor"))
-    with pytest.raises(MeshError, match="n_layer=6 layers do not split into stage=4 pipeline "
-                       "stages; set create_mesh.stage to a divisor of 6: 1, 2, 3, 6"):
-        sharded_step.shard_training(workload, mesh, ())
+    with pytest.raises(MeshError, match="n_layer=6 layers leave a stage of stage=4 pipeline "
+                       "stages without a layer; set create_mesh.stage to at most 6"):
+        sharded_step.shard_training(workload, mesh, ())  # 8 padded layers, 2 a stage
+
+
+def test_uneven_stages_shard_the_stored_layers_model_dimension_over_stage():
+    rules = pipeline_rules(logical_axis_rules(), n_layer=7, stages=4)
+    assert nn.logical_to_mesh_axes(("layers", "embed", "heads"), rules) == P(
+        None, ("fsdp", "stage"), "tensor")  # stored: 7 layers do not split over 4 stages
+    assert nn.logical_to_mesh_axes(("activation_stage", None, "embed", "heads"), rules) == P(
+        "stage", None, "fsdp", "tensor")  # a stage's layers at run time
+    assert pipeline_rules(logical_axis_rules(), n_layer=8, stages=4) == logical_axis_rules()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", list(pipe8.MESHES))
+@pytest.mark.parametrize("mesh", [*pipe8.MESHES, *pipe8.UNEVEN_MESHES])
 def test_pipelined_loss_and_gradients_equal_the_single_device_model(pipeline_run, mesh):
     arrays, counts = pipeline_run
-    grads = keys(arrays, "single", "grads/")
+    single = "single_uneven" if mesh in pipe8.UNEVEN_MESHES else "single"
+    grads = keys(arrays, single, "grads/")
     assert grads and len(grads) == len(keys(arrays, mesh, "grads/"))
-    np.testing.assert_allclose(arrays[f"{mesh}/loss"], arrays["single/loss"], rtol=1e-6)
+    np.testing.assert_allclose(arrays[f"{mesh}/loss"], arrays[f"{single}/loss"], rtol=1e-6)
     for key in grads:
-        np.testing.assert_allclose(arrays[f"{mesh}/{key}"], arrays[f"single/{key}"],
+        np.testing.assert_allclose(arrays[f"{mesh}/{key}"], arrays[f"{single}/{key}"],
                                    rtol=1e-5, atol=1e-6, err_msg=key)
     assert counts[mesh] > 0  # micro-batches move between stages by collective permutes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pipelined", "pipelined_in_passes"])
-def test_pipelined_train_step_equals_the_plain_one_on_the_same_devices(pipeline_run, layout):
+@pytest.mark.parametrize("layout,plain", [("pipelined", "plain"),
+                                          ("pipelined_in_passes", "plain"),
+                                          ("uneven_pipelined", "uneven_plain")])
+def test_pipelined_train_step_equals_the_plain_one_on_the_same_devices(pipeline_run, layout,
+                                                                       plain):
     arrays, _ = pipeline_run
-    params = keys(arrays, "step_plain", "params/")
+    params = keys(arrays, f"step_{plain}", "params/")
     assert params
     for key in ("loss", "grad_norm", *params):
-        np.testing.assert_allclose(arrays[f"step_{layout}/{key}"], arrays[f"step_plain/{key}"],
+        np.testing.assert_allclose(arrays[f"step_{layout}/{key}"], arrays[f"step_{plain}/{key}"],
                                    rtol=1e-5, atol=1e-7, err_msg=key)
 
 
