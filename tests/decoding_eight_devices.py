@@ -25,7 +25,7 @@ from bloom_jax import decoding
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
 
-MESHES = ((8, 1, 1), (2, 2, 2), (1, 1, 8))  # (data, fsdp, tensor)
+MESHES = ((2, 2, 2), (1, 1, 8))  # (data, fsdp, tensor)
 CONFIG = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 NEW_TOKENS = 10
 SAMPLED = dict(temperature=1.0, top_k=40, top_p=0.9, seed=5)

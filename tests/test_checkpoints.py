@@ -46,12 +46,12 @@ def step_dirs(directory) -> set[str]:
 
 
 def test_keeps_the_last_checkpoints_and_every_keep_every_th(tmp_path):
-    options = checkpoints.CheckpointOptions(every_steps=1, keep=2, keep_every=4)
+    options = checkpoints.CheckpointOptions(every_steps=1, keep=2, keep_every=3)
     checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG, options)
-    for step in range(1, 10):
+    for step in range(1, 8):
         assert checkpointer.save(at_step(step), DATA_STATE)
     checkpointer.close()
-    assert step_dirs(tmp_path) == {"4", "8", "9"}  # 8 and 9 the last two; 4 and 8 multiples of 4
+    assert step_dirs(tmp_path) == {"3", "6", "7"}  # 6 and 7 the last two; 3 and 6 multiples of 3
 
 
 def test_saves_the_first_step_then_every_every_steps_unless_forced(tmp_path):

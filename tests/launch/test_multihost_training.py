@@ -1,5 +1,5 @@
-"""The tiny BLOOM trained by real processes through launch/local.py: the losses of one process,
-checkpoints that move between process counts and meshes, and a process killed mid-run."""
+"""The tiny BLOOM trained by real processes through launch/local.py: checkpoints that move
+between process counts and meshes with the losses of one process, and a process killed mid-run."""
 
 import contextlib
 import os
@@ -88,25 +88,30 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> tuple[pathlib.Path, str]:
-    model_dir = tmp_path_factory.mktemp("two_processes")
-    return model_dir, train(model_dir, processes=2, devices=4)
-
-
-@pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory) -> pathlib.Path:
+    """The reference: one process of 8 devices, STEPS + 2 steps."""
     model_dir = tmp_path_factory.mktemp("one_process")
-    train(model_dir, processes=1, devices=8)
+    train(model_dir, processes=1, devices=8, steps=STEPS + 2)
     return model_dir
 
 
+@pytest.fixture(scope="module")
+def two_process_resumed(one_process_run, tmp_path_factory) -> tuple[pathlib.Path, str]:
+    """The reference's step-2 checkpoint continued to step STEPS by two processes of 4 devices,
+    on the same mesh."""
+    model_dir = tmp_path_factory.mktemp("two_processes")
+    copy_checkpoints(one_process_run, model_dir, up_to_step=2)
+    return model_dir, train(model_dir, processes=2, devices=4)
+
+
 @pytest.mark.slow
-def test_two_processes_log_the_losses_of_one_process_on_the_same_mesh(two_process_run,
-                                                                      one_process_run):
-    model_dir, output = two_process_run
+def test_one_process_checkpoint_continues_on_two_processes_with_the_same_losses(
+        two_process_resumed, one_process_run):
+    model_dir, output = two_process_resumed
+    assert "Resumed from step 2 " in output
     expected = run_losses(one_process_run)
-    assert sorted(expected) == list(range(1, STEPS + 1))
-    assert_same_losses(run_losses(model_dir), expected, range(1, STEPS + 1))
+    assert sorted(expected) == list(range(1, STEPS + 3))
+    assert_same_losses(run_losses(model_dir), expected, range(3, STEPS + 1))
     # Process 0 alone logs metrics and writes config.gin; each process writes its own shards.
     assert {m[1] for m in STEP_LINE.finditer(output)} == {"0"}
     assert f"TRAIN_STEPS = {STEPS}" in (model_dir / "config.gin").read_text()
@@ -117,21 +122,12 @@ def test_two_processes_log_the_losses_of_one_process_on_the_same_mesh(two_proces
 
 @pytest.mark.slow
 def test_two_process_checkpoint_continues_on_one_process_and_another_mesh(
-        two_process_run, tmp_path):
-    run_dir, _ = two_process_run
-    copy_checkpoints(run_dir, tmp_path, up_to_step=2)
-    output = train(tmp_path, processes=1, devices=4, mesh={"fsdp": 4})
-    assert "Resumed from step 2 " in output
-    assert_same_losses(run_losses(tmp_path), run_losses(run_dir), [3, 4])
-
-
-@pytest.mark.slow
-def test_one_process_checkpoint_continues_on_two_processes_and_another_mesh(
-        one_process_run, tmp_path):
-    copy_checkpoints(one_process_run, tmp_path, up_to_step=2)
-    output = train(tmp_path, processes=2, devices=2, mesh={"data": 2, "tensor": 2})
-    assert "Resumed from step 2 " in output
-    assert_same_losses(run_losses(tmp_path), run_losses(one_process_run), [3, 4])
+        two_process_resumed, one_process_run, tmp_path):
+    run_dir, _ = two_process_resumed
+    copy_checkpoints(run_dir, tmp_path, up_to_step=STEPS)
+    output = train(tmp_path, processes=1, devices=4, steps=STEPS + 2, mesh={"fsdp": 4})
+    assert f"Resumed from step {STEPS} " in output
+    assert_same_losses(run_losses(tmp_path), run_losses(one_process_run), [STEPS + 1, STEPS + 2])
 
 
 @pytest.mark.slow
