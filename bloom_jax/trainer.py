@@ -27,6 +27,7 @@ from bloom_jax import lora as lora_lib
 from bloom_jax import param_store, prefetch, sharded_step
 from bloom_jax import step as step_lib
 from bloom_jax.data import instructions, pipeline, vocabularies
+from bloom_jax.model import padded_layers
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from partitioning import shardings as shardings_lib
@@ -153,7 +154,7 @@ def train(
         per_pass = training.pipeline_pass(workload.batch_size)
         logging.info("Pipeline: %d stages x %d layers, passes of %d micro-steps: bubble %.1f%% "
                      "(GPipe); %sB per device to the next stage per micro-step.", stages,
-                     model_config.n_layer // stages, per_pass,
+                     padded_layers(model_config.n_layer, stages) // stages, per_pass,
                      100 * flops.pipeline_bubble(stages, per_pass),
                      metrics.human(flops.stage_transfer_bytes(
                          model_config, training.micro_batch, sequence_length, mesh.shape)))
