@@ -355,7 +355,7 @@ def test_lora_instruction_tuning_resumes_exactly_after_sigkill_and_keeps_its_ada
         compile_cache, lora_sft_bindings, tmp_path):
     """The adapters, their Adam state and the instruction stream's position come back from the
     step-EVERY checkpoint: the resumed steps' losses are the uninterrupted run's, bit for bit.
-    A relaunch that asks for other adapters is refused with one line."""
+    (A relaunch that asks for other adapters is refused: tests/test_lora.py.)"""
     reference = ok(train(compile_cache, tmp_path / "reference", *lora_sft_bindings))
     assert "LoRA: " in reference.stderr
     model_dir, log = tmp_path / "run", tmp_path / "killed.log"
@@ -368,12 +368,6 @@ def test_lora_instruction_tuning_resumes_exactly_after_sigkill_and_keeps_its_ada
     expected = event_losses(tmp_path / "reference")
     assert event_losses(new_event_file(model_dir, before)) == {
         s: expected[s] for s in range(EVERY + 1, TRAIN_STEPS + 1)}
-
-    other = train(compile_cache, model_dir, *lora_sft_bindings, "--gin.LoraConfig.rank=8",
-                  train_steps=2 * TRAIN_STEPS)
-    last_line = other.stderr.rstrip("\n").splitlines()[-1]
-    assert other.returncode == 1 and last_line.startswith("error: "), other.stderr
-    assert "LoraConfig(rank=4" in last_line and "asks for LoraConfig(rank=8" in last_line
 
 
 # The Colab cells' model at the tiny config's dimensions, so that CI runs the same command lines.
