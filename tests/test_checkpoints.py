@@ -187,6 +187,16 @@ def corrupt_json(path):
     path.write_text('{"step": 9, "rows_dr')
 
 
+def assert_restores_step(directory, step: int) -> None:
+    """A new checkpointer on `directory` restores the state and data position saved at `step`."""
+    checkpointer = checkpoints.TrainCheckpointer(directory, CONFIG)
+    restored, data_state = checkpointer.restore(abstract(at_step(0)))
+    checkpointer.close()
+    assert int(restored.step) == step and data_state["step"] == step
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                 jax.tree.map(lambda p: np.asarray(p) + step, at_step(step).params))
+
+
 @pytest.mark.parametrize("damage, item, refusal", [
     (flip_bytes, "params", r"(fails verification: \['params'\]|cannot be read)"),
     (truncate, "params", "cannot be read"),
@@ -198,12 +208,7 @@ def test_a_damaged_step_is_refused_by_name_and_the_previous_one_restored(
     saved_steps(tmp_path, [3, 6])
     target = tmp_path / "6" / item
     damage(largest_file(target) if target.is_dir() else target)
-    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
-    restored, data_state = checkpointer.restore(abstract(at_step(0)))
-    checkpointer.close()
-    assert int(restored.step) == 3 and data_state["step"] == 3
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
-                 jax.tree.map(lambda p: np.asarray(p) + 3, at_step(3).params))
+    assert_restores_step(tmp_path, 3)
     (error,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error: ")]
     assert re.search(rf"checkpoint step 6 in {tmp_path} {refusal}", error), error
     assert "Falling back to step 3, the newest checkpoint that verifies" in caplog.text
@@ -213,12 +218,7 @@ def test_a_damaged_step_is_refused_by_name_and_the_previous_one_restored(
 def test_a_step_saved_without_digests_is_restored_unverified(tmp_path, caplog):
     saved_steps(tmp_path, [3, 6])
     shutil.rmtree(tmp_path / "6" / checkpoints.DIGESTS)  # as an older bloom_jax saved it
-    checkpointer = checkpoints.TrainCheckpointer(tmp_path, CONFIG)
-    restored, data_state = checkpointer.restore(abstract(at_step(0)))
-    checkpointer.close()
-    assert int(restored.step) == 6 and data_state["step"] == 6
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
-                 jax.tree.map(lambda p: np.asarray(p) + 6, at_step(6).params))
+    assert_restores_step(tmp_path, 6)
     assert f"Checkpoint step 6 in {tmp_path} holds no digests" in caplog.text
     assert "restored unverified" in caplog.text
     assert step_dirs(tmp_path) == {"3", "6"}  # nothing set aside

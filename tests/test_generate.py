@@ -24,6 +24,14 @@ def word_tokenizer(path, vocab_size):
     return tokenizer
 
 
+def saved_hf_model(hf_dir: pathlib.Path):
+    """(HF model, config, params, tokenizer) of a random 6-head BLOOM saved with a word-level
+    tokenizer.json in `hf_dir`, as a Hugging Face directory."""
+    model, config, params = hf_model_and_params("6_heads")
+    model.save_pretrained(hf_dir)
+    return model, config, params, word_tokenizer(hf_dir / "tokenizer.json", config.vocab_size)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     root = pathlib.Path(__file__).resolve().parents[1]
     return subprocess.run([sys.executable, "-m", "bloom_jax.generate", *args], cwd=root,
@@ -36,10 +44,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_continues_prompts_as_hugging_face_does(source, tmp_path):
     """From a Hugging Face directory, a converted checkpoint, or a run's MODEL_DIR (whose
     checkpoints/ folder holds it)."""
-    model, config, _ = hf_model_and_params("6_heads")
     hf_dir = tmp_path / "hf"
-    model.save_pretrained(hf_dir)
-    tokenizer = word_tokenizer(hf_dir / "tokenizer.json", config.vocab_size)
+    model, _, _, tokenizer = saved_hf_model(hf_dir)
     if source == "hf_dir":
         flags = [f"--hf_dir={hf_dir}"]
     else:

@@ -16,8 +16,7 @@ from lm_eval.api.instance import Instance
 
 from bloom_jax import convert, decoding
 from bloom_jax.harness import BloomLM
-from tests.test_decoding import hf_model_and_params
-from tests.test_generate import word_tokenizer
+from tests.test_generate import saved_hf_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_LENGTH = 16
@@ -26,10 +25,8 @@ MAX_LENGTH = 16
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """(HF model, tokenizer, HF directory, converted checkpoint directory) of a random BLOOM."""
-    model, config, _ = hf_model_and_params("6_heads")
     hf_dir = tmp_path_factory.mktemp("hf")
-    model.save_pretrained(hf_dir)
-    tokenizer = word_tokenizer(hf_dir / "tokenizer.json", config.vocab_size)
+    model, _, _, tokenizer = saved_hf_model(hf_dir)
     ckpt_dir = hf_dir.parent / "ckpt"
     convert.from_hf(hf_dir, ckpt_dir)
     return model, tokenizer, hf_dir, ckpt_dir

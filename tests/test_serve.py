@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from bloom_jax import decoding
-from tests.test_decoding import hf_model_and_params
-from tests.test_generate import word_tokenizer
+from tests.test_generate import saved_hf_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONTEXT = 64
@@ -32,10 +31,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base URL, tokenizer, config, params) of a server on a random-weight BLOOM."""
-    model, config, params = hf_model_and_params("6_heads")
     hf_dir = tmp_path_factory.mktemp("hf")
-    model.save_pretrained(hf_dir)
-    tokenizer = word_tokenizer(hf_dir / "tokenizer.json", config.vocab_size)
+    _, config, params, tokenizer = saved_hf_model(hf_dir)
     port = free_port()
     log = open(hf_dir / "server.log", "w")
     proc = subprocess.Popen(

@@ -1,8 +1,6 @@
 """The prepare command: a store from a corpus on every core, with a progress line."""
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,15 +8,14 @@ import pytest
 from bloom_jax.data import store
 from bloom_jax.data import tasks
 from bloom_jax.data import tokenized
+from tests.test_configs import run_command
 
 
 @pytest.mark.slow
 def test_command_writes_a_store_that_readers_take(tiny_corpus, vocabulary, tmp_path):
     out = tmp_path / "tokens"
-    result = subprocess.run(
-        [sys.executable, "-m", "bloom_jax.data.prepare", f"--gin.DATA_DIR={tiny_corpus}",
-         f"--gin.TOKENS_DIR={out}", "--workers=2", "--shard_mb=0.0005"],
-        capture_output=True, text=True, check=False)
+    result = run_command("data.prepare", f"--gin.DATA_DIR={tiny_corpus}",
+                         f"--gin.TOKENS_DIR={out}", "--workers=2", "--shard_mb=0.0005")
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"prepare: \d+/\d+ shards \| [\d.]+ MB/s \| [\d.]+k? tokens/s \| ETA 0s",
                      result.stderr)
@@ -32,9 +29,7 @@ def test_command_writes_a_store_that_readers_take(tiny_corpus, vocabulary, tmp_p
 
 @pytest.mark.slow
 def test_tokens_dir_is_required(tiny_corpus):
-    result = subprocess.run(
-        [sys.executable, "-m", "bloom_jax.data.prepare", f"--gin.DATA_DIR={tiny_corpus}"],
-        capture_output=True, text=True, check=False)
+    result = run_command("data.prepare", f"--gin.DATA_DIR={tiny_corpus}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: --gin.TOKENS_DIR=OUT is required")

@@ -2,8 +2,6 @@
 cannot be read as it is."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from bloom_jax.data import store
 from bloom_jax.data import tasks
 from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
+from tests.test_configs import run_command
 
 
 @pytest.fixture
@@ -87,9 +86,7 @@ def test_manifest_that_does_not_match_its_shards(prepared, vocabulary):
 
 @pytest.mark.slow
 def test_commands_report_a_bad_store_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "bloom_jax.data.inspect", f"--gin.TOKENS_DIR={tmp_path}"],
-        capture_output=True, text=True, check=False)
+    result = run_command("data.inspect", f"--gin.TOKENS_DIR={tmp_path}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: TOKENS_DIR {tmp_path} has no manifest.json")
