@@ -401,6 +401,11 @@ def checked_mask(config: BloomConfig, prompt_ids: np.ndarray, attention_mask: An
     return mask.astype(np.int32)
 
 
+def power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): batch shapes that reuse a few compiles."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token lists as one left-padded batch: (ids, attention_mask), both [batch, longest]."""
     width = max(len(p) for p in prompts)

@@ -45,7 +45,7 @@ def _token_logprobs(model: BloomForCausalLM, params: Any, ids: jax.Array, mask: 
 
 def _bucket(n: int, smallest: int = 16) -> int:
     """`n` rounded up to a power of two (at least `smallest`): few shapes, few compiles."""
-    return max(smallest, 1 << max(0, n - 1).bit_length())
+    return max(smallest, decoding.power_of_two(n))
 
 
 @register_model("bloom_jax")

@@ -300,8 +300,7 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
         found.append(entry("reduce-scatter", gradient * params_t * ring(f), scatters,
                            ("fsdp",)))
     if d > 1:
-        found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d),
-                           micro_steps if stages == 1 else passes, ("data",)))
+        found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d), scatters, ("data",)))
     if t > 1:
         per_run = 2 * layers * (2 + (layout.remat != "none") + (stages > 1 and
                                                                  layout.remat != "none"))

@@ -120,15 +120,15 @@ class Engine:
 
     def _decode(self, batch: list[Job]) -> None:
         """Decodes a batch, shapes rounded up to powers of two so that few programs compile."""
-        rows = _power_of_two(len(batch))
+        rows = decoding.power_of_two(len(batch))
         jobs = batch + [batch[0]] * (rows - len(batch))  # copies, decoded and dropped
         pad = self.vocabulary.pad_id
         ids, mask = decoding.left_pad([job.prompt_ids for job in jobs], pad)
-        width = _power_of_two(ids.shape[1])
+        width = decoding.power_of_two(ids.shape[1])
         ids = np.pad(ids, ((0, 0), (width - ids.shape[1], 0)), constant_values=pad)
         mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
-        limits = decoding.Limits(_power_of_two(max(job.request.max_tokens for job in batch)),
-                                 self.vocabulary.eos_id, self.vocabulary.pad_id)
+        new_tokens = decoding.power_of_two(max(job.request.max_tokens for job in batch))
+        limits = decoding.Limits(new_tokens, self.vocabulary.eos_id, self.vocabulary.pad_id)
         sampling = decoding.stack_sampling([
             decoding.Sampling(job.request.temperature, job.request.top_k, job.request.top_p)
             for job in jobs])
@@ -186,10 +186,6 @@ class Engine:
             job.send("text", job.text[job.sent:])
         job.finished = True
         job.send("end", reason, len(job.new_ids))
-
-
-def _power_of_two(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _error(status: int, message: str) -> responses.JSONResponse:

@@ -226,16 +226,15 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     skip_policy = skip_policy or step_lib.SkipPolicy()
     trained, base_shardings, abstract_base = boxed_model_params, None, None
     shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)
+    dtype = workload.model_config.dtype
     if workload.gather_weights_once:
-        make_step = step_lib.make_train_step(
-            model, optimizer, skip_policy, workload.pipeline_micro_steps,
-            gather=functools.partial(gather_weights, shardings=shardings,
-                                     dtype=workload.model_config.dtype),
-            scatter=functools.partial(_laid_out, shardings=shardings))
+        gather = functools.partial(gather_weights, shardings=shardings, dtype=dtype)
+        scatter = functools.partial(_laid_out, shardings=shardings)
     else:
-        make_step = step_lib.make_train_step(
-            model, optimizer, skip_policy, workload.pipeline_micro_steps,
-            gather=functools.partial(cast_weights, dtype=workload.model_config.dtype))
+        gather, scatter = functools.partial(cast_weights, dtype=dtype), None
+    make_step = step_lib.make_train_step(model, optimizer, skip_policy,
+                                         workload.pipeline_micro_steps, gather=gather,
+                                         scatter=scatter)
     if workload.lora is not None:
         trained = lora_lib.abstract_adapters(workload.lora, boxed_model_params)
         base_shardings = shardings_lib.logical_shardings(boxed_model_params, mesh, rules)

@@ -250,11 +250,11 @@ def _tokenize(texts: Sequence[str], encode: Callable[[Sequence[str]], list[list[
     tokens, lengths = [], []
     for first in range(0, len(texts), _ENCODE_BATCH):
         ids = encode(texts[first:first + _ENCODE_BATCH])
-        lengths += [len(i) + 1 for i in ids]
-        count = sum(len(i) + 1 for i in ids)
+        batch = [len(i) + 1 for i in ids]
+        lengths += batch
         tokens.append(np.fromiter(itertools.chain.from_iterable(i + [eos_id] for i in ids),
-                                  dtype, count=count))
-    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+                                  dtype, count=sum(batch)))
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return (np.concatenate(tokens) if tokens else np.zeros([0], dtype)), starts
 
 

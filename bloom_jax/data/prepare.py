@@ -52,8 +52,8 @@ def main(argv: Sequence[str]) -> None:
     manifest = builder.build(tokens_dir, found, vocabulary, workers=FLAGS.workers,
                              engine=FLAGS.engine, shard_bytes=int(FLAGS.shard_mb * 2**20))
     for name, task in manifest["tasks"].items():
-        counts = {split: sum(s[split][key] for s in task["shards"])
-                  for split in store.SPLITS for key in ("tokens",)}
+        counts = {split: sum(s[split]["tokens"] for s in task["shards"])
+                  for split in store.SPLITS}
         skipped = documents.Skipped(store.bad_records(manifest, name))
         print(f"{name}: {len(task['shards'])} shards, {counts['train']:,} train and "
               f"{counts['validation']:,} validation tokens; skipped: {skipped.summary()}")
