@@ -124,7 +124,9 @@ def plan_budget(request: BudgetRequest, write_gin: str | None, command: str) -> 
         extra = ([f"logical_axis_rules.sequence_parallel = {layout.sequence_parallel}"]
                  + [f"Workload.gather_weights_once = {layout.gather_weights_once}"]
                  + ([f"Workload.pipeline_micro_steps = {layout.pipeline_micro_steps}"]
-                    if layout.pipeline_micro_steps else []))
+                    if layout.pipeline_micro_steps else [])
+                 + ([f"Workload.pipeline_repeats = {layout.pipeline_repeats}"]
+                    if layout.pipeline_repeats > 1 else []))
         pathlib.Path(write_gin).write_text(recipe.gin_config(
             config, plan_recipe, result.mesh, micro_batch_size, every, header).rstrip("\n")
             + "\n" + "\n".join(extra) + "\n")

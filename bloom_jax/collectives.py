@@ -238,8 +238,9 @@ def read(hlo: str, mesh_shape: dict[str, int], devices_per_node: int,
 def _operand_bytes(name: str, producers: dict[str, _Instruction],
                    computations: dict[str, list[_Instruction]]) -> int:
     """Bytes of a collective's operand; a float32 value rounded from bfloat16 just before (a
-    convert to bf16 then to f32, fused or not: XLA's CPU float normalization of a bf16
-    collective) counts at bf16's 2 bytes an element, as a GPU moves it."""
+    convert to bf16 then to f32, fused or not, or of a bf16 value of as many elements: XLA's
+    CPU float normalization of a bf16 collective) counts at bf16's 2 bytes an element, as a GPU
+    moves it."""
     producer = producers.get(name)
     if producer is None:
         return 0
@@ -248,10 +249,10 @@ def _operand_bytes(name: str, producers: dict[str, _Instruction],
     if producer.opcode == "fusion":
         inner = computations[re.search(r"calls=%([\w.\-]+)", producer.text).group(1)]
     converts = [i.shape.split("[")[0] for i in inner if i.opcode == "convert"]
-    rounded = "bf16" in converts and converts[-1] == "f32" or (
-        producer.opcode == "convert" and any(
-            _shape_bytes(producers[o].shape) * 2 == size for o in producer.operands
-            if o in producers and producers[o].shape.startswith("bf16")))
+    halves = [i.shape for i in inner if i.opcode == "parameter"] if producer.opcode == (
+        "fusion") else [producers[o].shape for o in producer.operands if o in producers]
+    rounded = converts[-1:] == ["f32"] and ("bf16" in converts or any(
+        shape.startswith("bf16") and _shape_bytes(shape) * 2 == size for shape in halves))
     return size // 2 if rounded and producer.shape.startswith("f32") else size
 
 

@@ -48,9 +48,10 @@ def param_count(config: ModelShape) -> int:
 # again in the backward pass, from hidden size h and sequence length s. A layer's forward is
 # 24 h^2 (projections and MLP) + 4 s h (attention's two batched matmuls, over all s keys as
 # Megatron counts them). "dots_with_no_batch_dims" saves the weight matmuls and recomputes
-# attention's; "dots" saves every matmul; neither counts the recomputed elementwise work.
-# "layer_inputs" (and its offloaded variant) keeps only each layer's input: it recomputes the
-# whole forward, as "full" does.
+# attention's, and so does "selective" (it keeps the matmuls' inputs instead); "dots" saves
+# every matmul; none of them counts the recomputed elementwise work. "layer_inputs" (and its
+# offloaded variant) keeps only each layer's input: it recomputes the whole forward, as "full"
+# does.
 RECOMPUTED_LAYER_FLOPS = {
     "none": lambda h, s: 0,
     "full": lambda h, s: 24 * h * h + 4 * s * h,
@@ -58,42 +59,41 @@ RECOMPUTED_LAYER_FLOPS = {
     "layer_inputs_offloaded": lambda h, s: 24 * h * h + 4 * s * h,
     "dots": lambda h, s: 0,
     "dots_with_no_batch_dims": lambda h, s: 4 * s * h,
+    "selective": lambda h, s: 4 * s * h,
 }
 
 
-def flops_per_token(config: ModelShape, seq_len: int, remat_policy: str = "none",
-                    stages: int = 1) -> float:
+def flops_per_token(config: ModelShape, seq_len: int, remat_policy: str = "none") -> float:
     """Training FLOPs per token: Megatron's model FLOPs (K = 3), plus the forward FLOPs that
-    `remat_policy` recomputes ("none": model FLOPs; any other: hardware FLOPs). Pipelined
-    (stages > 1), a remat policy also recomputes each stage's whole forward from its input."""
+    `remat_policy` recomputes ("none": model FLOPs; any other: hardware FLOPs)."""
     h, layers, vocab = config.hidden_size, config.n_layer, config.vocab_size
     model = 72 * layers * h * h * (1 + seq_len / (6 * h) + vocab / (16 * layers * h))
-    recomputed = RECOMPUTED_LAYER_FLOPS[remat_policy](h, seq_len)
-    if stages > 1 and remat_policy != "none":
-        recomputed += RECOMPUTED_LAYER_FLOPS["full"](h, seq_len)
-    return model + layers * recomputed
+    return model + layers * RECOMPUTED_LAYER_FLOPS[remat_policy](h, seq_len)
 
 
 def flops_per_step(config: ModelShape, batch_size: int, seq_len: int,
-                   remat_policy: str = "none", stages: int = 1) -> float:
+                   remat_policy: str = "none") -> float:
     """Training FLOPs of one optimizer step over `batch_size` sequences of `seq_len` tokens
-    (model FLOPs, plus `remat_policy`'s recomputation on `stages` pipeline stages)."""
-    return flops_per_token(config, seq_len, remat_policy, stages) * batch_size * seq_len
+    (model FLOPs, plus `remat_policy`'s recomputation)."""
+    return flops_per_token(config, seq_len, remat_policy) * batch_size * seq_len
 
 
-def pipeline_bubble(stages: int, micro_steps: int) -> float:
-    """The share of a pipelined step each stage idles: `model.pipelined_layers` runs GPipe's
-    schedule, M micro-steps in M + S - 1 iterations, S - 1 of them idle per stage."""
-    return (stages - 1) / (micro_steps + stages - 1)
+def pipeline_bubble(stages: int, micro_steps: int, repeats: int = 1) -> float:
+    """The share of a pipelined step each stage idles: `model.pipelined_layers` runs M
+    micro-steps in M R + S - 1 iterations of 1 / R of a stage's layers, S - 1 of them idle per
+    stage (GPipe's schedule when R = 1)."""
+    return (stages - 1) / (micro_steps * repeats + stages - 1)
 
 
 def stage_transfer_bytes(config: ModelShape, micro_batch: int, seq_len: int,
-                         mesh: dict[str, int]) -> int:
-    """Bytes one device sends to the next pipeline stage per micro-step in the forward pass (the
+                         mesh: dict[str, int], sequence_parallel: bool = False) -> int:
+    """Bytes one device sends to the next pipeline stage per iteration in the forward pass (the
     backward pass sends as many back): its rows of the micro-batch's [micro_batch, seq_len,
-    hidden] residual stream, in the compute dtype (`config.dtype`), whole over `tensor`."""
+    hidden] residual stream, in the compute dtype (`config.dtype`), split over `tensor` with
+    sequence parallelism."""
     rows = micro_batch // (mesh["data"] * mesh["fsdp"])
-    return rows * seq_len * config.hidden_size * jnp.dtype(config.dtype).itemsize
+    split = mesh["tensor"] if sequence_parallel else 1
+    return rows * seq_len * config.hidden_size * jnp.dtype(config.dtype).itemsize // split
 
 
 def tflops_per_device(step_flops: float, step_time_s: float, num_devices: int) -> float:

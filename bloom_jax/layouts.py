@@ -1,16 +1,17 @@
 """Train-step layouts compiled on abstract arrays: memory, collectives and predicted step time.
 
-A layout is a mesh (with `stage` > 1, a GPipe pipeline), a micro-batch size, sequence
-parallelism, a remat policy, whether FSDP weights are gathered once per step and, pipelined, the
-micro-steps of one pass through the pipeline. `plan_step` compiles the trainer's real step for
+A layout is a mesh (with `stage` > 1, a pipeline), a micro-batch size, sequence parallelism, a
+remat policy, whether FSDP weights are gathered once per step and, pipelined, the micro-steps of
+one pass through the pipeline and the rounds each makes through the stages. `plan_step` compiles the trainer's real step for
 one (nothing is allocated) and reads the per-device memory and the collectives (collectives.py)
 from the compiled program. `predict` turns them into a step time by the overlap model:
 
     step_s = max(compute_s, overlapped_s) + exposed_s
 
 compute_s is the hardware FLOPs (the remat policy's recomputation and masked rows counted) at
-`hfu` of the bfloat16 peak; pipelined, of the layer stack padded to a multiple of the stages,
-stretched by GPipe's bubble: x (M + S - 1) / M for passes of M micro-steps over S stages. Every
+`hfu` of the bfloat16 peak; pipelined, of the layer stack padded to a multiple of the layer
+groups, stretched by the bubble: x (M R + S - 1) / (M R) for passes of M micro-steps making R
+rounds through S stages. Every
 collective takes wire bytes / its link's bandwidth. Collectives over `tensor` alone carry
 activations the next operation waits for (Megatron's all-reduces, or SP's all-gathers and
 reduce-scatters), and so do collective permutes (a pipeline stage's output, which the next
@@ -47,17 +48,18 @@ LINKS = {"A100": (300e9, 50e9 / 8), "H100-SXM": (450e9, 400e9 / 8),
          "H100-PCIe": (64e9, 200e9 / 8), "H200": (450e9, 400e9 / 8)}
 # BLOOM's measured hardware FLOPs rate: ~150 TFLOP/s of an A100's 312 (Megatron's K = 4).
 BLOOM_HFU = 150 / 312
-SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "layer_inputs_offloaded")
+SEARCH_REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "selective", "layer_inputs_offloaded")
 # Remat policies whose backward pass recomputes the layers' weight matmuls (gathering again).
 RECOMPUTES_WEIGHTS = ("full", "layer_inputs", "layer_inputs_offloaded")
 OFFLOADED = ("layer_inputs_offloaded",)
 # What the CPU compiles hold per sequence over memory_estimate's bytes per sequence, the most
-# measured: 5.1 for BLOOM-176B on 3 x 16 x 8 with SP, 9 sequences a micro-step (85.0 GiB; 2.6
-# without SP, 4 a micro-step); `search` assumes it until a compile of the layout's kind measures
-# its own.
-FIRST_SCALE = 5.1
+# measured, unpipelined and pipelined: 5.1 for BLOOM-176B on 3 x 16 x 8 with SP, 9 sequences a
+# micro-step (85.0 GiB; 2.6 without SP, 4 a micro-step); 1.16 for 8 stages x 3 x 2 x 8 with
+# SP and selective remat, passes of 9 or 15 micro-steps in 9 rounds (60.4, 70.4 GiB; 1.12 for
+# 19). `search` assumes it until a compile of the layout's kind measures its own.
+FIRST_SCALE = {False: 5.1, True: 1.2}
 # Passes of a step's micro-steps through a pipeline that the search weighs.
-PIPELINE_PASSES = (2, 3, 4, 6, 8, 12, 16)
+PIPELINE_PASSES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +72,14 @@ class Layout:
     remat: str
     gather_weights_once: bool
     pipeline_micro_steps: int | None = None  # per pass through the pipeline; None: all
+    pipeline_repeats: int = 1  # rounds through the stages
 
     def workload(self, workload: sharded_step.Workload) -> sharded_step.Workload:
         return dataclasses.replace(
             workload, micro_batch_size=self.micro_batch_size,
             gather_weights_once=self.gather_weights_once,
             pipeline_micro_steps=self.pipeline_micro_steps,
+            pipeline_repeats=self.pipeline_repeats,
             model_config=dataclasses.replace(workload.model_config, remat_policy=self.remat))
 
     def micro_steps(self, batch_size: int) -> tuple[int, int]:
@@ -89,8 +93,8 @@ class Layout:
         return -(-steps // per_pass) * per_pass, per_pass
 
     def describe(self) -> str:
-        passes = (f"  pipeline_micro_steps={self.pipeline_micro_steps}"
-                  if self.mesh.get("stage", 1) > 1 else "")
+        passes = (f"  pipeline_micro_steps={self.pipeline_micro_steps}  pipeline_repeats="
+                  f"{self.pipeline_repeats}" if self.mesh.get("stage", 1) > 1 else "")
         return (f"{', '.join(f'{a}={n}' for a, n in self.mesh.items())}  micro_batch_size="
                 f"{self.micro_batch_size}  sp={self.sequence_parallel}  remat={self.remat}  "
                 f"gather_once={self.gather_weights_once}{passes}")
@@ -180,14 +184,16 @@ def checkpoint_bytes_per_sequence(config: BloomConfig, seq_len: int, tensor: int
     """Bytes one sequence's remat checkpoints keep on a device across the forward pass: each
     layer's compute-dtype input (sharded over `tensor` with SP), and with
     dots_with_no_batch_dims the outputs of the weight matmuls too (qkv, the attention
-    projection, both MLP matmuls); none on the device when offloaded. An estimate of what XLA
-    keeps, from the policy."""
+    projection, both MLP matmuls), with selective qkv, the residual after attention (as the
+    input) and the MLP's hidden layer; none on the device when offloaded. An estimate of what
+    XLA keeps, from the policy."""
     itemsize, h = jnp.dtype(config.dtype).itemsize, config.hidden_size
-    per_token = {"none": 0, "full": h / (tensor if sequence_parallel else 1)}
-    per_token["layer_inputs"] = per_token["full"]
-    per_token["layer_inputs_offloaded"] = 0
+    residual = h / (tensor if sequence_parallel else 1)
+    per_token = {"none": 0, "full": residual, "layer_inputs": residual,
+                 "layer_inputs_offloaded": 0,
+                 "selective": 2 * residual + 3 * h / tensor + 4 * h / tensor}
     per_token["dots"] = per_token["dots_with_no_batch_dims"] = (
-        per_token["full"] + 3 * h / tensor + h + 4 * h / tensor + h)
+        residual + 3 * h / tensor + h + 4 * h / tensor + h)
     if config.remat_policy == "none":
         raise ValueError("remat_policy 'none' keeps every activation; no checkpoints to count")
     return int(config.n_layer * seq_len * per_token[config.remat_policy] * itemsize)
@@ -211,16 +217,16 @@ def hardware_rate(config: BloomConfig, seq_len: int, mfu: float) -> float:
 
 
 def compute_s(config: BloomConfig, rows: int, seq_len: int, num_devices: int, gpu: str,
-              hfu: float, stages: int = 1, per_pass: int = 1) -> float:
+              hfu: float, stages: int = 1, per_pass: int = 1, repeats: int = 1) -> float:
     """Hardware FLOPs of `rows` sequences (the remat policy's recomputation counted) at `hfu`
-    of the bfloat16 peak. Pipelined over `stages`, the padded layers' too (model.padded_layers,
-    the stage-level recomputation of flops.flops_per_token), and every pass of `per_pass`
-    micro-steps takes per_pass + stages - 1 iterations (GPipe's bubble; the LM head, outside
-    the pipeline, is stretched with the layers: ~0.1% too long for BLOOM-176B)."""
-    padded = dataclasses.replace(config, n_layer=padded_layers(config.n_layer, stages))
-    return (flops.flops_per_step(padded, rows, seq_len, config.remat_policy, stages)
+    of the bfloat16 peak. Pipelined over `stages`, the padded layers' too (model.padded_layers),
+    and every pass of `per_pass` micro-steps making `repeats` rounds takes per_pass x repeats +
+    stages - 1 iterations (the bubble; the LM head, outside the pipeline, is stretched with the
+    layers: ~0.1% too long for BLOOM-176B)."""
+    padded = dataclasses.replace(config, n_layer=padded_layers(config.n_layer, stages * repeats))
+    return (flops.flops_per_step(padded, rows, seq_len, config.remat_policy)
             / (num_devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * hfu)
-            / (1 - flops.pipeline_bubble(stages, per_pass)))
+            / (1 - flops.pipeline_bubble(stages, per_pass, repeats)))
 
 
 def predict(found: Any, compute: float, links: tuple[float, float]) -> Prediction:
@@ -257,7 +263,8 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
                          devices_per_node: int) -> list[Collective]:
     """The collectives of a step by formula, per device (P_t = a stage's parameters / tensor:
     its share of the padded layers and the embedding). A "run" is a micro-step, or pipelined
-    one iteration of a pass (M + S - 1 per pass of M micro-steps):
+    one iteration of a pass (M R + S - 1 per pass of M micro-steps making R rounds, each
+    through 1 / R of a stage's layers):
     - FSDP all-gathers of the compute-dtype weights, P_t x itemsize x (f - 1) / f per use:
       once per step with gather_weights_once, pipelined once per pass (into the pipeline's
       manual region), else per micro-step forward, backward and in a recompute of the weight
@@ -267,23 +274,25 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     - the data-parallel all-reduce of the float32 gradient shards, 2 x 4 P_t / f x (d - 1) / d
       per micro-step (pipelined: per pass);
     - over `tensor`, per layer and run 2 activations of m x s x h (compute dtype) in the
-      forward, 2 in the backward, 2 in each recompute: all-reduces, or with SP an all-gather
-      and a reduce-scatter each (the same wire bytes);
+      forward, 2 in the backward: all-reduces, or with SP an all-gather and a reduce-scatter
+      each (the same wire bytes); 2 more where the policy recomputes the weight matmuls, and
+      with SP the 2 all-gathers of the LayerNorms' outputs (1 all-reduce's bytes) where it
+      recomputes less;
     - pipelined, a permute of each run's m x s x h activations (over `tensor` with SP) to the
       next stage forward, and of their gradients back.
     """
     mesh = layout.mesh
     d, f, t = mesh.get("data", 1), mesh.get("fsdp", 1), mesh.get("tensor", 1)
-    stages = mesh.get("stage", 1)
+    stages, repeats = mesh.get("stage", 1), layout.pipeline_repeats
     itemsize = jnp.dtype(config.dtype).itemsize
     micro_steps, per_pass = layout.micro_steps(batch_size)
     passes = micro_steps // per_pass
-    runs = micro_steps if stages == 1 else passes * (per_pass + stages - 1)
-    layers = padded_layers(config.n_layer, stages) // stages
-    params_t = _stage_params(config, stages) / t
-    recomputes = (layout.remat in RECOMPUTES_WEIGHTS) + (stages > 1 and layout.remat != "none")
+    runs = micro_steps if stages == 1 else passes * (per_pass * repeats + stages - 1)
+    layers = padded_layers(config.n_layer, stages * repeats) // (stages * repeats)
+    params_t = _stage_params(config, stages, repeats) / t
+    recomputes_weights = layout.remat in RECOMPUTES_WEIGHTS
     uses = (1 if layout.gather_weights_once else passes if stages > 1
-            else runs * (2 + recomputes))
+            else runs * (2 + recomputes_weights))
     scatters = passes if stages > 1 else runs
     activation = layout.micro_batch_size * seq_len * config.hidden_size * itemsize
     ring = lambda n: (n - 1) / n  # noqa: E731
@@ -302,9 +311,10 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
     if d > 1:
         found.append(entry("all-reduce", 2 * 4 * params_t / f * ring(d), scatters, ("data",)))
     if t > 1:
-        per_run = 2 * layers * (2 + (layout.remat != "none") + (stages > 1 and
-                                                                 layout.remat != "none"))
-        found.append(entry("all-reduce", 2 * activation * ring(t), per_run * runs, ("tensor",)))
+        recomputed = (2 if recomputes_weights else
+                      1 if layout.remat != "none" and layout.sequence_parallel else 0)
+        found.append(entry("all-reduce", 2 * activation * ring(t),
+                           layers * (4 + recomputed) * runs, ("tensor",)))
     if stages > 1:
         found.append(entry("collective-permute",
                            activation / (t if layout.sequence_parallel else 1), 2 * runs,
@@ -319,40 +329,43 @@ def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int, batch_siz
     bytes a parameter over stage x fsdp x tensor) and a stage's gathered weights with
     gather_weights_once; per sequence its remat checkpoints (in float32, as the CPU compile
     keeps them) and a working set of one layer's float32 attention probabilities and the
-    float32 logits, each with its gradient. Pipelined, a pass of M micro-steps keeps each
-    stage's input of its M + S - 1 iterations, the checkpoints of one stage, and the pass's
+    float32 logits, each with its gradient. Pipelined, a stage's weights in a second copy
+    (moved to the stages by an all-to-all), and a pass of M micro-steps keeps the checkpoints
+    of one stage's layers for each of them, two of a stage's inputs of each of their M R
+    iterations (as it came and as it was sent on), their outputs between rounds, and the pass's
     logits (split over the stages). `search` scales the per-sequence bytes by what its
     compiles measure."""
     mesh, params = layout.mesh, flops.param_count(config)
     f, t, stages = mesh.get("fsdp", 1), mesh.get("tensor", 1), mesh.get("stage", 1)
-    per_stage = padded_layers(config.n_layer, stages) // stages
+    per_pass = layout.micro_steps(batch_size)[1]
+    per_stage = padded_layers(config.n_layer, stages * layout.pipeline_repeats) // stages
     # A stage's weights gathered (once per step, or pipelined for each pass) and, pipelined,
     # their float32 gradients, summed over the pass before they are reduced.
-    gathered = _stage_params(config, stages) / t * (
-        (jnp.dtype(config.dtype).itemsize if layout.gather_weights_once or stages > 1 else 0)
-        + (4 if stages > 1 else 0))
+    itemsize = jnp.dtype(config.dtype).itemsize
+    gathered = _stage_params(config, stages, layout.pipeline_repeats) / t * (
+        (itemsize if layout.gather_weights_once else 0) + (2 * itemsize + 4 if stages > 1 else 0))
     # The CPU compile holds bfloat16 activations as float32: twice the checkpoints' bytes, of
     # which device_peak_bytes takes the bfloat16 half off for an offloaded policy.
     offloaded = config.remat_policy in OFFLOADED
     kept = _with_remat(config, "layer_inputs") if offloaded else config
-    checkpoints = ((1 if offloaded else 2) * per_stage / config.n_layer
+    checkpoints = ((1 if offloaded else 2) * per_pass * per_stage / config.n_layer
                    * checkpoint_bytes_per_sequence(kept, seq_len, t, layout.sequence_parallel)
                    if config.remat_policy != "none" else 0)
     logits = 2 * 4 * seq_len * config.vocab_size / t
     working = 2 * 4 * seq_len * config.n_head / t * seq_len + logits
     if stages > 1:
-        per_pass = layout.micro_steps(batch_size)[1]
-        inputs = 4 * seq_len * config.hidden_size / (t if layout.sequence_parallel else 1)
-        working += (per_pass + stages - 1) * inputs + per_pass * logits / stages
+        outputs = 4 * seq_len * config.hidden_size / (t if layout.sequence_parallel else 1)
+        working += per_pass * ((2 * layout.pipeline_repeats + 1) * outputs + logits / stages)
     return 16 * params / (stages * f * t) + gathered, checkpoints + working
 
 
-def _divides(config: BloomConfig, mesh: dict[str, int]) -> bool:
+def _divides(config: BloomConfig, mesh: dict[str, int], repeats: int = 1) -> bool:
     """Whether `mesh` divides the parameters as the rules shard them (`tensor`: heads, MLP and
-    vocabulary; `fsdp`, and `stage` where it does not divide the layers: the model dimension),
-    so that the search does not build a model to find out (validation.check_mesh does)."""
+    vocabulary; `fsdp`, and `stage` where its stages do not hold contiguous layers (uneven, or
+    `repeats` > 1; rules.pipeline_rules): the model dimension), so that the search does not
+    build a model to find out (validation.check_mesh does)."""
     t, f, stage = mesh["tensor"], mesh["fsdp"], mesh["stage"]
-    embed = f * (stage if config.n_layer % stage else 1)
+    embed = f * (stage if config.n_layer % stage or repeats > 1 else 1)
     return (config.n_head % t == 0 and config.vocab_size % t == 0
             and 4 * config.hidden_size % t == 0 and config.hidden_size % embed == 0)
 
@@ -364,14 +377,17 @@ def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_
     per-rank batch, one per count of micro-steps (the smallest, for the fewest masked rows); SP
     on and off where `tensor` > 1; SEARCH_REMAT_POLICIES; gather_weights_once on and off where
     `fsdp` > 1; pipelined, the micro-steps in PIPELINE_PASSES passes (of as many micro-steps,
-    the fewest masked), each of at least as many micro-steps as stages."""
+    the fewest masked), each of at least as many micro-steps as stages, and every count of
+    rounds through the stages that needs no more padding layers than one round."""
     layers = workload.model_config.n_layer
     for stage in (s for s in range(1, min(num_devices, layers) + 1) if num_devices % s == 0):
         if padded_layers(layers, stage) - layers >= layers / stage:
             continue  # a stage without a layer (sharded_step.check_stages)
+        per_stage = padded_layers(layers, stage) // stage
+        rounds = [r for r in range(1, per_stage + 1) if per_stage % r == 0
+                  and padded_layers(layers, stage * r) == per_stage * stage]
         for mesh in factorizations(num_devices, stage):
-            if mesh.get("tensor", 1) > devices_per_node or not _divides(
-                    workload.model_config, mesh):
+            if mesh.get("tensor", 1) > devices_per_node:
                 continue
             ranks = mesh.get("data", 1) * mesh.get("fsdp", 1)
             per_rank = -(-workload.batch_size // ranks)
@@ -380,11 +396,16 @@ def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_
                 steps = -(-per_rank // micro_batch_size)
                 passes = sorted({-(-steps // k) for k in PIPELINE_PASSES if k < steps})
                 passes = [None] + [m for m in passes if m >= stage]
-                for per_pass in passes if stage > 1 else [None]:
+                pipelines = [(None, 1)] if stage == 1 else [
+                    (m, r) for m in passes for r in rounds if r == 1 or (m or steps) >= stage]
+                for per_pass, repeats in pipelines:
+                    if not _divides(workload.model_config, mesh, repeats):
+                        continue
                     for sp in (False, True) if mesh.get("tensor", 1) > 1 else (False,):
                         for remat in SEARCH_REMAT_POLICIES:
                             for once in (False, True) if mesh.get("fsdp", 1) > 1 else (False,):
-                                yield Layout(mesh, micro_batch_size, sp, remat, once, per_pass)
+                                yield Layout(mesh, micro_batch_size, sp, remat, once, per_pass,
+                                             repeats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +434,8 @@ def evaluate(workload: sharded_step.Workload, layout: Layout, gpu: str, hfu: flo
     ranks = layout.mesh.get("data", 1) * layout.mesh.get("fsdp", 1)
     micro_steps, per_pass = layout.micro_steps(workload.batch_size)
     compute = compute_s(config, micro_steps * layout.micro_batch_size * ranks, seq_len,
-                        num_devices, gpu, hfu, layout.mesh.get("stage", 1), per_pass)
+                        num_devices, gpu, hfu, layout.mesh.get("stage", 1), per_pass,
+                        layout.pipeline_repeats)
     analytic = predict(analytic_collectives(config, layout, workload.batch_size, seq_len,
                                             devices_per_node), compute, links)
     if not compile_it:
@@ -434,11 +456,11 @@ def evaluate(workload: sharded_step.Workload, layout: Layout, gpu: str, hfu: flo
 
 
 @functools.lru_cache(maxsize=None)
-def _stage_params(config: BloomConfig, stages: int) -> int:
+def _stage_params(config: BloomConfig, stages: int, repeats: int = 1) -> int:
     """Parameters one pipeline stage runs: its share of the padded layers, and the embedding."""
     outside = flops.param_count(dataclasses.replace(config, n_layer=0))
     per_layer = (flops.param_count(config) - outside) // config.n_layer
-    return outside + padded_layers(config.n_layer, stages) // stages * per_layer
+    return outside + padded_layers(config.n_layer, stages * repeats) // stages * per_layer
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,8 +469,8 @@ def _with_remat(config: BloomConfig, remat: str) -> BloomConfig:
 
 
 # Device memory of the remat policies, least first (layer_inputs keeps what full keeps).
-_MEMORY_ORDER = {"layer_inputs_offloaded": 0, "full": 1, "layer_inputs": 1,
-                 "dots_with_no_batch_dims": 2, "dots": 3, "none": 4}
+_MEMORY_ORDER = {"layer_inputs_offloaded": 0, "full": 1, "layer_inputs": 1, "selective": 2,
+                 "dots_with_no_batch_dims": 3, "dots": 4, "none": 5}
 
 
 def _needs_no_less(layout: Layout, than: Layout) -> bool:
@@ -488,13 +510,15 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
 
     def needs(layout: Layout) -> float:
         key = (tuple(layout.mesh.items()), layout.micro_batch_size, layout.sequence_parallel,
-               layout.remat, layout.gather_weights_once, layout.pipeline_micro_steps)
+               layout.remat, layout.gather_weights_once, layout.pipeline_micro_steps,
+               layout.pipeline_repeats)
         if key not in estimates:
             estimates[key] = memory_estimate(_with_remat(workload.model_config, layout.remat),
                                              layout, workload.sequence_length,
                                              workload.batch_size)
         fixed, per_sequence = estimates[key]
-        return (fixed + scales.get(family(layout), FIRST_SCALE) * layout.micro_batch_size
+        return (fixed + scales.get(family(layout), FIRST_SCALE[family(layout)[2]])
+                * layout.micro_batch_size
                 * per_sequence)
 
     ranked = sorted(

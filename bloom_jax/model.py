@@ -38,6 +38,12 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Megatron's selective recomputation (Korthikanti et al. 2022, arXiv:2205.05198): keeps each
+    # layer's input, its queries, keys and values, the residual after attention and the MLP's
+    # hidden layer; recomputes the LayerNorms, attention's softmax(q k + alibi) v and the GELU,
+    # but no weight matmul. Sharded over `tensor` (with SP, the residuals too): 9 h / t a token.
+    "selective": jax.checkpoint_policies.save_only_these_names(
+        "layer_input", "query_key_value", "attention_residual", "mlp_hidden"),
     # Only each layer's bfloat16 input (LAYER_INPUT), on the device or (GPU) in pinned host memory.
     "layer_inputs": jax.checkpoint_policies.save_only_these_names("layer_input"),
     "layer_inputs_offloaded": jax.checkpoint_policies.save_and_offload_only_these_names(
@@ -180,6 +186,7 @@ class Attention(nn.Module):
             bias_init=_zeros(("heads", "qkv", "kv")),
             name="query_key_value",
         )(x)
+        qkv = checkpoint_name(qkv, "query_key_value")
         names = HEAD_ACTIVATION_AXES
         q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
         if self.decode:  # [batch, heads, max_length, head_dim] in the cache (CACHE_AXES)
@@ -263,7 +270,7 @@ class MLP(nn.Module):
             bias_init=_zeros(("mlp",)),
             name="dense_h_to_4h",
         )(x)
-        h = nn.with_logical_constraint(h, MLP_ACTIVATION_AXES)
+        h = checkpoint_name(nn.with_logical_constraint(h, MLP_ACTIVATION_AXES), "mlp_hidden")
         h = jax.nn.gelu(h, approximate=True)
         return nn.DenseGeneral(
             features=cfg.hidden_size,
@@ -294,7 +301,8 @@ class Block(nn.Module):
         # Each sublayer's output joins the residual stream's layout (sequence parallelism: a
         # reduce-scatter over `tensor` instead of an all-reduce) before dropout and the add.
         h = nn.with_logical_constraint(h, EMBED_ACTIVATION_AXES)
-        x = x + dropout(h, deterministic=self.deterministic)
+        x = checkpoint_name(x + dropout(h, deterministic=self.deterministic),
+                            "attention_residual")
         h = _layer_norm(cfg, "post_attention_layernorm")(x)
         h = MLP(cfg, name="mlp")(h)
         h = nn.with_logical_constraint(h, EMBED_ACTIVATION_AXES)
@@ -338,8 +346,8 @@ class BloomForCausalLM(nn.Module):
     positions skip the padding as in the reference) or packed `segment_ids` and `positions`
     (tokens attend only inside their own document).
 
-    stages > 1 runs the layers as a pipeline of that many stages (`pipelined_layers`), the
-    parameters unchanged. Its inputs are then micro-batches, [micro_batches, batch, length] (or
+    stages > 1 runs the layers as a pipeline of that many stages (`pipelined_layers`), each
+    micro-batch going round them `repeats` times, the parameters unchanged. Its inputs are then micro-batches, [micro_batches, batch, length] (or
     one, [batch, length]), that flow through the stages together, and so are the logits; when
     the stages divide the micro-batches, the LM head's work is split over the stages too.
 
@@ -351,6 +359,7 @@ class BloomForCausalLM(nn.Module):
 
     config: BloomConfig
     stages: int = 1
+    repeats: int = 1
 
     @nn.compact
     def __call__(
@@ -434,7 +443,7 @@ class BloomForCausalLM(nn.Module):
                   None)
         else:
             x = pipelined_layers(cfg, self.variables["params"]["h"], x, segment_ids, positions,
-                                 self.stages, deterministic,
+                                 self.stages, self.repeats, deterministic,
                                  None if deterministic else self.make_rng("dropout"))
             x = nn.with_logical_constraint(x, (*micro_out, *EMBED_ACTIVATION_AXES))
 
@@ -495,96 +504,134 @@ def unstack_layers(layers: Any, n_layer: int) -> tuple[Any, ...]:
 
 
 def pipelined_layers(cfg: BloomConfig, layers: Any, inputs: Array, segment_ids: Array,
-                     positions: Array, stages: int, deterministic: bool,
+                     positions: Array, stages: int, repeats: int, deterministic: bool,
                      dropout_rng: Array | None) -> Array:
-    """The layer stack as a GPipe pipeline: stage s holds layers [s L/S, (s+1) L/S) and, at
-    iteration t, runs micro-batch t - s; after each iteration every stage's output moves to the
-    next stage (a roll over the stage axis, which XLA compiles to a collective permute when
-    `activation_stage` is sharded). M micro-batches take M + S - 1 iterations, S - 1 of them
-    idle per stage (`flops.pipeline_bubble`). When S does not divide L, the stack is padded here
-    (not in the parameters) with layers that pass their input through (`padded_layers`); they
-    still cost their stage a layer's compute.
+    """The layer stack as a circular pipeline (GPipe's when repeats = 1). The stack is cut into
+    S x R groups of consecutive layers, group r S + s on stage s, and every micro-batch goes
+    round the S stages R times. At iteration t, stage s runs round (t - s) // M of micro-batch
+    (t - s) % M, then sends its output to the next stage, the last to the first (a collective
+    permute over `stage`, a manual mesh axis here), where it waits for the micro-batch's next
+    round. M micro-batches take M R + S - 1 iterations of 1 / R of a stage's layers, S - 1 of
+    them idle per stage (`flops.pipeline_bubble`). A micro-batch is back at the first stage M
+    iterations after it left it, so rounds need M >= S (fewer are run beside empty ones). When
+    S R does not divide L, the stack is padded here (not in the parameters) with layers that
+    pass their input through (`padded_layers`); they still cost their stage a layer's compute.
 
     layers: the scanned stack's parameters, [n_layer, ...] leaves; inputs: [micro_batches,
     batch, length, embed]; segment_ids, positions: [micro_batches, batch, length]. Returns the
     last layer's outputs, [micro_batches, batch, length, embed].
     """
-    padded = padded_layers(cfg.n_layer, stages)
-    per_stage = padded // stages
-
-    def split(p):  # [n_layer, ...] -> [stages, layers per stage, ...], a stage's on its devices
-        p = jnp.pad(p, [(0, padded - cfg.n_layer)] + [(0, 0)] * (p.ndim - 1))
-        unconstrained = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (p.ndim - 1)
-        return nn.with_logical_constraint(p.reshape(stages, per_stage, *p.shape[1:]),
-                                          ("activation_stage", None, *unconstrained))
-    layers = jax.tree.map(split, layers)
-    real = jnp.arange(padded).reshape(stages, per_stage) < cfg.n_layer  # [stages, per_stage]
     micro_batches = inputs.shape[0]
-    stage_axes = ("activation_stage", *EMBED_ACTIVATION_AXES)
+    if repeats > 1 and micro_batches < stages:  # e.g. an eval batch: run empty ones beside it
+        def pad(a):
+            return jnp.pad(a, [(0, stages - micro_batches)] + [(0, 0)] * (a.ndim - 1))
+        return pipelined_layers(cfg, layers, pad(inputs), pad(segment_ids), pad(positions),
+                                stages, repeats, deterministic, dropout_rng)[:micro_batches]
+    padded = padded_layers(cfg.n_layer, stages * repeats)
+    per_group = padded // (stages * repeats)
 
-    block = Block(cfg, deterministic, parent=None).apply
-    if cfg.remat_policy != "none":
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    def split(p, names):  # [n_layer, ...] -> [stages, per_group, repeats, ...] on the stages
+        p = jnp.pad(p, [(0, padded - cfg.n_layer)] + [(0, 0)] * (p.ndim - 1))
+        # Laid out as stored before it moves to the stages, so that XLA moves the gradients back
+        # by the same all-to-all (reshaped while sharded over `stage`, it all-gathers them).
+        p = nn.with_logical_constraint(p.reshape(repeats, stages, per_group, *p.shape[1:]),
+                                       (None, "layers", None, *names[1:]))
+        return nn.with_logical_constraint(jnp.moveaxis(p, 0, 2),
+                                          ("activation_stage", None, None, *names[1:]))
+    layers = jax.tree.map(split, layers, stack_axes(cfg))
 
-    def run_stage(params, real, x, segment_ids, positions, rngs):
-        """One stage's layers on one micro-batch: [batch, length, embed] -> the same."""
-        alibi, mask = attention_inputs(cfg.n_head, segment_ids, positions)
+    def layer(params, is_real, round_, x, segment_ids, positions, rng):
+        """One layer on a micro-batch. Inside the remat, so that the backward pass computes them
+        again instead of keeping them for every iteration: its parameters of round `round_`,
+        taken from [repeats, ...] leaves, and its ALiBi bias and [length, length] mask."""
+        params = jax.tree.map(lambda a: checkpoint_name(a[round_], "round_inputs"), params)
+        alibi, mask = jax.tree.map(lambda a: checkpoint_name(a, "round_inputs"),
+                                   attention_inputs(cfg.n_head, segment_ids, positions))
+        y, _ = Block(cfg, deterministic, parent=None).apply(
+            {"params": params}, x, alibi, mask, rngs=None if rng is None else {"dropout": rng})
+        return y if padded == cfg.n_layer else jnp.where(is_real[round_], y, x)
+    layer = jax.checkpoint(layer, prevent_cse=False, policy=(
+        jax.checkpoint_policies.save_anything_except_these_names("round_inputs")
+        if cfg.remat_policy == "none" else REMAT_POLICIES[cfg.remat_policy]))
 
-        def layer(x, params_real_rng):
-            params, is_real, rng = params_real_rng
-            y, _ = block({"params": params}, x, alibi, mask,
-                         rngs=None if rng is None else {"dropout": rng})
-            return (y if padded == cfg.n_layer else jnp.where(is_real, y, x)), None
-        return jax.lax.scan(layer, x, (params, real, rngs))[0]
+    def stage(layers, received, inputs, segment_ids, positions, dropout_rng, axis):
+        """Stage s = axis_index(axis) of the pipeline, its layers [per_group, repeats, ...]:
+        returns what it received last of each micro-batch into `received` (zeros, [micro_batches,
+        batch, length, embed]; stage 0: the last stage's outputs)."""
+        s = jax.lax.axis_index(axis)
+        ring = [(i, (i + 1) % stages) for i in range(stages)]
+        # [per_group, repeats]: whether the stage's layer j of round r, (r S + s) G + j, is real.
+        real = ((jnp.arange(repeats) * stages + s) * per_group
+                + jnp.arange(per_group)[:, None]) < cfg.n_layer
 
-    if cfg.remat_policy != "none":
-        # Across iterations keep only each stage's input, and recompute its layers from it (under
-        # the policy) in the backward pass: memory grows with the micro-steps, not the layers.
-        run_stage = jax.checkpoint(run_stage, prevent_cse=False)
+        def iteration(carry, t):
+            x, received = carry
+            # What stage s - 1 gave last iteration; stage 0 gets the last stage's output of
+            # micro-batch step t - S, kept for the micro-batch's next round, and takes micro-batch
+            # t % M: new in the first round, that output after.
+            x = jax.lax.ppermute(x, axis, ring)
+            received = received.at[(t - stages) % micro_batches].set(x)
+            first = jnp.where(t < micro_batches, inputs[t % micro_batches],
+                              received[t % micro_batches])
+            x = jnp.where(s == 0, first, x)
+            step = t - s  # this stage's micro-batch step, negative while it idles
+            round_ = jnp.clip(step // micro_batches, 0, repeats - 1)
+            rngs = (None if dropout_rng is None else jax.random.split(
+                jax.random.fold_in(jax.random.fold_in(dropout_rng, t), s), per_group))
 
-    def pipeline(layers, inputs, segment_ids, positions, dropout_rng):
-        def iteration(state, t):
-            # Stage s takes what stage s - 1 gave last iteration; stage 0 takes micro-batch t.
-            state = jnp.roll(state, 1, axis=0).at[0].set(
-                inputs[jnp.minimum(t, micro_batches - 1)])
-            state = nn.with_logical_constraint(state, stage_axes)
-            micro = jnp.clip(t - jnp.arange(stages), 0, micro_batches - 1)  # [stages]
-            rngs = (None if dropout_rng is None else
-                    jax.random.split(jax.random.fold_in(dropout_rng, t), (stages, per_stage)))
-            state = jax.vmap(run_stage)(
-                layers, real, state, segment_ids[micro], positions[micro], rngs)
-            state = nn.with_logical_constraint(state, stage_axes)
-            return state, state[-1]  # the last stage finishes micro-batch t - (stages - 1)
+            def run(x, params_real_rng):
+                params, is_real, rng = params_real_rng
+                micro = step % micro_batches
+                return layer(params, is_real, round_, x, segment_ids[micro], positions[micro],
+                             rng), None
+            return (jax.lax.scan(run, x, (layers, real, rngs))[0], received), None
 
-        state = jnp.zeros_like(inputs, shape=(stages, *inputs.shape[1:]))
-        _, finished = jax.lax.scan(iteration, state, jnp.arange(micro_batches + stages - 1))
-        return finished[stages - 1:]
+        iterations = micro_batches * repeats + stages - 1
+        (x, received), _ = jax.lax.scan(iteration, (received[0], received),
+                                        jnp.arange(iterations))
+        # The last stage's final output still has to go round the ring.
+        return received.at[(iterations - stages) % micro_batches].set(
+            jax.lax.ppermute(x, axis, ring))
 
-    args = (layers, inputs, jnp.asarray(segment_ids), jnp.asarray(positions), dropout_rng)
+    received = nn.with_logical_constraint(jnp.zeros_like(inputs, shape=(stages, *inputs.shape)),
+                                          ("activation_stage", None, *EMBED_ACTIVATION_AXES))
+    args = (layers, received, inputs, jnp.asarray(segment_ids), jnp.asarray(positions),
+            dropout_rng)
+    stage_axis = nn.logical_to_mesh_axes(("activation_stage",))[0]
+    if stage_axis is None:  # no mesh: the stages vmapped, with the same collectives
+        return jax.vmap(functools.partial(stage, axis="stages"), axis_name="stages",
+                        in_axes=(0, 0, None, None, None, None))(*args)[0]
+    # Inside the pipeline, `stage` and the batch's mesh axes are manual: each stage sends its
+    # output to the next by one collective permute per iteration, and each device sums its own
+    # rows' weight gradients over the iterations, reduced across the batch axes once, at the
+    # boundary (left to XLA, each iteration's gradients of each layer are all-reduced over them).
     batch_axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    if not batch_axes:
-        return pipeline(*args)
-    # The batch's mesh axes are manual inside the pipeline: each device sums its own rows' weight
-    # gradients over the iterations, reduced across those axes once, at its boundary (left to
-    # XLA, each iteration's gradients of each layer are all-reduced over them).
-    inner_rules = tuple((name, _without(axes, batch_axes))
+    inner_rules = tuple((name, _without(axes, (*batch_axes, stage_axis)))
                         for name, axes in nn.get_logical_axis_rules())
 
-    def manual(layers, inputs, segment_ids, positions, dropout_rng):
-        if dropout_rng is not None:  # a different mask for each device's rows
-            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(batch_axes))
-        # Varying over the batch axes here, once: the transpose, a psum, runs once per pass
-        # (cast at each use inside the loop, it would run at each iteration); in float32, as the
-        # gradient accumulators are (XLA's CPU compiler aborts on this bfloat16 psum).
-        layers = jax.tree.map(lambda p: jax.lax.pcast(p.astype(jnp.float32), batch_axes,
-                                                      to="varying").astype(p.dtype), layers)
+    def varying(x, axes):
+        """`x` varying over mesh `axes` from here, so that the transpose, a psum, runs here once
+        per pass (cast at each use inside the loop, it would run at each iteration); in float32
+        (XLA's CPU compiler aborts on these bfloat16 psums)."""
+        return jax.lax.pcast(x.astype(jnp.float32), axes, to="varying").astype(x.dtype)
+
+    def manual(layers, received, inputs, segment_ids, positions, dropout_rng):
+        inputs = varying(inputs, stage_axis)  # for stage 0
+        if batch_axes:
+            if dropout_rng is not None:  # a different mask for each device's rows
+                dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(batch_axes))
+            layers = jax.tree.map(lambda p: varying(p, batch_axes), layers)
         with nn.logical_axis_rules(inner_rules):
-            return pipeline(layers, inputs, segment_ids, positions, dropout_rng)
+            received = stage(jax.tree.map(lambda p: p[0], layers), received[0], inputs,
+                             segment_ids, positions, dropout_rng, stage_axis)
+        return received[None]
     P = jax.sharding.PartitionSpec
-    rows = P(None, batch_axes)  # [micro_batches, batch, ...]
-    return jax.shard_map(manual, in_specs=(P(), rows, rows, rows, P()), out_specs=rows,
-                         axis_names=set(batch_axes))(*args)
+    rows = P(None, batch_axes or None)  # [micro_batches, batch, ...]
+    staged = P(stage_axis, None, batch_axes or None)  # [stages, micro_batches, batch, ...]
+    return jax.shard_map(manual, in_specs=(P(stage_axis), staged, rows, rows, rows, P()),
+                         out_specs=staged,
+                         axis_names={*batch_axes, stage_axis})(*args)[0]
 
 
 def _without(axes: Any, dropped: tuple[str, ...]) -> Any:
@@ -593,6 +640,16 @@ def _without(axes: Any, dropped: tuple[str, ...]) -> Any:
     return kept[0] if len(kept) == 1 else kept or None
 
 
-def padded_layers(n_layer: int, stages: int) -> int:
-    """Layers a pipeline of `stages` runs: `n_layer` rounded up to a multiple of `stages`."""
-    return -(-n_layer // stages) * stages
+@functools.cache
+def stack_axes(config: BloomConfig) -> Any:
+    """The logical axis names of the stacked layers' parameters ("layers" first), as a tree like
+    theirs."""
+    boxed = jax.eval_shape(functools.partial(BloomForCausalLM(config).init, jax.random.key(0)),
+                           jnp.zeros((1, 1), jnp.int32))
+    return nn.get_partition_spec(boxed)["params"]["h"]
+
+
+def padded_layers(n_layer: int, groups: int) -> int:
+    """Layers a pipeline of `groups` layer groups (stages x repeats) runs: `n_layer` rounded up
+    to a multiple of `groups`."""
+    return -(-n_layer // groups) * groups

@@ -33,6 +33,7 @@ from absl import app, flags
 from bloom_jax import budget, budget_report, configs, flops, layouts, scaling, sharded_step
 from bloom_jax.model import padded_layers
 from partitioning.mesh import MeshError, create_mesh, format_shape, shown
+from partitioning import rules as rules_lib
 from partitioning.rules import logical_axis_rules
 
 FLAGS = flags.FLAGS
@@ -93,13 +94,13 @@ def plan_json(candidate: layouts.Candidate, workload: sharded_step.Workload) -> 
     plan, layout, predicted = candidate.plan, candidate.layout, candidate.compiled
     config = layout.workload(workload).model_config
     rows = plan.micro_batches * plan.micro_batch
-    hardware = flops.flops_per_step(config, rows, workload.sequence_length, config.remat_policy,
-                                    plan.mesh.get("stage", 1))
+    hardware = flops.flops_per_step(config, rows, workload.sequence_length, config.remat_policy)
     return {
         "mesh": shown(plan.mesh),
         "micro_batch": layout.micro_batch_size,
         "micro_steps": plan.micro_batches,
         "stages": plan.mesh.get("stage", 1),
+        "repeats": layout.pipeline_repeats,
         "sp": layout.sequence_parallel,
         "remat": layout.remat,
         "compute_s": predicted.compute_s,
@@ -118,8 +119,10 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
     config, seq_len = layout.workload(workload).model_config, workload.sequence_length
     num_devices = math.prod(plan.mesh.values())
     stages = plan.mesh.get("stage", 1)
-    per_pass = layout.micro_steps(workload.batch_size)[1]
-    transfer = flops.stage_transfer_bytes(config, plan.micro_batch, seq_len, plan.mesh)
+    per_pass, repeats = layout.micro_steps(workload.batch_size)[1], layout.pipeline_repeats
+    padded = padded_layers(config.n_layer, stages * repeats)
+    transfer = flops.stage_transfer_bytes(config, plan.micro_batch, seq_len, plan.mesh,
+                                          layout.sequence_parallel)
     compiled, analytic = candidate.compiled, candidate.analytic
     by_kind = {}
     for c in plan.collectives:
@@ -135,11 +138,10 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
         f"micro-steps of {plan.micro_batch} sequences (remat: {config.remat_policy}, "
         f"sequence parallel: {layout.sequence_parallel}, weights gathered once per step: "
         f"{layout.gather_weights_once})",
-        *([f"pipeline: {stages} stages of {padded_layers(config.n_layer, stages) // stages} "
-           f"layers ({padded_layers(config.n_layer, stages) - config.n_layer} of them "
-           f"pass-throughs), passes of {per_pass} micro-steps, bubble "
-           f"{flops.pipeline_bubble(stages, per_pass):.1%} (GPipe, in the predicted compute); "
-           f"{budget.short(transfer)}B per device to the next stage per micro-step"]
+        *([f"pipeline: {stages} stages of {padded // stages} layers ({padded - config.n_layer} "
+           f"of them pass-throughs) in {repeats} round(s), passes of {per_pass} micro-steps, "
+           f"bubble {flops.pipeline_bubble(stages, per_pass, repeats):.1%} (in the predicted "
+           f"compute); {budget.short(transfer)}B per device to the next stage per iteration"]
           if stages > 1 else []),
         "sharding (parameter: shape -> mesh axes):",
         *(f"  {name}: {shape} -> {spec}" for name, shape, spec in plan.shardings),
@@ -157,7 +159,7 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
         f"model FLOPs per step: {flops.flops_per_step(config, workload.batch_size, seq_len):.4g}"
         f" (per token: {flops.flops_per_token(config, seq_len):.4g}; hardware, with remat "
         f"{config.remat_policy}'s recomputation: "
-        f"{flops.flops_per_token(config, seq_len, config.remat_policy, stages):.4g})",
+        f"{flops.flops_per_token(config, seq_len, config.remat_policy):.4g})",
         "collectives per step, wire bytes per device (from the compiled program):",
         *(f"  {key}: {b / 2**20:,.1f} MiB" for key, b in sorted(by_kind.items())),
         f"predicted on {gpu} (hardware FLOPs at {hfu:.1%} of peak; NVLink "
@@ -248,10 +250,11 @@ def main(argv: Sequence[str]) -> None:
     ranks = mesh.shape["data"] * mesh.shape["fsdp"]
     layout = layouts.Layout(
         dict(mesh.shape), workload.micro_batch_size or -(-workload.batch_size // ranks),
-        sequence_parallel=bool(dict(rules).get("activation_norm_length")),
+        sequence_parallel=rules_lib.sequence_parallel(rules),
         remat=workload.model_config.remat_policy,
         gather_weights_once=workload.gather_weights_once,
-        pipeline_micro_steps=workload.pipeline_micro_steps)
+        pipeline_micro_steps=workload.pipeline_micro_steps,
+        pipeline_repeats=workload.pipeline_repeats)
     candidate = layouts.evaluate(workload, layout, gpu.name, FLAGS.hfu, links(gpu.name),
                                  FLAGS.devices_per_host, compile_it=True, rules=rules)
     if FLAGS.json:

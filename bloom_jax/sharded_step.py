@@ -52,7 +52,12 @@ class Workload:
     pipeline_micro_steps: on a mesh with pipeline stages, the micro-steps that go through the
       pipeline together, whose activations and logits are held at once; a step takes passes of
       them (its micro-steps rounded up to a multiple, the surplus masked). Each pass idles
-      (stages - 1) / (pipeline_micro_steps + stages - 1). None: one pass of all the micro-steps.
+      (stages - 1) / (pipeline_micro_steps x pipeline_repeats + stages - 1). None: one pass of
+      all the micro-steps.
+    pipeline_repeats: rounds each micro-step makes through the pipeline's stages, each stage
+      running 1 / pipeline_repeats of its layers per round (a circular pipeline: the bubble
+      shrinks by this factor, the stage-to-stage transfers grow by it). Needs passes of at
+      least as many micro-steps as stages.
     gather_weights_once: all-gather the FSDP-sharded weights (in the compute dtype) once per
       step, before the micro-steps, instead of in every micro-step's forward and backward;
       costs the gathered weights' memory for the whole step.
@@ -64,12 +69,14 @@ class Workload:
     batch_ramp: optim.BatchRampUp = dataclasses.field(default_factory=optim.BatchRampUp)
     lora: lora_lib.LoraConfig | None = None
     pipeline_micro_steps: int | None = None
+    pipeline_repeats: int = 1
     gather_weights_once: bool = False
 
     def __post_init__(self):
         configs.check_int("SEQUENCE_LENGTH", self.sequence_length, "2048")
         if self.pipeline_micro_steps is not None:
             configs.check_int("Workload.pipeline_micro_steps", self.pipeline_micro_steps, "8")
+        configs.check_int("Workload.pipeline_repeats", self.pipeline_repeats, "1")
         if self.gather_weights_once and self.lora is not None:
             raise ValueError("Workload.gather_weights_once applies to full training; with "
                              "Workload.lora set it to False.")
@@ -215,11 +222,12 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
     would, before anything is compiled.
     """
     stages = mesh.shape["stage"]
-    check_stages(workload, stages)
-    rules = rules_lib.pipeline_rules(rules, workload.model_config.n_layer, stages)
-    model = model_lib.BloomForCausalLM(workload.model_config, stages=stages)
-    optimizer = optim.make_optimizer()
     micro_batch = workload.micro_batch(mesh)
+    check_stages(workload, stages, micro_batch)
+    repeats = workload.pipeline_repeats if stages > 1 else 1
+    rules = rules_lib.pipeline_rules(rules, workload.model_config.n_layer, stages, repeats)
+    model = model_lib.BloomForCausalLM(workload.model_config, stages=stages, repeats=repeats)
+    optimizer = optim.make_optimizer()
     boxed_model_params = boxed_params(model)
     validation.check_mesh(mesh.shape, boxed_model_params, rules,
                           (micro_batch, workload.sequence_length))
@@ -259,16 +267,28 @@ def shard_training(workload: Workload, mesh: jax.sharding.Mesh, rules: rules_lib
                            base_shardings, abstract_base)
 
 
-def check_stages(workload: Workload, stages: int) -> None:
-    """Raises MeshError unless every one of `stages` pipeline stages gets a layer (stages that
-    do not divide the layers are padded, model.pipelined_layers) and the run is not LoRA's,
-    which is not pipelined."""
-    layers = workload.model_config.n_layer
-    if stages > 1 and model_lib.padded_layers(layers, stages) - layers >= layers / stages:
+def check_stages(workload: Workload, stages: int, micro_batch: int) -> None:
+    """Raises MeshError unless every one of `stages` pipeline stages gets a layer (stacks that
+    the stages x `Workload.pipeline_repeats` groups of layers do not divide are padded,
+    model.pipelined_layers), rounds through the stages go with passes of at least as many
+    micro-steps as stages (of `micro_batch` sequences), and the run is not LoRA's, which is not
+    pipelined."""
+    if stages == 1:
+        return
+    layers, repeats = workload.model_config.n_layer, workload.pipeline_repeats
+    padded = model_lib.padded_layers(layers, stages * repeats)
+    if padded - layers >= padded / stages:
         raise mesh_lib.MeshError(
             f"n_layer={layers} layers leave a stage of stage={stages} pipeline stages without "
-            f"a layer; set create_mesh.stage to at most {layers}.")
-    if stages > 1 and workload.lora is not None:
+            f"a layer (padded to {padded} for Workload.pipeline_repeats={repeats}); set "
+            f"create_mesh.stage to at most {layers // repeats}, or fewer repeats.")
+    per_pass = workload.pipeline_micro_steps or micro_steps(workload.batch_size, micro_batch)
+    if repeats > 1 and per_pass < stages:
+        raise mesh_lib.MeshError(
+            f"Workload.pipeline_repeats={repeats} needs passes of at least stage={stages} "
+            f"micro-steps, got {per_pass}; set Workload.pipeline_micro_steps to at least "
+            f"{stages}, or Workload.pipeline_repeats = 1.")
+    if workload.lora is not None:
         raise mesh_lib.MeshError("LoRA does not run pipelined; set create_mesh.stage = 1.")
 
 

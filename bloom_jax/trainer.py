@@ -151,13 +151,14 @@ def train(
                  mesh_lib.shown(dict(mesh.shape)), f"{flops.param_count(model_config):,}",
                  training.micro_batch, sequence_length)
     if (stages := mesh.shape["stage"]) > 1:
-        per_pass = training.pipeline_pass(workload.batch_size)
-        logging.info("Pipeline: %d stages x %d layers, passes of %d micro-steps: bubble %.1f%% "
-                     "(GPipe); %sB per device to the next stage per micro-step.", stages,
-                     padded_layers(model_config.n_layer, stages) // stages, per_pass,
-                     100 * flops.pipeline_bubble(stages, per_pass),
+        per_pass, repeats = training.pipeline_pass(workload.batch_size), training.model.repeats
+        logging.info("Pipeline: %d stages x %d layers in %d round(s), passes of %d micro-steps: "
+                     "bubble %.1f%%; %sB per device to the next stage per iteration.", stages,
+                     padded_layers(model_config.n_layer, stages * repeats) // stages, repeats,
+                     per_pass, 100 * flops.pipeline_bubble(stages, per_pass, repeats),
                      metrics.human(flops.stage_transfer_bytes(
-                         model_config, training.micro_batch, sequence_length, mesh.shape)))
+                         model_config, training.micro_batch, sequence_length, mesh.shape,
+                         rules_lib.sequence_parallel(rules))))
     if eval_every:
         eval_batch_size = eval_batch_size or training.micro_batch
         evaluator = sharded_step.shard_eval(training.model, mesh, rules, eval_batch_size,
@@ -184,7 +185,7 @@ def train(
     logger.write_text(0, "gin/operative_config", operative_config)
     # Per sequence: model FLOPs (MFU) and with the remat policy's recomputation (HFU).
     sequence_flops, sequence_hardware_flops = (
-        flops.flops_per_step(model_config, 1, sequence_length, policy, mesh.shape["stage"])
+        flops.flops_per_step(model_config, 1, sequence_length, policy)
         for policy in ("none", model_config.remat_policy))
     peak = flops.peak_flops(jax.devices()[0], model_config.dtype.name)
     step, consumed = int(state.step), int(state.consumed_samples)

@@ -65,6 +65,11 @@ def _checked_rule(rule: Sequence) -> tuple[str, MeshAxes]:
 SEQUENCE_PARALLEL_RULES: Rules = (("activation_norm_length", "tensor"),)
 
 
+def sequence_parallel(rules: Rules) -> bool:
+    """Whether `rules` shard the residual stream along its length (sequence parallelism)."""
+    return dict(rules).get("activation_norm_length") is not None
+
+
 @gin.configurable
 def logical_axis_rules(overrides: Sequence[Sequence] = (),
                        sequence_parallel: bool = False) -> Rules:
@@ -83,14 +88,16 @@ def logical_axis_rules(overrides: Sequence[Sequence] = (),
     return overrides + tuple(rule for rule in DEFAULT_RULES if rule[0] not in replaced)
 
 
-def pipeline_rules(rules: Rules, n_layer: int, stages: int) -> Rules:
-    """`rules` for a pipeline of `stages` that do not divide the `n_layer` stacked layers: the
-    stored stack cannot be split over `stage` (jit shards only evenly), so every parameter's
-    model dimension is sharded over `stage` as well as its own axes, and the model pads the
-    stack and moves each stage's layers to it at run time. "activation_stage" comes first, so
-    that those layers take `stage` on their stage axis and "embed" then falls back to its own
-    rule. Divisible stages keep `rules`."""
-    if n_layer % stages == 0:
+def pipeline_rules(rules: Rules, n_layer: int, stages: int, repeats: int = 1) -> Rules:
+    """`rules` for a pipeline of `stages` whose layers are not the stored stack's contiguous
+    blocks: stages that do not divide the `n_layer` stacked layers (jit shards only evenly), or
+    `repeats` > 1 (stage s runs every S-th group of layers). Every parameter's model dimension
+    is then sharded over `stage` as well as its own axes, and the model pads the stack and
+    moves each stage's layers to it at run time (an all-to-all each way: resharding the stored
+    layer axis itself, XLA all-gathers the gradients over `stage`). "activation_stage" comes
+    first, so that those layers take `stage` on their stage axis and "embed" then falls back to
+    its own rule. Stages of contiguous blocks keep `rules`."""
+    if n_layer % stages == 0 and repeats == 1:
         return rules
     named = dict(rules)
     embed = named.get("embed")

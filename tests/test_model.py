@@ -102,7 +102,8 @@ def test_mask_and_segments_are_exclusive():
 
 
 @pytest.mark.parametrize("variant", [{"scan_layers": False}, {"remat_policy": "full"},
-                                     {"remat_policy": "dots", "scan_layers": False}])
+                                     {"remat_policy": "dots", "scan_layers": False},
+                                     {"remat_policy": "selective"}])
 def test_scan_and_remat_change_no_numbers(variant):
     params = init_params(TINY)
     ids = random_ids((2, 12), TINY.vocab_size)

@@ -77,29 +77,32 @@ def test_overlap_model_hides_weight_traffic_behind_compute_but_not_activation_tr
     assert long.comm_bytes == {"nvlink": 300e9, "network": 3e9}
 
 
-def test_a_pipelined_step_computes_the_padded_layers_through_gpipes_bubble():
-    """3 layers on 2 stages run 4 (one a pass-through); 16 sequences in micro-steps of 2 per
-    rank, passes of 4: each pass takes 4 + 2 - 1 iterations."""
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_a_pipelined_step_computes_the_padded_layers_through_the_bubble(repeats):
+    """3 layers on 2 stages run 4 (one a pass-through), in 1 round of 2 layers or 2 of 1; 16
+    sequences in micro-steps of 2 per rank, passes of 4: each pass takes 4 R + 2 - 1
+    iterations."""
     config = sharded_step.BloomConfig(hidden_size=2048, n_layer=3, n_head=16,
                                       remat_policy="full")
     workload = sharded_step.Workload(config, sequence_length=2048,
                                      batch_ramp=optim.BatchRampUp(global_batch_size=16, start=16))
     layout = layouts.Layout({"stage": 2, "data": 1, "fsdp": 1, "tensor": 1}, 2, False, "full",
-                            False, pipeline_micro_steps=4)
+                            False, pipeline_micro_steps=4, pipeline_repeats=repeats)
     assert layout.micro_steps(16) == (8, 4)
     found = layouts.evaluate(workload, layout, "A100", 0.5, layouts.LINKS["A100"], 8,
                              compile_it=False).analytic
     padded = dataclasses.replace(config, n_layer=4)
-    # a stage recomputes its layers from its input, then each layer under "full" once more
-    hardware = flops.flops_per_step(padded, 16, 2048, "full", stages=2)
-    assert hardware == pytest.approx(flops.flops_per_step(padded, 16, 2048) + 2 * 16 * 2048 * 4
+    # "full" recomputes each layer's forward once
+    hardware = flops.flops_per_step(padded, 16, 2048, "full")
+    assert hardware == pytest.approx(flops.flops_per_step(padded, 16, 2048) + 16 * 2048 * 4
                                      * (24 * 2048**2 + 4 * 2048 * 2048))
+    iterations = 4 * repeats + 2 - 1
     assert found.compute_s == pytest.approx(
-        hardware / (2 * flops.PEAK_FLOPS["A100"]["bfloat16"] * 0.5) * (4 + 2 - 1) / 4)
+        hardware / (2 * flops.PEAK_FLOPS["A100"]["bfloat16"] * 0.5) * iterations / (4 * repeats))
     permutes = [c for c in layouts.analytic_collectives(padded, layout, 16, 2048, 8)
-                if c.kind == "collective-permute"]  # 2 passes of 5 iterations, both ways
+                if c.kind == "collective-permute"]  # 2 passes, each iteration both ways
     assert [(c.axes, c.count, c.wire_bytes) for c in permutes] == [
-        (("stage",), 2 * 2 * 5, 2 * 2048 * 2048 * 4)]
+        (("stage",), 2 * 2 * iterations, 2 * 2048 * 2048 * 4)]
 
 
 def test_sequence_parallelism_shrinks_the_checkpoints_by_the_tensor_size():
@@ -108,6 +111,9 @@ def test_sequence_parallelism_shrinks_the_checkpoints_by_the_tensor_size():
     full = layouts.checkpoint_bytes_per_sequence(config, 2048, 8, False)
     assert full == 70 * 2048 * 14336 * 2
     assert layouts.checkpoint_bytes_per_sequence(config, 2048, 8, True) == full // 8
+    selective = dataclasses.replace(config, remat_policy="selective")  # 2 residuals, qkv, MLP
+    assert layouts.checkpoint_bytes_per_sequence(selective, 2048, 8, True) == (
+        70 * 2048 * (2 + 3 + 4) * 14336 // 8 * 2)
     offloaded = dataclasses.replace(config, remat_policy="layer_inputs_offloaded")
     assert layouts.checkpoint_bytes_per_sequence(offloaded, 2048, 8, True) == 0
 
@@ -180,9 +186,9 @@ def test_cli_plans_a_pipelined_mesh_with_its_bubble(tmp_path):
     assert "mesh: stage=2, data=1, fsdp=2, tensor=2 (8 devices)" in result.stdout
     # 16 sequences in micro-steps of 2 x fsdp 2: (2 - 1) / (4 + 2 - 1); each device sends its
     # 2 rows of 32 x 64 bfloat16 activations
-    assert ("pipeline: 2 stages of 1 layers (0 of them pass-throughs), passes of 4 micro-steps, "
-            "bubble 20.0% (GPipe, in the predicted compute); 8.19kB per device to the next "
-            "stage per micro-step") in result.stdout
+    assert ("pipeline: 2 stages of 1 layers (0 of them pass-throughs) in 1 round(s), passes of "
+            "4 micro-steps, bubble 20.0% (in the predicted compute); 8.19kB per device to the "
+            "next stage per iteration") in result.stdout
     assert "h/mlp/dense_h_to_4h/kernel: (2, 64, 256) -> P('stage', 'fsdp', 'tensor')" in (
         result.stdout)
 
@@ -194,8 +200,8 @@ def test_cli_json_is_one_object_with_the_planner_keys(tmp_path):
                       "=True", "--gin.MICRO_BATCH_SIZE=2", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout)
-    assert list(found) == ["mesh", "micro_batch", "micro_steps", "stages", "sp", "remat",
-                           "compute_s", "comm_bytes", "predicted_step_s",
+    assert list(found) == ["mesh", "micro_batch", "micro_steps", "stages", "repeats", "sp",
+                           "remat", "compute_s", "comm_bytes", "predicted_step_s",
                            "predicted_tflops_per_device", "per_device_peak_bytes"]
     assert found["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
     assert (found["micro_batch"], found["micro_steps"], found["stages"], found["sp"]) == (

@@ -196,7 +196,7 @@ def test_pipelined_run_on_8_devices_logs_its_bubble_and_the_losses_of_one_device
                          "--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=2", devices=8))
     assert "Mesh {'stage': 2, 'data': 2, 'fsdp': 2, 'tensor': 1}" in pipelined.stderr
     # The reference's batches: one micro-step of all 16 sequences, (2 - 1) / (1 + 2 - 1) idle
-    assert ("Pipeline: 2 stages x 1 layers, passes of 1 micro-steps: bubble 50.0% (GPipe)"
+    assert ("Pipeline: 2 stages x 1 layers in 1 round(s), passes of 1 micro-steps: bubble 50.0%;"
             in pipelined.stderr)
     expected, got = read_scalars(reference), read_scalars(tmp_path)
     for tag in ("loss", "grad_norm"):

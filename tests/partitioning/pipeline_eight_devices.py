@@ -6,11 +6,12 @@ Run as a script in a fresh process (the device count is fixed when jax starts):
         python tests/partitioning/pipeline_eight_devices.py OUT_DIR
 It writes OUT_DIR/results.npz, keyed "<run>/<what>":
   - "single/...": loss and gradients of the unpipelined model on one device; "<mesh>/...": the
-    same from the pipelined model on that mesh; "single_uneven/..." and "uneven_<mesh>/...": the
-    same for a model of 7 layers, on stages that do not divide them;
+    same from the pipelined model on that mesh (circular: 2 rounds through 2 stages);
+    "single_uneven/..." and "uneven_<mesh>/...": the same for a model of 7 layers, on stages
+    that do not divide them;
   - "step_<layout>/...": loss, gradient norm and parameters after one train step
-    (`shard_training`) on pipelined (in one pass or two, and with uneven stages) and unpipelined
-    layouts of the same 8 devices;
+    (`shard_training`) on pipelined (circular in one pass, in two passes, and with uneven
+    stages) and unpipelined layouts of the same 8 devices;
   - "restored_<from>_on_<to>/...": the parameters a checkpoint of one layout restores to on the
     other;
 and OUT_DIR/counts.json: collective permutes in each compiled program, and the shardings of the
@@ -36,23 +37,23 @@ from partitioning.shardings import batch_sharding, init_params, put_batch
 from tests.partitioning import eight_devices as run8
 
 CONFIG = BloomConfig(vocab_size=run8.MODEL.config.vocab_size, hidden_size=64, n_layer=4,
-                     n_head=8, remat_policy="full")
-MESHES = {  # the pipelined meshes the loss and gradients are checked on
-    "stage2_fsdp2_tensor2": dict(stage=2, data=1, fsdp=2, tensor=2),
-    "stage4_data2": dict(stage=4, data=2),
+                     n_head=8, remat_policy="selective")
+MESHES = {  # the pipelined meshes the loss and gradients are checked on, and their rounds
+    "circular_stage2_fsdp2_tensor2": (dict(stage=2, data=1, fsdp=2, tensor=2), 2),
 }
 # 7 layers: 4 stages run 8, the last stage's second a pass-through (model.padded_layers).
 UNEVEN_CONFIG = dataclasses.replace(CONFIG, n_layer=7)
-UNEVEN_MESHES = {"uneven_stage4_fsdp2": dict(stage=4, data=1, fsdp=2)}
+UNEVEN_MESHES = {"uneven_stage4_fsdp2": (dict(stage=4, data=1, fsdp=2), 1)}
 MICRO_BATCHES = 4  # of 2 sequences: more micro-batches than stages, and as many
 # The train step: the same 8 devices with and without a pipeline, 2 micro-steps of 4 sequences
-# (mesh, MICRO_BATCH_SIZE, Workload.pipeline_micro_steps): through the pipeline in one pass or two.
+# (mesh, MICRO_BATCH_SIZE, Workload.pipeline_micro_steps, Workload.pipeline_repeats): through
+# the pipeline in one pass of 2 rounds, or in two passes.
 LAYOUTS = {
-    "pipelined": (CONFIG, dict(stage=2, data=1, fsdp=2, tensor=2), 2, None),
-    "pipelined_in_passes": (CONFIG, dict(stage=2, data=1, fsdp=2, tensor=2), 2, 1),
-    "plain": (CONFIG, dict(data=1, fsdp=4, tensor=2), 1, None),
-    "uneven_pipelined": (UNEVEN_CONFIG, dict(stage=4, data=1, fsdp=2), 2, None),
-    "uneven_plain": (UNEVEN_CONFIG, dict(data=1, fsdp=4, tensor=2), 1, None),
+    "pipelined": (CONFIG, dict(stage=2, data=1, fsdp=2, tensor=2), 2, None, 2),
+    "pipelined_in_passes": (CONFIG, dict(stage=2, data=1, fsdp=2, tensor=2), 2, 1, 1),
+    "plain": (CONFIG, dict(data=1, fsdp=4, tensor=2), 1, None, 1),
+    "uneven_pipelined": (UNEVEN_CONFIG, dict(stage=4, data=1, fsdp=2), 2, None, 1),
+    "uneven_plain": (UNEVEN_CONFIG, dict(data=1, fsdp=4, tensor=2), 1, None, 1),
 }
 
 
@@ -79,12 +80,12 @@ def run_single_device(config: BloomConfig) -> dict[str, np.ndarray]:
     return run8.as_arrays(params, loss, grads)
 
 
-def run_pipelined(config: BloomConfig, shape: dict[str, int],
+def run_pipelined(config: BloomConfig, shape: dict[str, int], repeats: int,
                   ) -> tuple[dict[str, np.ndarray], int]:
     """Loss and gradients of the pipelined model, and the compiled program's permutes."""
     mesh = create_mesh(**shape)
-    rules = pipeline_rules(logical_axis_rules(), config.n_layer, shape["stage"])
-    model = BloomForCausalLM(config, stages=shape["stage"])
+    rules = pipeline_rules(logical_axis_rules(), config.n_layer, shape["stage"], repeats)
+    model = BloomForCausalLM(config, stages=shape["stage"], repeats=repeats)
     params = init_params(model, jax.random.key(run8.SEED), jax.ShapeDtypeStruct((1, 1), jnp.int32),
                          mesh=mesh, rules=rules)
     with activation_sharding(mesh, rules):
@@ -97,11 +98,12 @@ def run_pipelined(config: BloomConfig, shape: dict[str, int],
 
 
 def shard_layout(config: BloomConfig, shape: dict[str, int], micro_batch_size: int,
-                 pipeline_micro_steps: int | None) -> sharded_step.ShardedTraining:
+                 pipeline_micro_steps: int | None, pipeline_repeats: int,
+                 ) -> sharded_step.ShardedTraining:
     workload = sharded_step.Workload(
         config, sequence_length=run8.LENGTH, micro_batch_size=micro_batch_size,
         batch_ramp=optim.BatchRampUp(global_batch_size=run8.BATCH, start=run8.BATCH),
-        pipeline_micro_steps=pipeline_micro_steps)
+        pipeline_micro_steps=pipeline_micro_steps, pipeline_repeats=pipeline_repeats)
     return sharded_step.shard_training(workload, create_mesh(**shape), logical_axis_rules())
 
 
@@ -137,8 +139,8 @@ def main(out_dir: pathlib.Path) -> None:
     arrays.update({f"single_uneven/{k}": v for k, v in run_single_device(UNEVEN_CONFIG).items()})
     counts = {}
     for config, meshes in ((CONFIG, MESHES), (UNEVEN_CONFIG, UNEVEN_MESHES)):
-        for name, shape in meshes.items():
-            mesh_arrays, counts[name] = run_pipelined(config, shape)
+        for name, (shape, repeats) in meshes.items():
+            mesh_arrays, counts[name] = run_pipelined(config, shape, repeats)
             arrays.update({f"{name}/{k}": v for k, v in mesh_arrays.items()})
     layouts = {name: shard_layout(*layout) for name, layout in LAYOUTS.items()}
     for name, training in layouts.items():

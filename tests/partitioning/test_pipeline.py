@@ -5,7 +5,9 @@ pipelined and plain layouts.
 The 8-device runs happen in one subprocess (tests/partitioning/pipeline_eight_devices.py).
 """
 
+import dataclasses
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -38,9 +40,17 @@ def test_stages_left_without_a_layer_are_refused_naming_the_fix():
         BloomConfig(vocab_size=64, hidden_size=32, n_layer=6, n_head=4), sequence_length=16,
         batch_ramp=optim.BatchRampUp(global_batch_size=8, start=8))
     mesh = jax.sharding.AbstractMesh((4, 1, 1, 1), ("stage", "data", "fsdp", "tensor"))
-    with pytest.raises(MeshError, match="n_layer=6 layers leave a stage of stage=4 pipeline "
-                       "stages without a layer; set create_mesh.stage to at most 6"):
+    with pytest.raises(MeshError, match=re.escape(
+            "n_layer=6 layers leave a stage of stage=4 pipeline stages without a layer (padded "
+            "to 8 for Workload.pipeline_repeats=1); set create_mesh.stage to at most 6")):
         sharded_step.shard_training(workload, mesh, ())  # 8 padded layers, 2 a stage
+    circular = dataclasses.replace(workload, model_config=BloomConfig(
+        vocab_size=64, hidden_size=32, n_layer=8, n_head=4), pipeline_repeats=2,
+        micro_batch_size=4)
+    with pytest.raises(MeshError, match="Workload.pipeline_repeats=2 needs passes of at least "
+                       "stage=4 micro-steps, got 2; set Workload.pipeline_micro_steps to at least "
+                       "4, or Workload.pipeline_repeats = 1"):
+        sharded_step.shard_training(circular, mesh, ())
 
 
 def test_uneven_stages_shard_the_stored_layers_model_dimension_over_stage():
@@ -50,6 +60,8 @@ def test_uneven_stages_shard_the_stored_layers_model_dimension_over_stage():
     assert nn.logical_to_mesh_axes(("activation_stage", None, "embed", "heads"), rules) == P(
         "stage", None, "fsdp", "tensor")  # a stage's layers at run time
     assert pipeline_rules(logical_axis_rules(), n_layer=8, stages=4) == logical_axis_rules()
+    # rounds: stage s holds every S-th group of layers, not a contiguous block
+    assert pipeline_rules(logical_axis_rules(), n_layer=8, stages=4, repeats=2) == rules
 
 
 @pytest.mark.slow
