@@ -14,8 +14,8 @@ It writes OUT_DIR/results.npz, keyed "<run>/<what>":
     stages) and unpipelined layouts of the same 8 devices;
   - "restored_<from>_on_<to>/...": the parameters a checkpoint of one layout restores to on the
     other;
-and OUT_DIR/counts.json: collective permutes in each compiled program, and the shardings of the
-restored parameters.
+and OUT_DIR/counts.json: the bytes a device sends to other stages in each compiled program,
+and the shardings of the restored parameters.
 """
 
 import dataclasses
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bloom_jax import checkpoints, optim, sharded_step
+from bloom_jax import checkpoints, collectives, optim, sharded_step
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
 from partitioning.rules import activation_sharding, logical_axis_rules, pipeline_rules
@@ -82,7 +82,8 @@ def run_single_device(config: BloomConfig) -> dict[str, np.ndarray]:
 
 def run_pipelined(config: BloomConfig, shape: dict[str, int], repeats: int,
                   ) -> tuple[dict[str, np.ndarray], int]:
-    """Loss and gradients of the pipelined model, and the compiled program's permutes."""
+    """Loss and gradients of the pipelined model, and the bytes a device sends to other stages
+    by the compiled program's permutes."""
     mesh = create_mesh(**shape)
     rules = pipeline_rules(logical_axis_rules(), config.n_layer, shape["stage"], repeats)
     model = BloomForCausalLM(config, stages=shape["stage"], repeats=repeats)
@@ -94,7 +95,9 @@ def run_pipelined(config: BloomConfig, shape: dict[str, int], repeats: int,
         compiled = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(model, p, b))).lower(
             params, batch).compile()
         loss, grads = compiled(params, batch)
-    return run8.as_arrays(params, loss, grads), compiled.as_text().count("collective-permute(")
+    permutes = [c for c in collectives.read(compiled.as_text(), dict(mesh.shape), 8)
+                if c.kind == "collective-permute" and c.axes == ("stage",)]
+    return run8.as_arrays(params, loss, grads), sum(c.wire_bytes * c.count for c in permutes)
 
 
 def shard_layout(config: BloomConfig, shape: dict[str, int], micro_batch_size: int,
