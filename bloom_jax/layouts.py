@@ -1,24 +1,24 @@
 """Train-step layouts compiled on abstract arrays: memory, collectives and predicted step time.
 
-A layout is a mesh (with `stage` > 1, a pipeline), a micro-batch size, sequence parallelism, a
-remat policy, whether FSDP weights are gathered once per step and, pipelined, the micro-steps of
-one pass through the pipeline and the rounds each makes through the stages. `plan_step` compiles the trainer's real step for
-one (nothing is allocated) and reads the per-device memory and the collectives (collectives.py)
-from the compiled program. `predict` turns them into a step time by the overlap model:
+A layout is a mesh (with `stage` > 1, a pipeline), a micro-batch size, sequence parallelism, a remat
+policy, whether FSDP weights are gathered once per step and, pipelined, the micro-steps of one pass
+through the pipeline and the rounds each makes through the stages. `plan_step` compiles the
+trainer's real step for one (nothing is allocated) and reads the per-device memory and the
+collectives (collectives.py) from the compiled program. `predict` turns them into a step time by the
+overlap model:
 
     step_s = max(compute_s, overlapped_s) + exposed_s
 
-compute_s is the hardware FLOPs (the remat policy's recomputation and masked rows counted) at
-`hfu` of the bfloat16 peak; pipelined, of the layer stack padded to a multiple of the layer
-groups, stretched by the bubble: x (M R + S - 1) / (M R) for passes of M micro-steps making R
-rounds through S stages. Every
-collective takes wire bytes / its link's bandwidth. Collectives over `tensor` alone carry
-activations the next operation waits for (Megatron's all-reduces, or SP's all-gathers and
-reduce-scatters), and so do collective permutes (a pipeline stage's output, which the next
-stage waits for): exposed. All others move weights and gradients (FSDP gathers and
-reduce-scatters within a stage, the data-parallel all-reduce), which XLA's scheduler runs beside
-the layers' compute: overlapped, as long as compute lasts. `analytic_collectives` gives the same
-collectives by formula; `search` ranks layouts by it, then compiles the most promising.
+compute_s is the hardware FLOPs (the remat policy's recomputation and masked rows counted) at `hfu`
+of the bfloat16 peak; pipelined, of the layer stack padded to a multiple of the layer groups,
+stretched by the bubble: x (M R + S - 1) / (M R) for passes of M micro-steps making R rounds through
+S stages. Every collective takes wire bytes / its link's bandwidth. Collectives over `tensor` alone
+carry activations the next operation waits for (Megatron's all-reduces, or SP's all-gathers and
+reduce-scatters), and so do collective permutes (a pipeline stage's output, which the next stage
+waits for): exposed. All others move weights and gradients (FSDP gathers and reduce-scatters within
+a stage, the data-parallel all-reduce), which XLA's scheduler runs beside the layers' compute:
+overlapped, as long as compute lasts. `analytic_collectives` gives the same collectives by formula;
+`search` ranks layouts by it, then compiles the most promising.
 """
 
 from __future__ import annotations
@@ -339,8 +339,9 @@ def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int, batch_siz
     f, t, stages = mesh.get("fsdp", 1), mesh.get("tensor", 1), mesh.get("stage", 1)
     per_pass = layout.micro_steps(batch_size)[1]
     per_stage = padded_layers(config.n_layer, stages * layout.pipeline_repeats) // stages
-    # A stage's weights gathered (once per step, or pipelined for each pass) and, pipelined,
-    # their float32 gradients, summed over the pass before they are reduced.
+    # A stage's weights gathered (once per step, or pipelined for each pass: then twice, as
+    # stored and moved to the stages) and, pipelined, their float32 gradients, summed over the
+    # pass before they are reduced.
     itemsize = jnp.dtype(config.dtype).itemsize
     gathered = _stage_params(config, stages, layout.pipeline_repeats) / t * (
         (itemsize if layout.gather_weights_once else 0) + (2 * itemsize + 4 if stages > 1 else 0))

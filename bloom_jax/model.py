@@ -347,9 +347,10 @@ class BloomForCausalLM(nn.Module):
     (tokens attend only inside their own document).
 
     stages > 1 runs the layers as a pipeline of that many stages (`pipelined_layers`), each
-    micro-batch going round them `repeats` times, the parameters unchanged. Its inputs are then micro-batches, [micro_batches, batch, length] (or
-    one, [batch, length]), that flow through the stages together, and so are the logits; when
-    the stages divide the micro-batches, the LM head's work is split over the stages too.
+    micro-batch going round them `repeats` times, the parameters unchanged. Its inputs are then
+    micro-batches, [micro_batches, batch, length] (or one, [batch, length]), that flow through the
+    stages together, and so are the logits; when the stages divide the micro-batches, the LM head's
+    work is split over the stages too.
 
     decode=True runs the cached path used for generation: `input_ids` ([batch, n]) are the next
     n tokens, appended to the "cache" collection (each layer's keys and values, the mask of
