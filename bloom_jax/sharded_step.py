@@ -96,6 +96,11 @@ class Workload:
             return self.batch_size
         return self.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
 
+    def pipeline_pass(self, batch_size: int, micro_batch: int) -> int:
+        """Micro-steps of `micro_batch` sequences that go through a pipeline together:
+        `pipeline_micro_steps`, or all that hold `batch_size` sequences."""
+        return self.pipeline_micro_steps or micro_steps(batch_size, micro_batch)
+
 
 def micro_steps(batch_size: int, micro_batch: int) -> int:
     """Micro-steps that hold `batch_size` sequences; the last one's surplus rows are masked."""
@@ -175,7 +180,7 @@ class ShardedTraining:
         """Micro-steps that go through the pipeline together (1 without pipeline stages)."""
         if self.mesh.shape["stage"] == 1:
             return 1
-        return self.workload.pipeline_micro_steps or micro_steps(batch_size, self.micro_batch)
+        return self.workload.pipeline_pass(batch_size, self.micro_batch)
 
     @property
     def buffer_micro_steps(self) -> int:
@@ -282,7 +287,7 @@ def check_stages(workload: Workload, stages: int, micro_batch: int) -> None:
             f"n_layer={layers} layers leave a stage of stage={stages} pipeline stages without "
             f"a layer (padded to {padded} for Workload.pipeline_repeats={repeats}); set "
             f"create_mesh.stage to at most {layers // repeats}, or fewer repeats.")
-    per_pass = workload.pipeline_micro_steps or micro_steps(workload.batch_size, micro_batch)
+    per_pass = workload.pipeline_pass(workload.batch_size, micro_batch)
     if repeats > 1 and per_pass < stages:
         raise mesh_lib.MeshError(
             f"Workload.pipeline_repeats={repeats} needs passes of at least stage={stages} "
