@@ -91,8 +91,8 @@ def stage_transfer_bytes(config: ModelShape, micro_batch: int, seq_len: int,
     backward pass sends as many back): its rows of the micro-batch's [micro_batch, seq_len,
     hidden] residual stream, in the compute dtype (`config.dtype`), split over `tensor` with
     sequence parallelism."""
-    rows = micro_batch // (mesh["data"] * mesh["fsdp"])
-    split = mesh["tensor"] if sequence_parallel else 1
+    rows = micro_batch // (mesh.get("data", 1) * mesh.get("fsdp", 1))
+    split = mesh.get("tensor", 1) if sequence_parallel else 1
     return rows * seq_len * config.hidden_size * jnp.dtype(config.dtype).itemsize // split
 
 

@@ -316,9 +316,9 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
         found.append(entry("all-reduce", 2 * activation * ring(t),
                            layers * (4 + recomputed) * runs, ("tensor",)))
     if stages > 1:
-        found.append(entry("collective-permute",
-                           activation / (t if layout.sequence_parallel else 1), 2 * runs,
-                           ("stage",)))
+        transfer = flops.stage_transfer_bytes(config, layout.micro_batch_size * d * f, seq_len,
+                                              mesh, layout.sequence_parallel)
+        found.append(entry("collective-permute", transfer, 2 * runs, ("stage",)))
     return found
 
 
@@ -386,10 +386,11 @@ def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_
             continue  # a stage without a layer (sharded_step.check_stages)
         per_stage = padded_layers(layers, stage) // stage
         rounds = [r for r in range(1, per_stage + 1) if per_stage % r == 0
-                  and padded_layers(layers, stage * r) == per_stage * stage]
+                  and padded_layers(layers, stage * r) == per_stage * stage] if stage > 1 else [1]
         for mesh in factorizations(num_devices, stage):
             if mesh.get("tensor", 1) > devices_per_node:
                 continue
+            divided = [r for r in rounds if _divides(workload.model_config, mesh, r)]
             ranks = mesh.get("data", 1) * mesh.get("fsdp", 1)
             per_rank = -(-workload.batch_size // ranks)
             for micro_batch_size in sorted({-(-per_rank // steps)
@@ -397,11 +398,9 @@ def search_space(workload: sharded_step.Workload, num_devices: int, devices_per_
                 steps = -(-per_rank // micro_batch_size)
                 passes = sorted({-(-steps // k) for k in PIPELINE_PASSES if k < steps})
                 passes = [None] + [m for m in passes if m >= stage]
-                pipelines = [(None, 1)] if stage == 1 else [
-                    (m, r) for m in passes for r in rounds if r == 1 or (m or steps) >= stage]
+                pipelines = [(None, r) for r in divided] if stage == 1 else [
+                    (m, r) for m in passes for r in divided if r == 1 or (m or steps) >= stage]
                 for per_pass, repeats in pipelines:
-                    if not _divides(workload.model_config, mesh, repeats):
-                        continue
                     for sp in (False, True) if mesh.get("tensor", 1) > 1 else (False,):
                         for remat in SEARCH_REMAT_POLICIES:
                             for once in (False, True) if mesh.get("fsdp", 1) > 1 else (False,):
