@@ -4,10 +4,6 @@ permute; compiled on 8 simulated devices in a subprocess (tests/eight_device_ste
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -20,22 +16,14 @@ from partitioning.shardings import abstract_params
 from tests import eight_device_steps as run8
 from tests.conftest import build_once
 
-ROOT = pathlib.Path(__file__).parents[1]
 B, S, H, L = run8.BATCH, run8.LENGTH, run8.CONFIG.hidden_size, run8.CONFIG.n_layer
-
-
-def compile_on_eight_devices(out: pathlib.Path) -> None:
-    """Runs tests/eight_device_steps.py, which writes out/collectives.json."""
-    result = subprocess.run([sys.executable, str(ROOT / "tests/eight_device_steps.py"),
-                             "collectives", str(out)], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
 def found(shared_tmp):
-    """The collectives of each program (compiled once for all workers)."""
-    out = build_once(shared_tmp, "collectives", compile_on_eight_devices)
+    """The collectives of each program (compiled once for all workers, and for
+    tests/test_sharded_step.py)."""
+    out = build_once(shared_tmp, "eight_device_steps", run8.run_in_fresh_process)
     return {name: [collectives.Collective(**{**c, "axes": tuple(c["axes"])}) for c in found]
             for name, found in json.loads((out / "collectives.json").read_text()).items()}
 
