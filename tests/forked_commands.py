@@ -1,5 +1,6 @@
-"""Runs several `python -m bloom_jax.<command> ARGS...` that do no work (--help, a bad flag), each
-in its own forked process, after importing the libraries they share once.
+"""Runs several `python -m bloom_jax.<command> ARGS...` whose own work is short (--help, a bad
+flag, bad input, a tiny model's few steps), one after the other, each in its own forked process,
+after importing the libraries they share once.
 
     python tests/forked_commands.py '[["train", "--help"], ["plan", "--no_such_flag=1"]]'
 prints a JSON list of {"returncode", "stdout", "stderr"}, one per command line. Each child runs

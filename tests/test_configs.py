@@ -214,8 +214,9 @@ def run_command(command: str, *args: str) -> subprocess.CompletedProcess:
 def run_commands(*argvs: list[str], env: dict[str, str] | None = None,
                  ) -> list[subprocess.CompletedProcess]:
     """`python -m bloom_jax.<argv[0]> argv[1:]` for each argv, each in its own process forked
-    from one that imported their libraries once (tests/forked_commands.py): for commands that
-    end before much work (--help, bad input), whose time is mostly those imports."""
+    from one that imported their libraries once (tests/forked_commands.py): for commands whose
+    own work is short (--help, bad input, a tiny model's few steps), whose time would be mostly
+    those imports. Each runs after the one before has ended."""
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "forked_commands.py"),
                            json.dumps(argvs)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=dict(env or os.environ, PYTHONPATH=str(ROOT)))

@@ -438,9 +438,10 @@ def test_the_readme_colab_cells_run_on_cpu_with_the_tiny_dimensions(compile_cach
         "bloom_jax.train", "bloom_jax.generate", "bloom_jax.convert"]
     assert "--gin_file=gin_configs/bloom560m_colab.gin" in commands[0]
     commands[0] += TINY_DIMENSIONS
-    runs = [ok(subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True,
-                              env=_env(compile_cache, 1), text=True, timeout=TIMEOUT_S))
-            for command in commands]
+    # Each `python -m bloom_jax.X ...` forked from one process that imported their libraries.
+    runs = [ok(run) for run in run_commands(
+        *[[command[2].removeprefix("bloom_jax."), *command[3:]] for command in commands],
+        env=_env(compile_cache, 1))]
 
     logdir = next(line.split("--logdir ")[1] for line in cells if line.startswith("%tensorboard"))
     scalars = read_scalars(logdir)

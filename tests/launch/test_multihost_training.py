@@ -38,6 +38,16 @@ def train_command(model_dir: pathlib.Path, processes: int, devices: int, steps: 
             *(f"--gin.create_mesh.{axis}={size}" for axis, size in mesh.items()), *gin_flags]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the module's runs: a relaunch on the mesh and
+    processes of a run before it reads its programs instead of compiling them again."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield
+
+
 def start(command: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, text=True, **kwargs)
