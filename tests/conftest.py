@@ -1,7 +1,7 @@
 """Fixtures for every test: each starts and ends with an empty gin config and pytest's own
 SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). The number of
-pytest-xdist workers `--numprocesses=auto` starts, and `build_once`: a module fixture's folder
-built by one worker for all."""
+pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
+by one worker for all; and a compilation cache a module's commands share."""
 
 import fcntl
 import os
@@ -52,3 +52,13 @@ def build_once(shared_tmp: pathlib.Path, name: str,
             build(folder)
             (shared_tmp / f"{name}.built").touch()
     return folder
+
+
+@pytest.fixture(scope="module")
+def commands_compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the commands a module starts (in the environment
+    they inherit): a command that runs a program an earlier one compiled reads it instead."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield

@@ -24,6 +24,8 @@ STEPS = 4
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 # A console metrics line: the process, the step, and the numbers that do not depend on timing.
 STEP_LINE = re.compile(r"\[p(\d)\] .* step (\d+)/\d+ \| (loss .* \| tokens \S+) \|")
+# A relaunch on the mesh and processes of a run before it compiles nothing.
+pytestmark = pytest.mark.usefixtures("commands_compile_cache")
 
 
 def train_command(model_dir: pathlib.Path, processes: int, devices: int, steps: int,
@@ -36,16 +38,6 @@ def train_command(model_dir: pathlib.Path, processes: int, devices: int, steps: 
             f"--devices_per_process={devices}", *launch_flags, "--", sys.executable, *TRAIN,
             f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}",
             *(f"--gin.create_mesh.{axis}={size}" for axis, size in mesh.items()), *gin_flags]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for the module's runs: a relaunch on the mesh and
-    processes of a run before it reads its programs instead of compiling them again."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        yield
 
 
 def start(command: list[str], **kwargs) -> subprocess.Popen:
