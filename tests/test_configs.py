@@ -17,6 +17,7 @@ import pytest
 from bloom_jax import configs, flops, param_store, sharded_step
 from bloom_jax import trainer  # noqa: F401  registers every configurable a training config binds
 from bloom_jax.model import BloomConfig
+from tests.conftest import build_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ["train", "evaluate", "plan", "bench", "convert", "generate", "serve", "serve_bench",
@@ -225,14 +226,28 @@ def run_commands(*argvs: list[str], env: dict[str, str] | None = None,
             for argv, result in zip(argvs, json.loads(done.stdout.splitlines()[-1]))]
 
 
+def run_commands_once(shared_tmp: pathlib.Path, name: str, *argvs: list[str],
+                      env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """run_commands in the first pytest-xdist worker that asks (conftest.build_once); every
+    worker gets its results."""
+    def run(folder: pathlib.Path) -> None:
+        (folder / "results.json").write_text(json.dumps([
+            {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+            for r in run_commands(*argvs, env=env)]))
+
+    results = json.loads((build_once(shared_tmp, name, run) / "results.json").read_text())
+    return [subprocess.CompletedProcess(argv, **r) for argv, r in zip(argvs, results)]
+
+
 BAD_FLAG_COMMANDS = ["train", "generate"]  # with and without the gin flags
 
 
 @pytest.fixture(scope="module")
-def commands_run() -> dict[tuple[str, str], subprocess.CompletedProcess]:
+def commands_run(shared_tmp) -> dict[tuple[str, str], subprocess.CompletedProcess]:
     """(command, "--help" or a bad flag) -> how the command ended."""
     argvs = [[c, "--help"] for c in COMMANDS] + [[c, "--no_such_flag=1"] for c in BAD_FLAG_COMMANDS]
-    return {tuple(argv): result for argv, result in zip(argvs, run_commands(*argvs))}
+    return {tuple(argv): result
+            for argv, result in zip(argvs, run_commands_once(shared_tmp, "commands_run", *argvs))}
 
 
 @pytest.mark.slow

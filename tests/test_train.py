@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import build_once
-from tests.test_configs import run_commands
+from tests.test_configs import run_commands, run_commands_once
 from tests.test_metrics import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -109,9 +109,9 @@ def reference(compile_cache, shared_tmp) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def help_and_no_gin_file() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+def help_and_no_gin_file(shared_tmp) -> tuple[subprocess.CompletedProcess, ...]:
     """The command with --help, and with no flag at all (forked from one process)."""
-    return tuple(run_commands(["train", "--help"], ["train"]))
+    return tuple(run_commands_once(shared_tmp, "train_help", ["train", "--help"], ["train"]))
 
 
 def test_help_names_the_flags_and_the_macros(help_and_no_gin_file):
