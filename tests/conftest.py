@@ -1,9 +1,14 @@
 """Fixtures for every test: each starts and ends with an empty gin config and pytest's own
-SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). And the
-number of pytest-xdist workers `--numprocesses=auto` starts."""
+SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). The number of
+pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
+by one worker for all; and a compilation cache a module's commands share."""
 
+import fcntl
 import os
+import pathlib
+import shutil
 import signal
+from collections.abc import Callable
 
 import gin
 import pytest
@@ -25,3 +30,35 @@ def pytest_xdist_auto_num_workers(config):
     training processes they start, and a third worker fills 2 cores while two wait."""
     del config
     return min(4, (os.cpu_count() or 1) + 1)
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory, worker_id) -> pathlib.Path:
+    """A folder this session's pytest-xdist workers share (the session's own with -n 0)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+def build_once(shared_tmp: pathlib.Path, name: str,
+               build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """`shared_tmp`/`name`, filled by `build` in the first worker that asks for it while the
+    others wait (a module fixture's run, made once however many workers run its tests)."""
+    folder = shared_tmp / name
+    with open(shared_tmp / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared_tmp / f"{name}.built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            (shared_tmp / f"{name}.built").touch()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def commands_compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the commands a module starts (in the environment
+    they inherit): a command that runs a program an earlier one compiled reads it instead."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield

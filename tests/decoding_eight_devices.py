@@ -12,6 +12,7 @@ compiles BLOOM-7b1's decode (bfloat16) for a batch on mesh (1, 1, 8) on abstract
 writes OUT_DIR/plan.json (XLA's per-device bytes).
 """
 
+import functools
 import json
 import pathlib
 import sys
@@ -43,9 +44,10 @@ def prompts() -> tuple[np.ndarray, np.ndarray]:
                              decoding.PAD_ID)
 
 
+@functools.cache
 def params() -> dict:
     """Random weights far larger than BLOOM's init, so that greedy decoding does not just repeat
-    the last token (see tests/test_decoding.py)."""
+    the last token (see tests/test_decoding.py). Made once: each run decodes the same ones."""
     init = nn.unbox(BloomForCausalLM(CONFIG).init(jax.random.key(0), jnp.zeros((1, 4), int)))
     leaves, tree = jax.tree.flatten(init["params"])
     keys = jax.random.split(jax.random.key(1), len(leaves))

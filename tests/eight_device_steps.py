@@ -1,17 +1,19 @@
 """Compiles (and runs) tiny BLOOM steps on 8 simulated CPU devices for the collectives and
 gather-once tests, and saves what it got; run in a fresh process (the device count is fixed when
-jax starts):
-    python tests/eight_device_steps.py collectives|gather_once OUT_DIR
-collectives: OUT_DIR/collectives.json, the collectives (bloom_jax.collectives) of the eval step on
+jax starts), once for both tests (`run_in_fresh_process`):
+    python tests/eight_device_steps.py OUT_DIR
+writes OUT_DIR/collectives.json, the collectives (bloom_jax.collectives) of the eval step on
   an FSDP and a tensor-parallel mesh, and of a permute around the 8 devices.
-gather_once: OUT_DIR/gather_once.npz, the state and loss after one train step of 3 micro-steps on
+and OUT_DIR/gather_once.npz, the state and loss after one train step of 3 micro-steps on
   data=1, fsdp=4, tensor=2 with and without Workload.gather_weights_once, and the all-gather bytes
   of each program.
 """
 
 import dataclasses
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -80,16 +82,23 @@ def gather_once_run(gather: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
-def main(mode: str, out_dir: pathlib.Path) -> None:
-    if mode == "collectives":
-        found = {"fsdp": eval_collectives({"data": 1, "fsdp": 8, "tensor": 1}),
-                 "tensor": eval_collectives({"data": 1, "fsdp": 1, "tensor": 8}),
-                 "permute": permute_collectives()}
-        (out_dir / "collectives.json").write_text(json.dumps(found))
-    else:
-        arrays = {f"{name}/{k}": v for name, gather in (("plain", False), ("once", True))
-                  for k, v in gather_once_run(gather).items()}
-        np.savez(out_dir / "gather_once.npz", **arrays)
+def main(out_dir: pathlib.Path) -> None:
+    found = {"fsdp": eval_collectives({"data": 1, "fsdp": 8, "tensor": 1}),
+             "tensor": eval_collectives({"data": 1, "fsdp": 1, "tensor": 8}),
+             "permute": permute_collectives()}
+    (out_dir / "collectives.json").write_text(json.dumps(found))
+    arrays = {f"{name}/{k}": v for name, gather in (("plain", False), ("once", True))
+              for k, v in gather_once_run(gather).items()}
+    np.savez(out_dir / "gather_once.npz", **arrays)
+
+
+def run_in_fresh_process(out_dir: pathlib.Path) -> None:
+    """Runs this script on `out_dir` in a new process (the tests keep their own devices)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, __file__, str(out_dir)], cwd=root,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(root)))
+    assert result.returncode == 0, result.stderr[-5000:]
 
 
 if __name__ == "__main__":
@@ -97,4 +106,4 @@ if __name__ == "__main__":
     # its own devices.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", 8)
-    main(sys.argv[1], pathlib.Path(sys.argv[2]))
+    main(pathlib.Path(sys.argv[1]))

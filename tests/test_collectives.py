@@ -4,10 +4,6 @@ permute; compiled on 8 simulated devices in a subprocess (tests/eight_device_ste
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -18,18 +14,16 @@ from bloom_jax import collectives
 from bloom_jax.model import BloomForCausalLM
 from partitioning.shardings import abstract_params
 from tests import eight_device_steps as run8
+from tests.conftest import build_once
 
-ROOT = pathlib.Path(__file__).parents[1]
 B, S, H, L = run8.BATCH, run8.LENGTH, run8.CONFIG.hidden_size, run8.CONFIG.n_layer
 
 
 @pytest.fixture(scope="module")
-def found(tmp_path_factory):
-    out = tmp_path_factory.mktemp("collectives")
-    result = subprocess.run([sys.executable, str(ROOT / "tests/eight_device_steps.py"),
-                             "collectives", str(out)], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+def found(shared_tmp):
+    """The collectives of each program (compiled once for all workers, and for
+    tests/test_sharded_step.py)."""
+    out = build_once(shared_tmp, "eight_device_steps", run8.run_in_fresh_process)
     return {name: [collectives.Collective(**{**c, "axes": tuple(c["axes"])}) for c in found]
             for name, found in json.loads((out / "collectives.json").read_text()).items()}
 

@@ -2,6 +2,7 @@
 model to the parameter, and the `--gin.NAME=VALUE` shorthand; every command speaks the same
 dialect (--help, one `error:` line for a bad flag)."""
 
+import json
 import os
 import pathlib
 import re
@@ -16,6 +17,7 @@ import pytest
 from bloom_jax import configs, flops, param_store, sharded_step
 from bloom_jax import trainer  # noqa: F401  registers every configurable a training config binds
 from bloom_jax.model import BloomConfig
+from tests.conftest import build_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ["train", "evaluate", "plan", "bench", "convert", "generate", "serve", "serve_bench",
@@ -173,27 +175,35 @@ def test_a_missing_gin_file_is_named(name):
         configs.parse([name])
 
 
-def registered(names, *modules) -> dict[str, bool]:
-    """Which of `names` are gin configurables once `modules` are imported, in a fresh process."""
+def registered(names, *modules) -> list[dict[str, bool]]:
+    """Which of `names` are gin configurables once each of `modules` is imported, in turn, in one
+    fresh process."""
     code = ("import importlib, sys, gin\n"
-            f"for m in {list(modules)}: importlib.import_module(m)\n"
-            f"print({{n: bool(gin.config._REGISTRY.matching_selectors(n)) for n in {list(names)}}})")
+            f"for m in {list(modules)}:\n"
+            "    importlib.import_module(m)\n"
+            "    print({n: bool(gin.config._REGISTRY.matching_selectors(n)) for n in "
+            f"{list(names)}}})")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
-    return eval(done.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used
+    lines = done.stdout.strip().splitlines()[-len(modules):]
+    return [eval(line) for line in lines]  # pylint: disable=eval-used
 
 
 @pytest.mark.slow
 def test_loop_configurables_are_all_a_reader_skips():
     """evaluate, the reader that imports the fewest rooms, registers every configurable a training
-    config binds but configs.LOOP_CONFIGURABLES, and each of those is the loop's own. (plan and
-    bench parse real configs in their own command tests.)"""
+    config binds but configs.LOOP_CONFIGURABLES, and each of those is the loop's own: none is
+    registered before the trainer is imported, all are after. (plan and bench parse real
+    configs in their own command tests.)"""
     bound = {line.split(".")[0] for path in GIN_FILES for line in path.read_text().splitlines()
              if "." in line.split("=")[0] and not line.startswith(("#", "include"))}
-    missing = {name for name, found in registered(bound, "bloom_jax.evaluate").items()
-               if not found}
-    assert missing and missing <= set(configs.LOOP_CONFIGURABLES)
-    assert all(registered(configs.LOOP_CONFIGURABLES, "bloom_jax.trainer").values())
+    loop = set(configs.LOOP_CONFIGURABLES)
+    by_evaluate, with_trainer = registered(sorted(bound | loop), "bloom_jax.evaluate",
+                                           "bloom_jax.trainer")
+    missing = {name for name, found in by_evaluate.items() if not found}
+    assert missing and missing <= loop
+    assert not any(by_evaluate[name] for name in loop)
+    assert all(with_trainer[name] for name in loop)
 
 
 def run_command(command: str, *args: str) -> subprocess.CompletedProcess:
@@ -202,18 +212,56 @@ def run_command(command: str, *args: str) -> subprocess.CompletedProcess:
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+def run_commands(*argvs: list[str], env: dict[str, str] | None = None,
+                 ) -> list[subprocess.CompletedProcess]:
+    """`python -m bloom_jax.<argv[0]> argv[1:]` for each argv, each in its own process forked
+    from one that imported their libraries once (tests/forked_commands.py): for commands whose
+    own work is short (--help, bad input, a tiny model's few steps), whose time would be mostly
+    those imports. Each runs after the one before has ended."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "forked_commands.py"),
+                           json.dumps(argvs)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(env or os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, **result)
+            for argv, result in zip(argvs, json.loads(done.stdout.splitlines()[-1]))]
+
+
+def run_commands_once(shared_tmp: pathlib.Path, name: str, *argvs: list[str],
+                      env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """run_commands in the first pytest-xdist worker that asks (conftest.build_once); every
+    worker gets its results."""
+    def run(folder: pathlib.Path) -> None:
+        (folder / "results.json").write_text(json.dumps([
+            {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+            for r in run_commands(*argvs, env=env)]))
+
+    results = json.loads((build_once(shared_tmp, name, run) / "results.json").read_text())
+    return [subprocess.CompletedProcess(argv, **r) for argv, r in zip(argvs, results)]
+
+
+BAD_FLAG_COMMANDS = ["train", "generate"]  # with and without the gin flags
+
+
+@pytest.fixture(scope="module")
+def commands_run(shared_tmp) -> dict[tuple[str, str], subprocess.CompletedProcess]:
+    """(command, "--help" or a bad flag) -> how the command ended."""
+    argvs = [[c, "--help"] for c in COMMANDS] + [[c, "--no_such_flag=1"] for c in BAD_FLAG_COMMANDS]
+    return {tuple(argv): result
+            for argv, result in zip(argvs, run_commands_once(shared_tmp, "commands_run", *argvs))}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command):
-    helped = run_command(command, "--help")
+def test_every_command_has_help(commands_run, command):
+    helped = commands_run[command, "--help"]
     assert helped.returncode == 0, helped.stderr[-2000:]
     assert "verbose: On bad input" in helped.stdout  # configs.run's flag: it reports bad flags
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["train", "generate"])  # with and without the gin flags
-def test_a_bad_flag_is_one_line(command):
-    bad = run_command(command, "--no_such_flag=1")
+@pytest.mark.parametrize("command", BAD_FLAG_COMMANDS)
+def test_a_bad_flag_is_one_line(commands_run, command):
+    bad = commands_run[command, "--no_such_flag=1"]
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode == configs.EXIT_USAGE
     assert errors == ["error: Unknown command line flag 'no_such_flag' (--help lists the flags)"]

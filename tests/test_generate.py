@@ -13,6 +13,10 @@ from bloom_jax import configs, convert
 from bloom_jax.decoding import EOS_ID, PAD_ID, left_pad
 from tests.test_decoding import NEW_TOKENS, hf_generate, hf_model_and_params
 
+# The command decodes the same prompts with the same model from each kind of directory: the
+# program compiled once.
+pytestmark = pytest.mark.usefixtures("commands_compile_cache")
+
 
 def word_tokenizer(path, vocab_size):
     """A whitespace word-level tokenizer.json with BLOOM's special ids (unk 0, eos 2, pad 3)."""

@@ -19,7 +19,9 @@ from bloom_jax.model import BloomConfig, BloomForCausalLM, alibi_slopes, dot_pro
 TINY = BloomConfig(vocab_size=128, hidden_size=48, n_layer=3, n_head=6)
 
 
+@functools.cache
 def init_params(config, length=12, seed=0):
+    """The model's initial parameters (made once per arguments: an eager init takes seconds)."""
     ids = jnp.zeros((1, length), jnp.int32)
     variables = BloomForCausalLM(config).init(jax.random.PRNGKey(seed), ids)
     return nn.unbox(variables)["params"]

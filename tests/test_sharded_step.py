@@ -2,10 +2,6 @@
 mesh and rules (traced anywhere, they shard the model's activations)."""
 
 import dataclasses
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +13,9 @@ from bloom_jax.data import pipeline
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
+from tests import eight_device_steps
+from tests.conftest import build_once
 
-ROOT = pathlib.Path(__file__).parents[1]
 TINY = BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
 
 
@@ -73,16 +70,13 @@ def test_an_eval_batch_the_mesh_does_not_divide_is_refused_before_compiling():
 
 
 @pytest.mark.slow
-def test_weights_gathered_once_per_step_give_the_same_step_with_fewer_gathers(tmp_path):
-    """data=1, fsdp=4, tensor=2 on 8 simulated devices (tests/eight_device_steps.py), 3
-    micro-steps: the same loss and parameters after the step, and the all-gathers of one
-    micro-step's forward no longer repeat in every micro-step's forward, recompute and
-    backward."""
-    result = subprocess.run([sys.executable, str(ROOT / "tests/eight_device_steps.py"),
-                             "gather_once", str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
-    arrays = np.load(tmp_path / "gather_once.npz")
+def test_weights_gathered_once_per_step_give_the_same_step_with_fewer_gathers(shared_tmp):
+    """data=1, fsdp=4, tensor=2 on 8 simulated devices (tests/eight_device_steps.py, run once
+    for this test and tests/test_collectives.py), 3 micro-steps: the same loss and parameters
+    after the step, and the all-gathers of one micro-step's forward no longer repeat in every
+    micro-step's forward, recompute and backward."""
+    out = build_once(shared_tmp, "eight_device_steps", eight_device_steps.run_in_fresh_process)
+    arrays = np.load(out / "gather_once.npz")
     params = [k.removeprefix("plain/") for k in arrays if k.startswith("plain/params/")]
     assert params and int(arrays["plain/micro_steps"]) == 3
     for key in ["loss", *params]:

@@ -6,6 +6,7 @@ Every run shares one persistent compilation cache, so only the first run of each
 
 import configparser
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -19,6 +20,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import build_once
+from tests.test_configs import run_commands, run_commands_once
 from tests.test_metrics import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -98,17 +101,22 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reference(compile_cache, tmp_path_factory) -> pathlib.Path:
-    """MODEL_DIR of an uninterrupted run of TRAIN_STEPS steps on one device."""
-    model_dir = tmp_path_factory.mktemp("reference")
-    ok(train(compile_cache, model_dir))
-    return model_dir
+def reference(compile_cache, shared_tmp) -> pathlib.Path:
+    """MODEL_DIR of an uninterrupted run of TRAIN_STEPS steps on one device (one for all
+    workers)."""
+    return build_once(shared_tmp, "train_reference", lambda model_dir: ok(train(compile_cache,
+                                                                              model_dir)))
 
 
-def test_help_names_the_flags_and_the_macros(compile_cache):
-    result = subprocess.run([sys.executable, "-m", "bloom_jax.train", "--help"], cwd=REPO,
-                            env=_env(compile_cache, 1), capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+@pytest.fixture(scope="module")
+def help_and_no_gin_file(shared_tmp) -> tuple[subprocess.CompletedProcess, ...]:
+    """The command with --help, and with no flag at all (forked from one process)."""
+    return tuple(run_commands_once(shared_tmp, "train_help", ["train", "--help"], ["train"]))
+
+
+def test_help_names_the_flags_and_the_macros(help_and_no_gin_file):
+    result, _ = help_and_no_gin_file
+    assert result.returncode == 0, result.stderr
     for words in ("--gin_file", "--gin_bindings", "--gin.NAME=VALUE", "--[no]verbose", "MODEL_DIR",
                   "DATA_DIR", "TRAIN_STEPS", "resumes"):
         assert words in result.stdout
@@ -228,7 +236,7 @@ def _file_digests(directory: pathlib.Path) -> dict[str, str]:
 
 
 # One case per kind of check; tests/test_configs.py checks each macro, unknown names and files.
-@pytest.mark.parametrize("binding, message", [
+BAD_INPUTS = [
     ("--gin.DATA_DIR=/nonexistent/roots", "Corpus folder /nonexistent/roots does not exist"),
     ("--gin.train.trainsteps=3", "Configurable 'train' doesn't have a parameter named "
                                  "'trainsteps'"),
@@ -240,39 +248,68 @@ def _file_digests(directory: pathlib.Path) -> dict[str, str]:
     ("--gin.DATA_DIR={tmp}/garbage.model", "Corpus folder {tmp}/garbage.model is a file, not a "
                                            "folder"),
     ("--gin.SEED=7", "Saved data state has seed=42 but this stream has 7"),  # once restored
-])
-def test_bad_input_ends_with_one_line_and_leaves_model_dir_intact(compile_cache, reference,
-                                                                  tmp_path, binding, message):
-    model_dir = shutil.copytree(reference, tmp_path / "run")
-    (tmp_path / "garbage.model").write_bytes(np.random.default_rng(0).bytes(2000))
-    binding, message = binding.format(tmp=tmp_path), message.format(tmp=tmp_path)
-    digests = _file_digests(model_dir)
-    result = train(compile_cache, model_dir, binding)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    last_line = result.stderr.rstrip("\n").splitlines()[-1]
-    assert last_line.startswith("error: ") and message in last_line, result.stderr
-    assert _file_digests(model_dir) == digests
+]
 
 
-def test_bad_input_leaves_a_new_model_dir_unwritten(compile_cache, tmp_path):
-    result = train(compile_cache, tmp_path / "run", f"--gin.INIT_FROM={tmp_path}/nothing")
-    assert result.returncode == 1
-    assert result.stderr.rstrip("\n").splitlines()[-1].startswith(
-        f"error: {tmp_path}/nothing/config.json not found")
-    assert not (tmp_path / "run").exists()
+@pytest.fixture(scope="module")
+def bad_input_runs(compile_cache, reference, shared_tmp) -> list[dict]:
+    """Per BAD_INPUTS case, in its folder `tmp` (a copy of the reference run as `tmp`/run, a
+    garbage `tmp`/garbage.model): the command's exit status and stderr, and the run's file
+    digests before and after. Then a new MODEL_DIR with INIT_FROM missing, and a misspelled
+    binding with --verbose. The commands fork from one process that imported their libraries
+    (they end before any training step: their time would be those imports), once for all
+    workers."""
+    def run_all(folder: pathlib.Path) -> None:
+        cases = [folder / str(i) for i in range(len(BAD_INPUTS))]
+        for case in cases:
+            shutil.copytree(reference, case / "run")
+            (case / "garbage.model").write_bytes(np.random.default_rng(0).bytes(2000))
+        digests = [_file_digests(case / "run") for case in cases]
+        argvs = [["train", *_command(case / "run", TRAIN_STEPS, (binding.format(tmp=case),))[3:]]
+                 for case, (binding, _) in zip(cases, BAD_INPUTS)]
+        argvs += [["train", *_command(folder / "new", TRAIN_STEPS,
+                                      (f"--gin.INIT_FROM={folder}/nothing",))[3:]],
+                  ["train", *_command(folder / "verbose", TRAIN_STEPS,
+                                      ("--gin.trian.seed=3", "--verbose"))[3:]]]
+        results = run_commands(*argvs, env=_env(compile_cache, 1))
+        runs = [{"tmp": str(folder / str(i)), "returncode": r.returncode, "stderr": r.stderr}
+                for i, r in enumerate(results)]
+        for run, case, before in zip(runs, cases, digests):
+            run.update(before=before, after=_file_digests(case / "run"))
+        (folder / "runs.json").write_text(json.dumps(runs))
+
+    return json.loads((build_once(shared_tmp, "train_bad_inputs", run_all) / "runs.json")
+                      .read_text())
 
 
-def test_verbose_shows_the_traceback(compile_cache, tmp_path):
-    result = train(compile_cache, tmp_path, "--gin.trian.seed=3", "--verbose")
-    assert result.returncode == 1
-    assert "Traceback" in result.stderr and "No configurable matching 'trian'" in result.stderr
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)),
+                         ids=[binding for binding, _ in BAD_INPUTS])
+def test_bad_input_ends_with_one_line_and_leaves_model_dir_intact(bad_input_runs, case):
+    run = bad_input_runs[case]
+    message = BAD_INPUTS[case][1].format(tmp=run["tmp"])
+    assert run["returncode"] == 1
+    assert "Traceback" not in run["stderr"]
+    last_line = run["stderr"].rstrip("\n").splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, run["stderr"]
+    assert run["after"] == run["before"]
 
 
-def test_no_gin_file_names_the_fix(compile_cache):
-    result = subprocess.run([sys.executable, "-m", "bloom_jax.train"], cwd=REPO,
-                            env=_env(compile_cache, 1), capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+def test_bad_input_leaves_a_new_model_dir_unwritten(bad_input_runs):
+    run = bad_input_runs[len(BAD_INPUTS)]
+    assert run["returncode"] == 1
+    assert run["stderr"].rstrip("\n").splitlines()[-1].startswith(
+        f"error: {pathlib.Path(run['tmp']).parent}/nothing/config.json not found")
+    assert not (pathlib.Path(run["tmp"]).parent / "new").exists()
+
+
+def test_verbose_shows_the_traceback(bad_input_runs):
+    run = bad_input_runs[len(BAD_INPUTS) + 1]
+    assert run["returncode"] == 1
+    assert "Traceback" in run["stderr"] and "No configurable matching 'trian'" in run["stderr"]
+
+
+def test_no_gin_file_names_the_fix(help_and_no_gin_file):
+    _, result = help_and_no_gin_file
     assert result.returncode == 2  # a usage error
     assert "No --gin_file given" in result.stderr and "--gin_file=gin_configs/tiny.gin" in (
         result.stderr)
@@ -317,6 +354,7 @@ def test_a_second_trainer_on_one_model_dir_is_refused(compile_cache, tmp_path):
     first = start_train(compile_cache, tmp_path, log, train_steps=1000)
     try:
         wait_for(lambda: "step 1/1000 |" in log.read_text(), first, "step 1")
+        first.send_signal(signal.SIGSTOP)  # alive and holding the directory, leaving the CPUs
         second = train(compile_cache, tmp_path, train_steps=1000)
     finally:
         first.kill()
@@ -400,9 +438,10 @@ def test_the_readme_colab_cells_run_on_cpu_with_the_tiny_dimensions(compile_cach
         "bloom_jax.train", "bloom_jax.generate", "bloom_jax.convert"]
     assert "--gin_file=gin_configs/bloom560m_colab.gin" in commands[0]
     commands[0] += TINY_DIMENSIONS
-    runs = [ok(subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True,
-                              env=_env(compile_cache, 1), text=True, timeout=TIMEOUT_S))
-            for command in commands]
+    # Each `python -m bloom_jax.X ...` forked from one process that imported their libraries.
+    runs = [ok(run) for run in run_commands(
+        *[[command[2].removeprefix("bloom_jax."), *command[3:]] for command in commands],
+        env=_env(compile_cache, 1))]
 
     logdir = next(line.split("--logdir ")[1] for line in cells if line.startswith("%tensorboard"))
     scalars = read_scalars(logdir)

@@ -22,6 +22,7 @@ from partitioning.mesh import create_mesh, resolve_mesh_shape
 from partitioning.rules import logical_axis_rules
 from partitioning.shardings import (
     abstract_params, batch_sharding, optimizer_shardings, logical_shardings)
+from tests.conftest import build_once
 from tests.partitioning import eight_devices as run8
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -77,9 +78,11 @@ def run_on_eight_devices(script: str, out: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def eight_device_run(tmp_path_factory):
-    """Runs eight_devices.py once; returns its arrays and read-back shardings."""
-    out = run_on_eight_devices("eight_devices.py", tmp_path_factory.mktemp("eight_devices"))
+def eight_device_run(shared_tmp):
+    """Runs eight_devices.py once (for all workers); returns its arrays and read-back
+    shardings."""
+    out = build_once(shared_tmp, "shardings_eight_devices",
+                     lambda out: run_on_eight_devices("eight_devices.py", out))
     return np.load(out / "results.npz"), json.loads((out / "shardings.json").read_text())
 
 
