@@ -255,8 +255,8 @@ def summarize(workload: sharded_step.Workload, compile_s: float, num_devices: in
         step_peak_bytes=step_peak_bytes,
         tflops_per_device=flops.tflops_per_device(model_flops, step_time, num_devices),
         mfu=flops.mfu(model_flops, step_time, num_devices, peak))
-    hardware_flops = flops.flops_per_step(cfg, workload.batch_size, workload.sequence_length,
-                                          cfg.remat_policy)
+    hardware_flops = flops.hardware_flops_per_step(cfg, workload.batch_size,
+                                                   workload.sequence_length)
     figures.update(hardware_flops_per_step=hardware_flops,
                    hfu=flops.mfu(hardware_flops, step_time, num_devices, peak),
                    peak_host_rss_mb=metrics.peak_host_rss_mb(),

@@ -4,14 +4,15 @@ Model FLOPs follow Megatron-LM as BigScience logged them for BLOOM (megatron/tra
 bigscience-workshop/Megatron-DeepSpeed; Narayanan et al. 2021, arXiv:2104.04473, eq. 3):
     F = 24 K B s l h^2 (1 + s / (6 h) + V / (16 l h))   per iteration, K = 3 (forward + backward).
 MFU is model FLOPs over peak, whatever is recomputed. Hardware FLOPs (HFU) add the forward FLOPs
-the remat policy computes again in the backward pass (RECOMPUTED_LAYER_FLOPS), where Megatron
-counted K = 4 for any recomputation (BLOOM's logged ~150 TFLOP/s per A100). LayerNorm, GELU,
-softmax and the ALiBi adds are not counted. The config is duck-typed so this module stays light.
+the remat policy computes again in the backward pass (RECOMPUTED_LAYER_FLOPS; a sliced loss adds
+the LM head's forward: `hardware_flops_per_step`), where Megatron counted K = 4 for any
+recomputation (BLOOM's logged ~150 TFLOP/s per A100). LayerNorm, GELU, softmax and the ALiBi adds
+are not counted. The config is duck-typed so this module stays light.
 """
 
 import functools
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,14 @@ def flops_per_step(config: ModelShape, batch_size: int, seq_len: int,
     """Training FLOPs of one optimizer step over `batch_size` sequences of `seq_len` tokens
     (model FLOPs, plus `remat_policy`'s recomputation)."""
     return flops_per_token(config, seq_len, remat_policy) * batch_size * seq_len
+
+
+def hardware_flops_per_step(config: Any, batch_size: int, seq_len: int) -> float:
+    """The FLOPs a step of `config` computes (HFU's): model FLOPs, the forward FLOPs its
+    `remat_policy` recomputes, and with `loss_vocab_chunks` > 1 the LM head's forward once more
+    (2 V h per token: the sliced loss computes each slice's logits again, lm_head.py)."""
+    head = 2 * config.vocab_size * config.hidden_size if config.loss_vocab_chunks > 1 else 0
+    return (flops_per_token(config, seq_len, config.remat_policy) + head) * batch_size * seq_len
 
 
 def pipeline_bubble(stages: int, micro_steps: int, repeats: int = 1) -> float:

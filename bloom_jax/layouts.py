@@ -224,7 +224,7 @@ def compute_s(config: BloomConfig, rows: int, seq_len: int, num_devices: int, gp
     stages - 1 iterations (the bubble; the LM head, outside the pipeline, is stretched with the
     layers: ~0.1% too long for BLOOM-176B)."""
     padded = dataclasses.replace(config, n_layer=padded_layers(config.n_layer, stages * repeats))
-    return (flops.flops_per_step(padded, rows, seq_len, config.remat_policy)
+    return (flops.hardware_flops_per_step(padded, rows, seq_len)
             / (num_devices * flops.PEAK_FLOPS[gpu]["bfloat16"] * hfu)
             / (1 - flops.pipeline_bubble(stages, per_pass, repeats)))
 
@@ -324,17 +324,16 @@ def analytic_collectives(config: BloomConfig, layout: Layout, batch_size: int, s
 
 def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int, batch_size: int,
                     ) -> tuple[float, float]:
-    """(Bytes of a device independent of the micro-batch, bytes per sequence of it), estimated
-    to prune the search: float32 parameters, gradient accumulators and Adam's two moments (16
-    bytes a parameter over stage x fsdp x tensor) and a stage's gathered weights with
-    gather_weights_once; per sequence its remat checkpoints (in float32, as the CPU compile
-    keeps them) and a working set of one layer's float32 attention probabilities and the
-    float32 logits, each with its gradient. Pipelined, a stage's weights in a second copy
-    (moved to the stages by an all-to-all), and a pass of M micro-steps keeps the checkpoints
-    of one stage's layers for each of them, two of a stage's inputs of each of their M R
-    iterations (as it came and as it was sent on), their outputs between rounds, and the pass's
-    logits (split over the stages). `search` scales the per-sequence bytes by what its
-    compiles measure."""
+    """(Bytes of a device independent of the micro-batch, bytes per sequence of it), estimated to
+    prune the search: float32 parameters, gradient accumulators and Adam's two moments (16 bytes a
+    parameter over stage x fsdp x tensor) and a stage's gathered weights with gather_weights_once;
+    per sequence its remat checkpoints (in float32, as the CPU compile keeps them) and a working set
+    of one layer's float32 attention probabilities and the float32 logits (a vocabulary slice's,
+    with a sliced loss), each with its gradient. Pipelined, a stage's weights in a second copy
+    (moved to the stages by an all-to-all), and a pass of M micro-steps keeps the checkpoints of one
+    stage's layers for each of them, two of a stage's inputs of each of their M R iterations (as it
+    came and as it was sent on), their outputs between rounds, and the pass's logits (split over the
+    stages). `search` scales the per-sequence bytes by what its compiles measure."""
     mesh, params = layout.mesh, flops.param_count(config)
     f, t, stages = mesh.get("fsdp", 1), mesh.get("tensor", 1), mesh.get("stage", 1)
     per_pass = layout.micro_steps(batch_size)[1]
@@ -352,7 +351,7 @@ def memory_estimate(config: BloomConfig, layout: Layout, seq_len: int, batch_siz
     checkpoints = ((1 if offloaded else 2) * per_pass * per_stage / config.n_layer
                    * checkpoint_bytes_per_sequence(kept, seq_len, t, layout.sequence_parallel)
                    if config.remat_policy != "none" else 0)
-    logits = 2 * 4 * seq_len * config.vocab_size / t
+    logits = 2 * 4 * seq_len * config.vocab_size / t / config.loss_vocab_chunks  # (a slice's)
     working = 2 * 4 * seq_len * config.n_head / t * seq_len + logits
     if stages > 1:
         outputs = 4 * seq_len * config.hidden_size / (t if layout.sequence_parallel else 1)

@@ -82,6 +82,9 @@ class BloomConfig:
     scan_layers: bool = True  # False unrolls the layer loop (same parameters, same numbers)
     remat_policy: str = "none"  # a key of REMAT_POLICIES
     attention_implementation: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
+    # The training loss's LM head in this many vocabulary slices (bloom_jax/lm_head.py), never
+    # holding the whole logits; 1: the whole logits at once.
+    loss_vocab_chunks: int = 1
 
     def __post_init__(self):
         # Accept dtype names ("bfloat16") as gin and JSON give them.
@@ -94,6 +97,10 @@ class BloomConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of "
                              f"{sorted(REMAT_POLICIES)}.")
+        if self.vocab_size % self.loss_vocab_chunks:
+            raise ValueError(
+                f"loss_vocab_chunks={self.loss_vocab_chunks} does not divide vocab_size="
+                f"{self.vocab_size}; choose a divisor of it (1: the whole logits at once).")
         if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention_implementation={self.attention_implementation!r} is "
                              f"not one of {list(ATTENTION_IMPLEMENTATIONS)}.")
@@ -356,6 +363,9 @@ class BloomForCausalLM(nn.Module):
     n tokens, appended to the "cache" collection (each layer's keys and values, the mask of
     every token written so far and the write index), and `attention_mask` ([batch, n]) marks
     which of them are padding. `init(..., decode=True)` sizes an empty cache by its input length.
+
+    head=False returns the final hidden states ([..., length, embed], after `ln_f`) instead of
+    the logits, for a loss that applies the tied head itself (`lm_head.cross_entropy_sum`).
     """
 
     config: BloomConfig
@@ -372,6 +382,7 @@ class BloomForCausalLM(nn.Module):
         positions: Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        head: bool = True,
     ) -> Array:
         cfg = self.config
         if attention_mask is not None and (segment_ids is not None or positions is not None):
@@ -449,6 +460,8 @@ class BloomForCausalLM(nn.Module):
             x = nn.with_logical_constraint(x, (*micro_out, *EMBED_ACTIVATION_AXES))
 
         x = _layer_norm(cfg, "ln_f")(x)
+        if not head:
+            return x[0] if one_micro_batch else x
         logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
         logits = nn.with_logical_constraint(
             logits, (*micro_out, "activation_batch", "activation_length", "activation_vocab"))

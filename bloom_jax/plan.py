@@ -94,7 +94,7 @@ def plan_json(candidate: layouts.Candidate, workload: sharded_step.Workload) -> 
     plan, layout, predicted = candidate.plan, candidate.layout, candidate.compiled
     config = layout.workload(workload).model_config
     rows = plan.micro_batches * plan.micro_batch
-    hardware = flops.flops_per_step(config, rows, workload.sequence_length, config.remat_policy)
+    hardware = flops.hardware_flops_per_step(config, rows, workload.sequence_length)
     return {
         "mesh": shown(plan.mesh),
         "micro_batch": layout.micro_batch_size,
@@ -158,8 +158,9 @@ def format_plan(candidate: layouts.Candidate, workload: sharded_step.Workload, g
         f"per_device_peak_bytes: {candidate.peak_bytes}",
         f"model FLOPs per step: {flops.flops_per_step(config, workload.batch_size, seq_len):.4g}"
         f" (per token: {flops.flops_per_token(config, seq_len):.4g}; hardware, with remat "
-        f"{config.remat_policy}'s recomputation: "
-        f"{flops.flops_per_token(config, seq_len, config.remat_policy):.4g})",
+        f"{config.remat_policy}'s recomputation"
+        f"{' and the sliced loss head' if config.loss_vocab_chunks > 1 else ''}: "
+        f"{flops.hardware_flops_per_step(config, 1, seq_len) / seq_len:.4g})",
         "collectives per step, wire bytes per device (from the compiled program):",
         *(f"  {key}: {b / 2**20:,.1f} MiB" for key, b in sorted(by_kind.items())),
         f"predicted on {gpu} (hardware FLOPs at {hfu:.1%} of peak; NVLink "

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bloom_jax import lm_head
+
 Batch = dict[str, jax.Array]
 # (params, batch, dropout key or None) -> (summed token losses, summed loss weights)
 LossFn = Callable[[Any, Batch, "jax.Array | None"], tuple[jax.Array, jax.Array]]
@@ -69,12 +71,20 @@ def cross_entropy(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array
 
 def loss_sums(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None,
               ) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, sum of weights) of a packed batch; dropout on when rng is given."""
-    logits = model.apply(
+    """(sum of token losses, sum of weights) of a packed batch; dropout on when rng is given.
+    With `loss_vocab_chunks` > 1 the tied head runs a vocabulary slice at a time (lm_head.py)."""
+    chunks = model.config.loss_vocab_chunks
+    outputs = model.apply(
         {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
         positions=batch["positions"], deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng})
-    return cross_entropy(logits, batch)
+        rngs=None if rng is None else {"dropout": rng}, head=chunks == 1)
+    if chunks == 1:
+        return cross_entropy(outputs, batch)
+    weights = batch["loss_weights"].astype(jnp.float32)
+    loss = lm_head.cross_entropy_sum(
+        outputs.reshape(-1, outputs.shape[-1]), params["word_embeddings"]["embedding"],
+        batch["targets"].reshape(-1), weights.reshape(-1), chunks, model.config.dtype)
+    return loss, jnp.sum(weights)
 
 
 def eval_step(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:

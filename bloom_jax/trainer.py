@@ -183,10 +183,9 @@ def train(
 
     logger = metrics.MetricsLogger(model_dir, total_steps=train_steps)
     logger.write_text(0, "gin/operative_config", operative_config)
-    # Per sequence: model FLOPs (MFU) and with the remat policy's recomputation (HFU).
-    sequence_flops, sequence_hardware_flops = (
-        flops.flops_per_step(model_config, 1, sequence_length, policy)
-        for policy in ("none", model_config.remat_policy))
+    # Per sequence: model FLOPs (MFU), and the FLOPs computed again as well (HFU).
+    sequence_flops = flops.flops_per_step(model_config, 1, sequence_length)
+    sequence_hardware_flops = flops.hardware_flops_per_step(model_config, 1, sequence_length)
     peak = flops.peak_flops(jax.devices()[0], model_config.dtype.name)
     step, consumed = int(state.step), int(state.consumed_samples)
     times = metrics.TimeBreakdown()

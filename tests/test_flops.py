@@ -78,6 +78,15 @@ def test_hardware_flops_count_what_each_remat_policy_recomputes(policy):
     assert flops.flops_per_token(shape, 2048, policy) == pytest.approx(HAND_1B7[policy], rel=1e-5)
 
 
+@pytest.mark.parametrize("policy,chunks", [("none", 1), ("full", 1), ("selective", 56)])
+def test_a_sliced_loss_adds_the_head_s_forward_to_the_hardware_flops(policy, chunks):
+    config = model.BloomConfig(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16,
+                               remat_policy=policy, loss_vocab_chunks=chunks)
+    head = 2 * 250880 * 2048 if chunks > 1 else 0  # the logits of every slice, computed again
+    assert flops.hardware_flops_per_step(config, 4, 2048) == pytest.approx(
+        4 * 2048 * (HAND_1B7[policy] + head), rel=1e-5)
+
+
 def test_pipeline_bubble_and_stage_transfer_bytes():
     assert flops.pipeline_bubble(1, 8) == 0
     assert flops.pipeline_bubble(4, 8) == pytest.approx(3 / 11)  # GPipe: (S - 1) / (M + S - 1)
