@@ -5,8 +5,8 @@ tokens' float32 logits take 0.96 GiB, and autodiff keeps them, their softmax and
 at once. Here a custom VJP runs the head in `chunks` slices of the vocabulary: the forward pass
 keeps only each token's log-sum-exp ([tokens]); the backward pass computes each slice's logits
 again (one more head matmul, 2 x tokens x vocab x embed FLOPs) and writes its share of the
-embedding's gradient in place. Slice c holds the tokens c, c + chunks, c + 2 chunks, ...: each
-slice is spread over the vocabulary's shards as the whole embedding is.
+embedding's gradient in place. Slice c holds the vocabulary entries c, c + chunks, c + 2 chunks,
+...: each slice is spread over the vocabulary's shards as the whole embedding is.
 """
 
 from __future__ import annotations
