@@ -12,7 +12,7 @@ are not counted. The config is duck-typed so this module stays light.
 
 import functools
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,13 @@ class ModelShape(Protocol):
     hidden_size: int
     n_layer: int
     n_head: int
+
+
+class TrainShape(ModelShape, Protocol):
+    """The fields of `BloomConfig` the hardware FLOPs read besides the shape."""
+
+    remat_policy: str
+    loss_vocab_chunks: int
 
 
 # Dense (not sparsity) peak FLOP/s per device, from NVIDIA's data sheets. "float32" is the plain
@@ -79,7 +86,7 @@ def flops_per_step(config: ModelShape, batch_size: int, seq_len: int,
     return flops_per_token(config, seq_len, remat_policy) * batch_size * seq_len
 
 
-def hardware_flops_per_step(config: Any, batch_size: int, seq_len: int) -> float:
+def hardware_flops_per_step(config: TrainShape, batch_size: int, seq_len: int) -> float:
     """The FLOPs a step of `config` computes (HFU's): model FLOPs, the forward FLOPs its
     `remat_policy` recomputes, and with `loss_vocab_chunks` > 1 the LM head's forward once more
     (2 V h per token: the sliced loss computes each slice's logits again, lm_head.py)."""

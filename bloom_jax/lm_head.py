@@ -23,11 +23,15 @@ def _slices(embedding: jax.Array, chunks: int) -> jax.Array:
     return embedding.reshape(vocab // chunks, chunks, embed)
 
 
-def _slice_logits(hidden: jax.Array, slices: jax.Array, c: jax.Array, dtype) -> jax.Array:
-    """Float32 logits of vocabulary slice c, computed in `dtype` as the whole head would:
+def _slice_weights(slices: jax.Array, c: jax.Array, dtype) -> jax.Array:
+    """Slice c's embedding rows in the compute dtype: [vocab / chunks, embed]."""
+    return jax.lax.dynamic_index_in_dim(slices, c, axis=1, keepdims=False).astype(dtype)
+
+
+def _logits(hidden: jax.Array, weights: jax.Array) -> jax.Array:
+    """Float32 logits of one slice, computed in the weights' dtype as the whole head would:
     [tokens, vocab / chunks]."""
-    weights = jax.lax.dynamic_index_in_dim(slices, c, axis=1, keepdims=False).astype(dtype)
-    return jnp.dot(hidden.astype(dtype), weights.T).astype(jnp.float32)
+    return jnp.dot(hidden.astype(weights.dtype), weights.T).astype(jnp.float32)
 
 
 def _in_slice(targets: jax.Array, c: jax.Array, chunks: int) -> tuple[jax.Array, jax.Array]:
@@ -41,7 +45,7 @@ def _log_normalizers(hidden, embedding, targets, chunks, dtype):
 
     def slice_step(carry, c):
         maximum, total, target_logit = carry
-        logits = _slice_logits(hidden, slices, c, dtype)  # [tokens, vocab / chunks]
+        logits = _logits(hidden, _slice_weights(slices, c, dtype))  # [tokens, vocab / chunks]
         new_maximum = jnp.maximum(maximum, jnp.max(logits, axis=-1))
         total = (total * jnp.exp(maximum - new_maximum)
                  + jnp.sum(jnp.exp(logits - new_maximum[:, None]), axis=-1))
@@ -81,11 +85,11 @@ def _backward(chunks, dtype, residuals, g):
 
     def slice_step(carry, c):
         d_hidden, d_slices = carry
-        logits = _slice_logits(hidden, slices, c, dtype)  # [tokens, vocab / chunks]
+        weights_c = _slice_weights(slices, c, dtype)
+        logits = _logits(hidden, weights_c)  # [tokens, vocab / chunks]
         here, column = _in_slice(targets, c, chunks)
         onehot = (jnp.arange(logits.shape[1]) == column[:, None]) & here[:, None]
         d_logits = (scale * (jnp.exp(logits - lse[:, None]) - onehot)).astype(dtype)
-        weights_c = jax.lax.dynamic_index_in_dim(slices, c, axis=1, keepdims=False).astype(dtype)
         d_hidden = d_hidden + jnp.dot(d_logits, weights_c, preferred_element_type=jnp.float32)
         d_slice = jnp.dot(d_logits.T, hidden.astype(dtype)).astype(d_slices.dtype)
         d_slices = jax.lax.dynamic_update_index_in_dim(d_slices, d_slice, c, axis=1)

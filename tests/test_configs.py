@@ -2,7 +2,6 @@
 model to the parameter, and the `--gin.NAME=VALUE` shorthand; every command speaks the same
 dialect (--help, one `error:` line for a bad flag)."""
 
-import json
 import os
 import pathlib
 import re
@@ -17,7 +16,7 @@ import pytest
 from bloom_jax import configs, flops, param_store, sharded_step
 from bloom_jax import trainer  # noqa: F401  registers every configurable a training config binds
 from bloom_jax.model import BloomConfig
-from tests.conftest import build_once
+from tests.forked_commands import run_commands_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = ["train", "evaluate", "plan", "bench", "convert", "generate", "serve", "serve_bench",
@@ -210,33 +209,6 @@ def run_command(command: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"bloom_jax.{command}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
-def run_commands(*argvs: list[str], env: dict[str, str] | None = None,
-                 ) -> list[subprocess.CompletedProcess]:
-    """`python -m bloom_jax.<argv[0]> argv[1:]` for each argv, each in its own process forked
-    from one that imported their libraries once (tests/forked_commands.py): for commands whose
-    own work is short (--help, bad input, a tiny model's few steps), whose time would be mostly
-    those imports. Each runs after the one before has ended."""
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "forked_commands.py"),
-                           json.dumps(argvs)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(env or os.environ, PYTHONPATH=str(ROOT)))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [subprocess.CompletedProcess(argv, **result)
-            for argv, result in zip(argvs, json.loads(done.stdout.splitlines()[-1]))]
-
-
-def run_commands_once(shared_tmp: pathlib.Path, name: str, *argvs: list[str],
-                      env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
-    """run_commands in the first pytest-xdist worker that asks (conftest.build_once); every
-    worker gets its results."""
-    def run(folder: pathlib.Path) -> None:
-        (folder / "results.json").write_text(json.dumps([
-            {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
-            for r in run_commands(*argvs, env=env)]))
-
-    results = json.loads((build_once(shared_tmp, name, run) / "results.json").read_text())
-    return [subprocess.CompletedProcess(argv, **r) for argv, r in zip(argvs, results)]
 
 
 BAD_FLAG_COMMANDS = ["train", "generate"]  # with and without the gin flags

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import build_once
-from tests.test_configs import run_commands, run_commands_once
+from tests.forked_commands import run_commands, run_commands_once
 from tests.test_metrics import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
