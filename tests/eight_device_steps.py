@@ -4,9 +4,11 @@ jax starts), once for both tests (`run_in_fresh_process`):
     python tests/eight_device_steps.py OUT_DIR
 writes OUT_DIR/collectives.json, the collectives (bloom_jax.collectives) of the eval step on
   an FSDP and a tensor-parallel mesh, and of a permute around the 8 devices.
-and OUT_DIR/gather_once.npz, the state and loss after one train step of 3 micro-steps on
+OUT_DIR/gather_once.npz, the state and loss after one train step of 3 micro-steps on
   data=1, fsdp=4, tensor=2 with and without Workload.gather_weights_once, and the all-gather bytes
-  of each program.
+  of each program,
+and OUT_DIR/sliced_loss.npz, the training loss and its gradients on data=2, fsdp=2, tensor=2 (the
+  vocabulary sharded over tensor) with the LM head whole and in 4 vocabulary slices.
 """
 
 import dataclasses
@@ -22,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bloom_jax import collectives, optim, sharded_step
+from bloom_jax import step as step_lib
 from bloom_jax.data import pipeline
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
-from partitioning.rules import logical_axis_rules
+from partitioning.rules import activation_sharding, logical_axis_rules
+from partitioning.shardings import batch_sharding, init_params, put_batch
 
 CONFIG = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 BATCH, LENGTH = 8, 32
@@ -54,6 +58,16 @@ def permute_collectives() -> list[dict]:
     return [dataclasses.asdict(c) for c in collectives.read(hlo, {"stage": 8}, 4)]
 
 
+def random_batch(*rows: int) -> dict[str, np.ndarray]:
+    """Random tokens, one document per row: [*rows, LENGTH] features."""
+    tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (*rows, LENGTH + 1))
+    batch = {"input_ids": tokens[..., :-1], "targets": tokens[..., 1:],
+             "segment_ids": np.ones_like(tokens[..., 1:]),
+             "positions": np.broadcast_to(np.arange(LENGTH), tokens[..., 1:].shape),
+             "loss_weights": np.ones(tokens[..., 1:].shape)}
+    return {k: np.asarray(v, pipeline.BATCH_FEATURES[k]) for k, v in batch.items()}
+
+
 def gather_once_run(gather: bool) -> dict[str, np.ndarray]:
     mesh, rules = create_mesh(data=1, fsdp=4, tensor=2), logical_axis_rules()
     workload = sharded_step.Workload(CONFIG, sequence_length=LENGTH, micro_batch_size=1,
@@ -61,14 +75,8 @@ def gather_once_run(gather: bool) -> dict[str, np.ndarray]:
                                      gather_weights_once=gather)
     training = sharded_step.shard_training(workload, mesh, rules)
     steps = training.micro_steps(workload.batch_size)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, CONFIG.vocab_size, (steps, training.micro_batch, LENGTH + 1))
-    batch = {"input_ids": tokens[..., :-1], "targets": tokens[..., 1:],
-             "segment_ids": np.ones_like(tokens[..., 1:]),
-             "positions": np.broadcast_to(np.arange(LENGTH), tokens[..., 1:].shape),
-             "loss_weights": np.ones(tokens[..., 1:].shape, np.float32)}
-    batch = {k: jax.device_put(np.asarray(v, pipeline.BATCH_FEATURES[k]), training.batch_sharding)
-             for k, v in batch.items()}
+    batch = {k: jax.device_put(v, training.batch_sharding)
+             for k, v in random_batch(steps, training.micro_batch).items()}
     compiled = training.step.lower(training.abstract_state, batch,
                                    jax.ShapeDtypeStruct((), jnp.int32)).compile()
     state, metrics = compiled(training.init_state(seed=0), batch, jnp.int32(workload.batch_size))
@@ -82,6 +90,25 @@ def gather_once_run(gather: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
+def sliced_loss_run(chunks: int) -> dict[str, np.ndarray]:
+    """The training loss (`step.loss_sums`) and its gradients with the LM head in `chunks`
+    vocabulary slices, on data=2, fsdp=2, tensor=2: the embedding's rows sharded over tensor."""
+    mesh, rules = create_mesh(data=2, fsdp=2, tensor=2), logical_axis_rules()
+    model = BloomForCausalLM(dataclasses.replace(CONFIG, loss_vocab_chunks=chunks))
+    params = init_params(model, jax.random.key(0), jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32),
+                         mesh=mesh, rules=rules)
+    batch = put_batch(random_batch(BATCH), batch_sharding(mesh, rules))
+    with activation_sharding(mesh, rules):
+        loss, grads = jax.jit(jax.value_and_grad(
+            lambda p, b: step_lib.loss_sums(model, p, b)[0]))(params, batch)
+    arrays = {f"grads/{jax.tree_util.keystr(p, simple=True, separator='/')}": np.asarray(g)
+              for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+    arrays["loss"] = np.asarray(loss)
+    arrays["embedding_grad_vocab_axis"] = np.asarray(
+        grads["word_embeddings"]["embedding"].sharding.spec[0])
+    return arrays
+
+
 def main(out_dir: pathlib.Path) -> None:
     found = {"fsdp": eval_collectives({"data": 1, "fsdp": 8, "tensor": 1}),
              "tensor": eval_collectives({"data": 1, "fsdp": 1, "tensor": 8}),
@@ -90,6 +117,8 @@ def main(out_dir: pathlib.Path) -> None:
     arrays = {f"{name}/{k}": v for name, gather in (("plain", False), ("once", True))
               for k, v in gather_once_run(gather).items()}
     np.savez(out_dir / "gather_once.npz", **arrays)
+    np.savez(out_dir / "sliced_loss.npz", **{f"{chunks}/{k}": v for chunks in (1, 4)
+                                              for k, v in sliced_loss_run(chunks).items()})
 
 
 def run_in_fresh_process(out_dir: pathlib.Path) -> None:

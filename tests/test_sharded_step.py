@@ -85,6 +85,24 @@ def test_weights_gathered_once_per_step_give_the_same_step_with_fewer_gathers(sh
     assert 0 < once * 3 < plain
 
 
+@pytest.mark.slow
+def test_a_sliced_lm_head_gives_the_whole_heads_loss_and_gradients_on_a_sharded_vocabulary(
+        shared_tmp):
+    """data=2, fsdp=2, tensor=2 on 8 simulated devices (tests/eight_device_steps.py): the loss
+    with the LM head in 4 vocabulary slices, and its gradients, are the whole logits' (the
+    embedding's rows sharded over tensor)."""
+    out = build_once(shared_tmp, "eight_device_steps", eight_device_steps.run_in_fresh_process)
+    arrays = np.load(out / "sliced_loss.npz")
+    assert arrays["4/embedding_grad_vocab_axis"] == arrays["1/embedding_grad_vocab_axis"] == "tensor"
+    np.testing.assert_allclose(arrays["4/loss"], arrays["1/loss"], rtol=1e-6)
+    grads = [k.removeprefix("1/") for k in arrays if k.startswith("1/grads/")]
+    assert "grads/word_embeddings/embedding" in grads and len(grads) > 10
+    for key in grads:  # float32 sums in another order: within 1e-5 of each gradient's scale
+        whole = arrays[f"1/{key}"]
+        np.testing.assert_allclose(arrays[f"4/{key}"], whole, rtol=1e-5,
+                                   atol=1e-5 * np.abs(whole).max(), err_msg=key)
+
+
 def test_gather_once_is_refused_with_lora():
     with pytest.raises(ValueError, match="gather_weights_once applies to full training"):
         sharded_step.Workload(TINY, sequence_length=16, lora=lora_lib.LoraConfig(),
