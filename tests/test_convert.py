@@ -60,7 +60,7 @@ def state_dict(model):
 
 
 @pytest.mark.parametrize("hidden,n_head,n_layer", [(24, 6, 2), (20, 5, 1), (32, 4, 3)])
-@pytest.mark.parametrize("scan_layers,attention", [(True, "auto"), (False, "einsum")])
+@pytest.mark.parametrize("scan_layers,attention", [(True, "xla"), (False, "auto")])
 def test_logits_match_hugging_face(tmp_path, hidden, n_head, n_layer, scan_layers, attention):
     model = random_hf_model(hidden, n_head, n_layer)
     model.save_pretrained(tmp_path)

@@ -69,7 +69,7 @@ def hf_generate(model, ids, mask, eos_token_id):
 
 @pytest.mark.parametrize("lengths", [(6, 6), (6, 3, 1)], ids=["unpadded", "left_padded"])
 @pytest.mark.parametrize("shape,attention", [("6_heads", "auto"), ("8_heads", "auto"),
-                                             ("8_heads", "einsum")])
+                                             ("8_heads", "xla")])
 def test_greedy_matches_hugging_face(shape, attention, lengths):
     model, config, params = hf_model_and_params(shape)
     config = dataclasses.replace(config, attention_implementation=attention)

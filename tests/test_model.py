@@ -5,6 +5,7 @@ Logit parity against Hugging Face's BLOOM lives in test_convert.py (it goes thro
 
 import dataclasses
 import functools
+import logging
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import pytest
 import torch
 from transformers.models.bloom import modeling_bloom
 
+from bloom_jax import model as model_lib
 from bloom_jax.model import BloomConfig, BloomForCausalLM, alibi_slopes, dot_product_attention
 
 TINY = BloomConfig(vocab_size=128, hidden_size=48, n_layer=3, n_head=6)
@@ -200,12 +202,28 @@ def test_attention_scale_is_the_exact_float_in_bfloat16(implementation):
     assert float(out[0, 0, 0, 0]) == pytest.approx(0.5, abs=2e-3)
 
 
+def test_auto_falls_back_from_cudnn_to_xla_and_says_so(monkeypatch, caplog):
+    """On a GPU "auto" takes cuDNN; where cuDNN refuses a call (here: there is none), XLA's
+    attention runs instead, and the log says so."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model_lib._warn_once.cache_clear()
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 8))
+    alibi = jnp.asarray(alibi_slopes(2))[None, :, None, None] * jnp.arange(5.0)
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    with caplog.at_level(logging.WARNING, logger=model_lib.__name__):
+        out = dot_product_attention(q, k, v, alibi, mask, "auto", causal=True)
+    assert "cuDNN attention cannot take" in caplog.text
+    assert "Falling back to XLA's attention" in caplog.text
+    np.testing.assert_array_equal(out, dot_product_attention(q, k, v, alibi, mask, "xla",
+                                                             causal=True))
+
+
 def test_config_rejects_unknown_attention_implementation():
     with pytest.raises(ValueError, match="attention_implementation='flash' is not one of"):
         BloomConfig(attention_implementation="flash")
 
 
-@pytest.mark.parametrize("implementation", ["auto", "einsum"])
+@pytest.mark.parametrize("implementation", ["xla", "einsum"])
 def test_cached_decoding_matches_the_full_forward(implementation):
     params = init_params(TINY)
     model = BloomForCausalLM(dataclasses.replace(TINY, attention_implementation=implementation))
