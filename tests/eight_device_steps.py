@@ -95,8 +95,8 @@ def sliced_loss_run(chunks: int) -> dict[str, np.ndarray]:
     vocabulary slices, on data=2, fsdp=2, tensor=2: the embedding's rows sharded over tensor."""
     mesh, rules = create_mesh(data=2, fsdp=2, tensor=2), logical_axis_rules()
     model = BloomForCausalLM(dataclasses.replace(CONFIG, loss_vocab_chunks=chunks))
-    params = init_params(model, jax.random.key(0), jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32),
-                         mesh=mesh, rules=rules)
+    ids = jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
+    params = init_params(model, jax.random.key(0), ids, mesh=mesh, rules=rules)
     batch = put_batch(random_batch(BATCH), batch_sharding(mesh, rules))
     with activation_sharding(mesh, rules):
         loss, grads = jax.jit(jax.value_and_grad(

@@ -93,7 +93,8 @@ def test_a_sliced_lm_head_gives_the_whole_heads_loss_and_gradients_on_a_sharded_
     embedding's rows sharded over tensor)."""
     out = build_once(shared_tmp, "eight_device_steps", eight_device_steps.run_in_fresh_process)
     arrays = np.load(out / "sliced_loss.npz")
-    assert arrays["4/embedding_grad_vocab_axis"] == arrays["1/embedding_grad_vocab_axis"] == "tensor"
+    vocab_axes = {str(arrays[f"{chunks}/embedding_grad_vocab_axis"]) for chunks in (1, 4)}
+    assert vocab_axes == {"tensor"}
     np.testing.assert_allclose(arrays["4/loss"], arrays["1/loss"], rtol=1e-6)
     grads = [k.removeprefix("1/") for k in arrays if k.startswith("1/grads/")]
     assert "grads/word_embeddings/embedding" in grads and len(grads) > 10
