@@ -8,7 +8,9 @@ flags and exit status, and runs its module as `python -m` does (`runpy`, as `__m
 third-party imports (TensorFlow's ~5 s among them) are the zygote's, made once per test process.
 The zygote is multiprocessing's fork server, started on first use with SHARED_LIBRARIES imported,
 no JAX backend started and no JAX_* variable set: a command reads XLA_FLAGS when it starts its
-backend, and sets the jax options its own JAX_* variables name, as `import jax` would.
+backend, and sets the jax options its own JAX_* variables name, as `import jax` would. Other
+variables that a shared library reads once, at import (huggingface_hub's HF_HUB_OFFLINE) or at
+start (glibc's MALLOC_ARENA_MAX), do not reach it: a test that sets one starts a subprocess.
 """
 
 import atexit
