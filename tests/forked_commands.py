@@ -1,26 +1,39 @@
-"""Runs several `python -m bloom_jax.<command> ARGS...` whose own work is short (--help, a bad
-flag, bad input, a tiny model's few steps), one after the other, each in its own forked process,
-after importing the libraries they share once.
+"""Runs `python -m bloom_jax.<command> ARGS...` (or `python SCRIPT.py ARGS...`) as its own
+process, forked from a zygote that imported the libraries the commands share once.
 
-    python tests/forked_commands.py '[["train", "--help"], ["plan", "--no_such_flag=1"]]'
-prints a JSON list of {"returncode", "stdout", "stderr"}, one per command line. Each child runs
-its command module as `python -m` does (`runpy`, as `__main__`, with its own argv and flags);
-only the third-party imports (TensorFlow's ~5 s among them) are the parent's, made once.
-Tests call it through `run_commands` and `run_commands_once`.
+    run(["train", "--gin_file=gin_configs/tiny.gin", ...], env=...)  # a CompletedProcess
+    start(["train", ...], log, env=...)  # running, as a Popen: pid, poll, wait, send_signal
+Each command is a process of its own, with its own pid, environment, working directory, argv,
+flags and exit status, and runs its module as `python -m` does (`runpy`, as `__main__`); only the
+third-party imports (TensorFlow's ~5 s among them) are the zygote's, made once per test process.
+The zygote is multiprocessing's fork server, started on first use with SHARED_LIBRARIES imported,
+no JAX backend started and no JAX_* variable set: a command reads XLA_FLAGS when it starts its
+backend, and sets the jax options its own JAX_* variables name, as `import jax` would. Other
+variables that a shared library reads once, at import (huggingface_hub's HF_HUB_OFFLINE) or at
+start (glibc's MALLOC_ARENA_MAX), do not reach it: a test that sets one starts a subprocess.
 """
 
+import atexit
+import functools
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import pathlib
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
 import traceback
 
+import jax
+from jax._src import config as jax_config
+
 from tests.conftest import build_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
 
 # What the commands import (TensorFlow through seqio and clu); none of it starts a backend.
 SHARED_LIBRARIES = ("tensorflow", "seqio", "jax", "flax.linen", "optax", "orbax.checkpoint",
@@ -28,10 +41,15 @@ SHARED_LIBRARIES = ("tensorflow", "seqio", "jax", "flax.linen", "optax", "orbax.
 
 
 def run_module(argv: list[str]) -> int:
-    """`python -m bloom_jax.<argv[0]> argv[1:]` in this process; its exit status."""
-    sys.argv = [f"bloom_jax.{argv[0]}", *argv[1:]]
+    """`python -m bloom_jax.<argv[0]> argv[1:]` (`python argv[0] argv[1:]` for a .py file) in
+    this process; its exit status."""
     try:
-        runpy.run_module(f"bloom_jax.{argv[0]}", run_name="__main__", alter_sys=True)
+        if argv[0].endswith(".py"):
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
+        else:
+            sys.argv = [f"bloom_jax.{argv[0]}", *argv[1:]]
+            runpy.run_module(f"bloom_jax.{argv[0]}", run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
             return exit_.code or 0
@@ -43,40 +61,113 @@ def run_module(argv: list[str]) -> int:
     return 0
 
 
-def forked(argv: list[str]) -> dict:
-    """Runs `argv` in a child process; its exit status and its stdout and stderr."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        pid = os.fork()
-        if pid == 0:
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            code = run_module(argv)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        out.seek(0)
-        err.seek(0)
-        return {"returncode": os.waitstatus_to_exitcode(status),
-                "stdout": out.read().decode(), "stderr": err.read().decode()}
+def _jax_option(kind: type | str, variable: str):
+    """The value `import jax` reads from the environment `variable` for an option of `kind`."""
+    if kind is bool:
+        return jax_config.bool_env(variable, False)
+    return kind(os.environ[variable]) if kind in (int, float) else os.environ[variable]
 
 
-def _results(argvs: tuple[list[str], ...], env: dict[str, str] | None) -> list[dict]:
-    """This script's JSON output for `argvs`, run in a fresh interpreter."""
-    done = subprocess.run([sys.executable, __file__, json.dumps(argvs)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(env or os.environ, PYTHONPATH=str(ROOT)))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+def _read_jax_environment() -> None:
+    """Sets each jax option that a JAX_* variable of this environment names."""
+    for name, (kind, _, _) in jax.config.meta.items():
+        if name.upper() in os.environ:
+            jax.config.update(name, _jax_option(kind, name.upper()))
+
+
+def _command_process(argv: list[str], env: dict[str, str], cwd: str, stdout: str,
+                     stderr: str) -> None:
+    """The forked command's body: `argv` in `cwd` with the environment `env`, its output appended
+    to the files `stdout` and `stderr`; it exits as the interpreter would, with its status."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    _read_jax_environment()
+    for fd, path in ((1, stdout), (2, stderr)):
+        with open(path, "ab") as file:
+            os.dup2(file.fileno(), fd)
+    code = run_module(argv)
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+    sys.exit(code)
+
+
+@functools.cache
+def _zygote() -> multiprocessing.context.BaseContext:
+    """This process's fork server, started with SHARED_LIBRARIES imported and no JAX_* set."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([*SHARED_LIBRARIES, __name__])
+    jax_variables = {name: os.environ.pop(name) for name in list(os.environ)
+                     if name.startswith("JAX_")}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.update(jax_variables)
+    return context
+
+
+class Command:
+    """A started command, as subprocess.Popen offers one: pid, returncode, poll, wait,
+    send_signal and kill (a signal to a command that ended is not sent)."""
+
+    def __init__(self, argv: list[str], process: multiprocessing.Process):
+        self.args, self.pid, self._process = argv, process.pid, process
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _start(argv: list[str], stdout: pathlib.Path, stderr: pathlib.Path,
+           env: dict[str, str] | None, cwd: pathlib.Path) -> Command:
+    for path in (stdout, stderr):
+        path.write_bytes(b"")
+    process = _zygote().Process(target=_command_process, args=(
+        argv, dict(os.environ if env is None else env), str(cwd), str(stdout), str(stderr)))
+    process.start()
+    return Command(argv, process)
+
+
+def start(argv: list[str], log: pathlib.Path, env: dict[str, str] | None = None,
+          cwd: pathlib.Path = ROOT) -> Command:
+    """Starts `argv`, its stdout and stderr going to `log`, in `env` (default: this process's)."""
+    return _start(argv, log, log, env, cwd)
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, cwd: pathlib.Path = ROOT,
+        timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Runs `argv` to its end (killed after `timeout` seconds, raising TimeoutExpired); its exit
+    status and its stdout and stderr as text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stdout, stderr = pathlib.Path(tmp, "stdout"), pathlib.Path(tmp, "stderr")
+        command = _start(argv, stdout, stderr, env, cwd)
+        try:
+            returncode = command.wait(timeout)
+        finally:
+            command.kill()
+        return subprocess.CompletedProcess(argv, returncode, stdout.read_text(),
+                                           stderr.read_text())
 
 
 def run_commands(*argvs: list[str], env: dict[str, str] | None = None,
                  ) -> list[subprocess.CompletedProcess]:
-    """`python -m bloom_jax.<argv[0]> argv[1:]` for each argv, one after the other, each forked
-    from one process that imported their libraries once: for commands whose own work is short
-    (--help, bad input, a tiny model's few steps), whose time would be mostly those imports."""
-    return [subprocess.CompletedProcess(argv, **result)
-            for argv, result in zip(argvs, _results(argvs, env))]
+    """`run` for each argv, one after the other."""
+    return [run(argv, env) for argv in argvs]
 
 
 def run_commands_once(shared_tmp: pathlib.Path, name: str, *argvs: list[str],
@@ -84,12 +175,6 @@ def run_commands_once(shared_tmp: pathlib.Path, name: str, *argvs: list[str],
     """run_commands in the first pytest-xdist worker that asks (conftest.build_once); every
     worker gets its results."""
     folder = build_once(shared_tmp, name, lambda folder: (folder / "results.json").write_text(
-        json.dumps(_results(argvs, env))))
-    results = json.loads((folder / "results.json").read_text())
-    return [subprocess.CompletedProcess(argv, **result) for argv, result in zip(argvs, results)]
-
-
-if __name__ == "__main__":
-    for library in SHARED_LIBRARIES:
-        __import__(library)
-    print(json.dumps([forked(argv) for argv in json.loads(sys.argv[1])]))
+        json.dumps([vars(result) for result in run_commands(*argvs, env=env)])))
+    return [subprocess.CompletedProcess(**result)
+            for result in json.loads((folder / "results.json").read_text())]

@@ -2,17 +2,14 @@
 list configurations that do not fit. Speeds themselves are never asserted (shared CPUs)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from bloom_jax import bench, configs, flops, sharded_step
+from tests import forked_commands
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The tiny config at a test-sized workload.
 TINY = ["gin_configs/tiny.gin"]
 SMALL_BATCH = ["BATCH_SIZE = 4", "BatchRampUp.start = 4", "SEQUENCE_LENGTH = 32"]
@@ -43,11 +40,11 @@ def test_synthetic_batches_are_packed_like_the_data_stream():
 @pytest.mark.slow
 def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch():
     """Two steps of the tiny config with recomputation, and torch's step alternating with ours."""
-    command = [sys.executable, "-m", "bloom_jax.bench", *(f"--gin_file={f}" for f in TINY),
+    command = ["bench", *(f"--gin_file={f}" for f in TINY),
                "--gin.BATCH_SIZE=4", "--gin.BatchRampUp.start=4", "--gin.SEQUENCE_LENGTH=32",
                "--gin.BloomConfig.remat_policy=full", "--steps=2", "--warmup_steps=1",
                "--compare_torch", "--json"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = forked_commands.run(command, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -104,8 +101,7 @@ def test_sweep_lists_every_combination_and_those_that_do_not_fit():
 
 @pytest.mark.slow
 def test_gpu_suite_fails_at_once_without_a_gpu():
-    done = subprocess.run([sys.executable, "-m", "bloom_jax.bench", "--suite=gpu"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = forked_commands.run(["bench", "--suite=gpu"])
     assert done.returncode == 1 and done.stdout == ""
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == done.stderr.strip().splitlines()[-1:] == [

@@ -16,6 +16,7 @@ import pytest
 from bloom_jax import configs, flops, param_store, sharded_step
 from bloom_jax import trainer  # noqa: F401  registers every configurable a training config binds
 from bloom_jax.model import BloomConfig
+from tests import forked_commands
 from tests.forked_commands import run_commands_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -206,9 +207,8 @@ def test_loop_configurables_are_all_a_reader_skips():
 
 
 def run_command(command: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"bloom_jax.{command}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    """`python -m bloom_jax.<command> ARGS` (forked: tests/forked_commands.py)."""
+    return forked_commands.run([command, *args])
 
 
 BAD_FLAG_COMMANDS = ["train", "generate"]  # with and without the gin flags

@@ -19,6 +19,7 @@ import transformers
 
 from bloom_jax import convert, param_store
 from bloom_jax.model import BloomForCausalLM
+from tests import forked_commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,8 +156,8 @@ def test_to_hf_reads_the_latest_step_of_a_trainer_checkpoint(tmp_path):
 
 
 def run_cli(*args):
-    result = subprocess.run([sys.executable, "-m", "bloom_jax.convert", *map(str, args)],
-                            cwd=REPO, capture_output=True, text=True)
+    """`python -m bloom_jax.convert ARGS`' stdout (forked: tests/forked_commands.py)."""
+    result = forked_commands.run(["convert", *map(str, args)])
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -188,10 +189,8 @@ def test_export_is_whole_pipeline_generates_as_bloom_jax_generate(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(export)
     generator = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
     prompts = ["The river flows", "Les modèles de langue 42"]
-    generated = subprocess.run(
-        [sys.executable, "-m", "bloom_jax.generate", f"--ckpt_dir={tmp_path / 'ckpt'}",
-         *(f"--prompt={p}" for p in prompts), "--max_new_tokens=12"],
-        cwd=REPO, capture_output=True, text=True)
+    generated = forked_commands.run(["generate", f"--ckpt_dir={tmp_path / 'ckpt'}",
+                                     *(f"--prompt={p}" for p in prompts), "--max_new_tokens=12"])
     assert generated.returncode == 0, generated.stderr[-2000:]
     expected = generated.stdout.splitlines()
     assert [generator(p, max_new_tokens=12)[0]["generated_text"] for p in prompts] == expected
@@ -251,9 +250,8 @@ def test_error_missing_tensor(tmp_path):
 
 
 def test_command_line_error_is_one_clear_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "bloom_jax.convert", "from_hf", "--hf_dir", str(tmp_path),
-         "--out_dir", str(tmp_path / "ckpt")], cwd=REPO, capture_output=True, text=True)
+    result = forked_commands.run(["convert", "from_hf", "--hf_dir", str(tmp_path), "--out_dir",
+                                  str(tmp_path / "ckpt")])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not a Hugging")
     assert "Traceback" not in result.stderr

@@ -4,10 +4,7 @@
 import json
 import math
 import os
-import pathlib
 import signal
-import subprocess
-import sys
 
 import gin
 import jax
@@ -22,10 +19,10 @@ from bloom_jax.data import pipeline, tokenized, vocabularies
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
+from tests import forked_commands
 from tests.data.helpers import write_jsonl
 from tests.test_metrics import read_scalars
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = BloomForCausalLM(BloomConfig(vocab_size=1024, hidden_size=32, n_layer=2, n_head=4))
 RULES = rules_lib.DEFAULT_RULES
 
@@ -202,13 +199,13 @@ def test_command_evaluates_the_run_checkpoint_on_a_sharded_mesh(trained_run):
     """The command on 8 simulated devices, mesh (data 2, fsdp 2, tensor 2), gives the figures the
     one-device trainer logged for the same parameters."""
     model_dir, _ = trained_run
-    command = [sys.executable, "-m", "bloom_jax.evaluate", f"--ckpt_dir={model_dir}",
+    command = ["evaluate", f"--ckpt_dir={model_dir}",
                "--gin_file=gin_configs/tiny.gin", "--json", "--gin.create_mesh.fsdp=2",
                "--gin.create_mesh.tensor=2",
                *(f"--gin_bindings={binding}" for binding in TRAIN_SETTINGS)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    done = forked_commands.run(command, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)
 

@@ -1,16 +1,15 @@
 """The generate command: prompts continued as Hugging Face continues them, from each kind of
 checkpoint directory, and its flags."""
 
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 import tokenizers
 
 from bloom_jax import configs, convert
 from bloom_jax.decoding import EOS_ID, PAD_ID, left_pad
+from tests import forked_commands
 from tests.test_decoding import NEW_TOKENS, hf_generate, hf_model_and_params
 
 # The command decodes the same prompts with the same model from each kind of directory: the
@@ -37,10 +36,8 @@ def saved_hf_model(hf_dir: pathlib.Path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    root = pathlib.Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "-m", "bloom_jax.generate", *args], cwd=root,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(root)))
+    """`python -m bloom_jax.generate ARGS` (forked: tests/forked_commands.py)."""
+    return forked_commands.run(["generate", *args])
 
 
 @pytest.mark.slow

@@ -3,10 +3,8 @@
 import dataclasses
 import json
 import os
-import pathlib
 import re
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,11 +12,11 @@ import pytest
 
 from bloom_jax import flops, layouts, lora as lora_lib, optim, plan, scaling, sharded_step
 from bloom_jax.collectives import Collective
+from tests import forked_commands
 from tests.test_runs import write_run
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules
 
-ROOT = pathlib.Path(__file__).parents[1]
 TINY = sharded_step.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 TINY_GIN = """
 include 'base.gin'
@@ -154,10 +152,7 @@ def test_lora_plan_holds_the_frozen_base_and_state_for_the_adapters_only():
 def run_plan(tmp_path, *args):
     config = tmp_path / "tiny.gin"
     config.write_text(TINY_GIN)
-    return subprocess.run(
-        [sys.executable, "-m", "bloom_jax.plan", f"--gin_file={config}", *args],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-        timeout=300)
+    return forked_commands.run(["plan", f"--gin_file={config}", *args])
 
 
 @pytest.mark.slow
@@ -228,14 +223,13 @@ def test_cli_refuses_a_mesh_that_does_not_divide_the_heads(tmp_path):
     assert "compiled" not in result.stdout
 
 
-def plan_command(*args, devices: int | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
-    """`python -m bloom_jax.plan ARGS` (or another module, as `-m MODULE` first) as a user runs it."""
-    command = list(args) if args[0] == "-m" else ["-m", "bloom_jax.plan", *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+def plan_command(*args, command: str = "plan", devices: int | None = None,
+                 ) -> subprocess.CompletedProcess:
+    """`python -m bloom_jax.<command> ARGS` as a user runs it (forked: tests/forked_commands.py)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.run([sys.executable, *command], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return forked_commands.run([command, *args], env=env)
 
 
 @pytest.mark.slow
@@ -251,10 +245,10 @@ def test_cli_budget_writes_a_config_that_trains_and_plans(tmp_path):
     assert f"BloomConfig.hidden_size = {hidden}\n" in gin_file.read_text()
 
     # Trained for 2 steps at a CPU-sized batch (the planned one is 256 x 2048 tokens).
-    result = plan_command("-m", "bloom_jax.train", f"--gin_file={gin_file}",
-                          f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=2",
-                          "--gin.BATCH_SIZE=2", "--gin.BatchRampUp.start=2",
-                          "--gin.SEQUENCE_LENGTH=32", "--gin.train.eval_every=0", devices=1)
+    result = plan_command(f"--gin_file={gin_file}", f"--gin.MODEL_DIR={model_dir}",
+                          "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=2", "--gin.BatchRampUp.start=2",
+                          "--gin.SEQUENCE_LENGTH=32", "--gin.train.eval_every=0", command="train",
+                          devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2 | loss" in result.stderr
     assert (model_dir / "checkpoints" / "2").is_dir()

@@ -4,11 +4,8 @@ equal `generate`'s greedy ones, 32 concurrent clients are each answered, and bad
 
 import concurrent.futures
 import json
-import os
-import pathlib
+import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,9 +13,9 @@ import numpy as np
 import pytest
 
 from bloom_jax import decoding
+from tests import forked_commands
 from tests.test_generate import saved_hf_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONTEXT = 64
 
 
@@ -34,12 +31,8 @@ def server(tmp_path_factory):
     hf_dir = tmp_path_factory.mktemp("hf")
     _, config, params, tokenizer = saved_hf_model(hf_dir)
     port = free_port()
-    log = open(hf_dir / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bloom_jax.serve", f"--hf_dir={hf_dir}", f"--port={port}",
-         f"--context={CONTEXT}", "--max_batch=16"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log,
-        stderr=subprocess.STDOUT)
+    proc = forked_commands.start(["serve", f"--hf_dir={hf_dir}", f"--port={port}",
+                                  f"--context={CONTEXT}", "--max_batch=16"], hf_dir / "server.log")
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):  # up to 5 minutes to start
         if proc.poll() is not None:
@@ -53,9 +46,8 @@ def server(tmp_path_factory):
         proc.kill()
     assert proc.poll() is None, (hf_dir / "server.log").read_text()[-3000:]
     yield url, tokenizer, config, params
-    proc.terminate()
+    proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
-    log.close()
 
 
 def expected_texts(server, prompts: list[str], max_tokens: list[int]) -> list[str]:

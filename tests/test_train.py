@@ -1,7 +1,8 @@
 """`python -m bloom_jax.train` run as a user runs it, in its own processes, on the tiny config:
 killed and restarted, preempted, on 8 simulated devices, and given bad input.
 
-Every run shares one persistent compilation cache, so only the first run of each mesh compiles.
+Every run shares one persistent compilation cache, so only the first run of each mesh compiles,
+and is forked from a process that imported the libraries once (tests/forked_commands.py).
 """
 
 import configparser
@@ -14,13 +15,13 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from tests.conftest import build_once
+from tests import forked_commands
 from tests.forked_commands import run_commands, run_commands_once
 from tests.test_metrics import read_scalars
 
@@ -36,10 +37,10 @@ def compile_cache(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("jax_compilation_cache")
 
 
-def _command(model_dir: pathlib.Path, train_steps: int, bindings: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-m", "bloom_jax.train", "--gin_file=gin_configs/tiny.gin",
-            f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={train_steps}",
-            "--gin.train.log_every=1", f"--gin.CheckpointOptions.every_steps={EVERY}", *bindings]
+def _flags(model_dir: pathlib.Path, train_steps: int, bindings: tuple[str, ...]) -> list[str]:
+    return ["--gin_file=gin_configs/tiny.gin", f"--gin.MODEL_DIR={model_dir}",
+            f"--gin.TRAIN_STEPS={train_steps}", "--gin.train.log_every=1",
+            f"--gin.CheckpointOptions.every_steps={EVERY}", *bindings]
 
 
 def _env(cache: pathlib.Path, devices: int) -> dict[str, str]:
@@ -52,21 +53,18 @@ def _env(cache: pathlib.Path, devices: int) -> dict[str, str]:
 def train(cache: pathlib.Path, model_dir: pathlib.Path, *bindings: str,
           train_steps: int = TRAIN_STEPS, devices: int = 1) -> subprocess.CompletedProcess:
     """Runs the command to its end; stdout and stderr (the console log) are returned as text."""
-    return subprocess.run(_command(model_dir, train_steps, bindings), cwd=REPO,
-                          env=_env(cache, devices), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return forked_commands.run(["train", *_flags(model_dir, train_steps, bindings)],
+                               env=_env(cache, devices), timeout=TIMEOUT_S)
 
 
 def start_train(cache: pathlib.Path, model_dir: pathlib.Path, log: pathlib.Path, *bindings: str,
-                train_steps: int) -> subprocess.Popen:
+                train_steps: int) -> forked_commands.Command:
     """Starts the command in the background, its console log going to `log`."""
-    with open(log, "w") as console:
-        return subprocess.Popen(_command(model_dir, train_steps, bindings), cwd=REPO,
-                                env=_env(cache, devices=1), stdout=console,
-                                stderr=subprocess.STDOUT)
+    return forked_commands.start(["train", *_flags(model_dir, train_steps, bindings)], log,
+                                 env=_env(cache, devices=1))
 
 
-def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+def wait_for(condition, proc: forked_commands.Command, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
         assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
@@ -139,7 +137,7 @@ def test_run_writes_its_gin_config_and_metrics(reference):
 
 
 def killed_at_checkpoint(cache: pathlib.Path, model_dir: pathlib.Path, log: pathlib.Path,
-                         *bindings: str) -> subprocess.Popen:
+                         *bindings: str) -> forked_commands.Command:
     """A run that would go on for long, SIGKILLed once its step-EVERY checkpoint is committed."""
     proc = start_train(cache, model_dir, log, *bindings, train_steps=1000)
     try:
@@ -265,12 +263,12 @@ def bad_input_runs(compile_cache, reference, shared_tmp) -> list[dict]:
             shutil.copytree(reference, case / "run")
             (case / "garbage.model").write_bytes(np.random.default_rng(0).bytes(2000))
         digests = [_file_digests(case / "run") for case in cases]
-        argvs = [["train", *_command(case / "run", TRAIN_STEPS, (binding.format(tmp=case),))[3:]]
+        argvs = [["train", *_flags(case / "run", TRAIN_STEPS, (binding.format(tmp=case),))]
                  for case, (binding, _) in zip(cases, BAD_INPUTS)]
-        argvs += [["train", *_command(folder / "new", TRAIN_STEPS,
-                                      (f"--gin.INIT_FROM={folder}/nothing",))[3:]],
-                  ["train", *_command(folder / "verbose", TRAIN_STEPS,
-                                      ("--gin.trian.seed=3", "--verbose"))[3:]]]
+        argvs += [["train", *_flags(folder / "new", TRAIN_STEPS,
+                                    (f"--gin.INIT_FROM={folder}/nothing",))],
+                  ["train", *_flags(folder / "verbose", TRAIN_STEPS,
+                                    ("--gin.trian.seed=3", "--verbose"))]]
         results = run_commands(*argvs, env=_env(compile_cache, 1))
         runs = [{"tmp": str(folder / str(i)), "returncode": r.returncode, "stderr": r.stderr}
                 for i, r in enumerate(results)]
@@ -337,9 +335,8 @@ def test_a_damaged_latest_checkpoint_is_refused_and_the_run_resumes_from_the_one
 
 def test_a_failed_save_ends_the_run_at_once_naming_its_step(compile_cache, tmp_path):
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "tests/faults/disk_full.py", *_command(tmp_path, 1000, ())[3:]],
-        cwd=REPO, env=_env(compile_cache, 1), capture_output=True, text=True, timeout=TIMEOUT_S)
+    result = forked_commands.run(["tests/faults/disk_full.py", *_flags(tmp_path, 1000, ())],
+                                 env=_env(compile_cache, 1), timeout=TIMEOUT_S)
     assert result.returncode == 1
     last_line = result.stderr.rstrip("\n").splitlines()[-1]
     assert last_line.startswith("error: saving the checkpoint of step 1 to "), result.stderr

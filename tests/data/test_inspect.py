@@ -1,8 +1,6 @@
 """The inspect command: per-task documents, tokens, rate and observed share."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -10,6 +8,7 @@ from bloom_jax.data import inspect
 from bloom_jax.data import languages
 from bloom_jax.data import pipeline
 from tests.data.helpers import mixture, write_jsonl
+from tests.test_configs import run_command
 
 
 def test_summary_counts_and_shares(train_tasks, seqio_tasks, vocabulary):
@@ -42,10 +41,8 @@ def test_command_line_json(tmp_path):
     gin_file.write_text("include 'base.gin'\n"
                         "mixture_rates.alpha = 0.3\n"
                         "roots_tasks.languages_subset = ['en', 'fr', 'zh', 'sw']\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "bloom_jax.data.inspect", f"--gin_file={gin_file}",
-         "--num_examples=400", "--gin.SEQUENCE_LENGTH=16", "--json"],
-        capture_output=True, text=True, check=False)
+    result = run_command("data.inspect", f"--gin_file={gin_file}", "--num_examples=400",
+                         "--gin.SEQUENCE_LENGTH=16", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert sorted(summary) == ["roots_en", "roots_fr", "roots_sw", "roots_zh"]
