@@ -11,9 +11,7 @@ and OUT_DIR/gather_once.npz, the state and loss after one train step of 3 micro-
 
 import dataclasses
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -26,6 +24,7 @@ from bloom_jax.data import pipeline
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules
+from tests import forked_commands
 
 CONFIG = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 BATCH, LENGTH = 8, 32
@@ -93,11 +92,9 @@ def main(out_dir: pathlib.Path) -> None:
 
 
 def run_in_fresh_process(out_dir: pathlib.Path) -> None:
-    """Runs this script on `out_dir` in a new process (the tests keep their own devices)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, __file__, str(out_dir)], cwd=root,
-                            capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(root)))
+    """Runs this script on `out_dir` in a process of its own (the tests keep their own devices;
+    forked: tests/forked_commands.py)."""
+    result = forked_commands.run([__file__, str(out_dir)], timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
 
 
