@@ -1,7 +1,8 @@
 """Fixtures for every test: each starts and ends with an empty gin config and pytest's own
 SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). The number of
 pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
-by one worker for all; and a compilation cache a module's commands share."""
+by one worker for all; a compilation cache a module's commands share; and the XLA flags of the
+processes the suite starts (`xla_flags`)."""
 
 import fcntl
 import os
@@ -12,6 +13,14 @@ from collections.abc import Callable
 
 import gin
 import pytest
+
+
+def xla_flags(*flags: str, devices: int | None = None) -> str:
+    """XLA_FLAGS for a process the suite starts: this process's, `flags`, and `devices`
+    simulated CPU devices when given."""
+    if devices:
+        flags += (f"--xla_force_host_platform_device_count={devices}",)
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,7 @@ and OUT_DIR/sliced_loss.npz, the training loss and its gradients on data=2, fsdp
 
 import dataclasses
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -30,6 +28,7 @@ from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
 from partitioning.rules import activation_sharding, logical_axis_rules
 from partitioning.shardings import batch_sharding, init_params, put_batch
+from tests import forked_commands
 
 CONFIG = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8)
 BATCH, LENGTH = 8, 32
@@ -122,11 +121,9 @@ def main(out_dir: pathlib.Path) -> None:
 
 
 def run_in_fresh_process(out_dir: pathlib.Path) -> None:
-    """Runs this script on `out_dir` in a new process (the tests keep their own devices)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, __file__, str(out_dir)], cwd=root,
-                            capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(root)))
+    """Runs this script on `out_dir` in a process of its own (the tests keep their own devices;
+    forked: tests/forked_commands.py)."""
+    result = forked_commands.run([__file__, str(out_dir)], timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
 
 

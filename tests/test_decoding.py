@@ -6,8 +6,6 @@ import functools
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 import flax.linen as nn
@@ -22,6 +20,8 @@ from transformers.generation import logits_process
 from bloom_jax import convert, flops
 from bloom_jax.decoding import PAD_ID, Sampling, choose, generate_ids, left_pad
 from bloom_jax.model import BloomConfig, BloomForCausalLM
+from tests import forked_commands
+from tests.conftest import xla_flags
 
 # Two shapes: a head count that is not a power of two (ALiBi's extra slopes) and one that is.
 HF_SHAPES = {
@@ -156,17 +156,12 @@ def test_bad_inputs_are_explained():
         generate_ids(config, params, ids, 2, top_p=0.0)
 
 
-
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def eight_devices(mode: str, out_dir: pathlib.Path, *xla_flags: str) -> None:
-    """Runs tests/decoding_eight_devices.py MODE in a fresh process with 8 CPU devices."""
-    flags = " ".join(["--xla_force_host_platform_device_count=8", *xla_flags])
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "decoding_eight_devices.py"),
-                           mode, str(out_dir)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=flags))
+def eight_devices(mode: str, out_dir: pathlib.Path, *flags: str) -> None:
+    """Runs tests/decoding_eight_devices.py MODE in a process of its own with 8 CPU devices
+    (forked: tests/forked_commands.py)."""
+    done = forked_commands.run(["tests/decoding_eight_devices.py", mode, str(out_dir)],
+                               env=dict(os.environ, XLA_FLAGS=xla_flags(*flags, devices=8)),
+                               timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -20,6 +20,7 @@ from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from tests import forked_commands
+from tests.conftest import xla_flags
 from tests.data.helpers import write_jsonl
 from tests.test_metrics import read_scalars
 
@@ -203,8 +204,7 @@ def test_command_evaluates_the_run_checkpoint_on_a_sharded_mesh(trained_run):
                "--gin_file=gin_configs/tiny.gin", "--json", "--gin.create_mesh.fsdp=2",
                "--gin.create_mesh.tensor=2",
                *(f"--gin_bindings={binding}" for binding in TRAIN_SETTINGS)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices=8)}
     done = forked_commands.run(command, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)

@@ -13,6 +13,7 @@ import pytest
 from bloom_jax import flops, layouts, lora as lora_lib, optim, plan, scaling, sharded_step
 from bloom_jax.collectives import Collective
 from tests import forked_commands
+from tests.conftest import xla_flags
 from tests.test_runs import write_run
 from partitioning.mesh import create_mesh
 from partitioning.rules import logical_axis_rules
@@ -228,7 +229,7 @@ def plan_command(*args, command: str = "plan", devices: int | None = None,
     """`python -m bloom_jax.<command> ARGS` as a user runs it (forked: tests/forked_commands.py)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = xla_flags(devices=devices)
     return forked_commands.run([command, *args], env=env)
 
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import build_once
+from tests.conftest import build_once, xla_flags
 from tests import forked_commands
 from tests.forked_commands import run_commands, run_commands_once
 from tests.test_metrics import read_scalars
@@ -45,7 +45,7 @@ def _flags(model_dir: pathlib.Path, train_steps: int, bindings: tuple[str, ...])
 
 def _env(cache: pathlib.Path, devices: int) -> dict[str, str]:
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": xla_flags(devices=devices),
             "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 

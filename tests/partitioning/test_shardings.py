@@ -7,8 +7,6 @@ computes the unsharded reference on one of its devices; this process keeps its s
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -22,15 +20,15 @@ from partitioning.mesh import create_mesh, resolve_mesh_shape
 from partitioning.rules import logical_axis_rules
 from partitioning.shardings import (
     abstract_params, batch_sharding, optimizer_shardings, logical_shardings)
-from tests.conftest import build_once
+from tests import forked_commands
+from tests.conftest import build_once, xla_flags
 from tests.partitioning import eight_devices as run8
 
-ROOT = pathlib.Path(__file__).parents[2]
 RULES = logical_axis_rules()
 MESH_IDS = [run8.mesh_name(shape) for shape in run8.MESHES]
 # Fast compilation of tiny programs: the runs are about sharding, not code quality.
-XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+XLA_FLAGS = xla_flags("--xla_backend_optimization_level=0",
+                      "--xla_llvm_disable_expensive_passes=true", devices=8)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +67,10 @@ def test_batches_are_split_over_data_and_fsdp():
 
 
 def run_on_eight_devices(script: str, out: pathlib.Path) -> pathlib.Path:
-    """Runs tests/partitioning/`script` OUT in a process with 8 simulated devices; returns OUT."""
-    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, str(ROOT / "tests/partitioning" / script), str(out)],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """Runs tests/partitioning/`script` OUT in a process with 8 simulated devices (forked:
+    tests/forked_commands.py); returns OUT."""
+    result = forked_commands.run([f"tests/partitioning/{script}", str(out)],
+                                 env=dict(os.environ, XLA_FLAGS=XLA_FLAGS), timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     return out
 
