@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import build_once
 from tests.test_metrics import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -90,20 +91,22 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory) -> pathlib.Path:
-    """The reference: one process of 8 devices, STEPS + 2 steps."""
-    model_dir = tmp_path_factory.mktemp("one_process")
-    train(model_dir, processes=1, devices=8, steps=STEPS + 2)
-    return model_dir
+def one_process_run(shared_tmp) -> pathlib.Path:
+    """The reference: one process of 8 devices, STEPS + 2 steps (run once for all workers)."""
+    return build_once(shared_tmp, "one_process_run", lambda model_dir: train(
+        model_dir, processes=1, devices=8, steps=STEPS + 2))
 
 
 @pytest.fixture(scope="module")
-def two_process_resumed(one_process_run, tmp_path_factory) -> tuple[pathlib.Path, str]:
+def two_process_resumed(one_process_run, shared_tmp) -> tuple[pathlib.Path, str]:
     """The reference's step-2 checkpoint continued to step STEPS by two processes of 4 devices,
-    on the same mesh."""
-    model_dir = tmp_path_factory.mktemp("two_processes")
-    copy_checkpoints(one_process_run, model_dir, up_to_step=2)
-    return model_dir, train(model_dir, processes=2, devices=4)
+    on the same mesh (run once for all workers): its MODEL_DIR and output."""
+    def resume(folder: pathlib.Path) -> None:
+        copy_checkpoints(one_process_run, folder / "run", up_to_step=2)
+        (folder / "output.txt").write_text(train(folder / "run", processes=2, devices=4))
+
+    folder = build_once(shared_tmp, "two_process_resumed", resume)
+    return folder / "run", (folder / "output.txt").read_text()
 
 
 @pytest.mark.slow

@@ -19,15 +19,16 @@ from bloom_jax import optim, sharded_step
 from bloom_jax.model import BloomConfig
 from partitioning.mesh import MeshError
 from partitioning.rules import logical_axis_rules, pipeline_rules
+from tests.conftest import build_once
 from tests.partitioning import pipeline_eight_devices as pipe8
 from tests.partitioning.test_shardings import run_on_eight_devices
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    """Runs pipeline_eight_devices.py once; returns its arrays and counts."""
-    out = run_on_eight_devices("pipeline_eight_devices.py",
-                               tmp_path_factory.mktemp("pipeline_eight_devices"))
+def pipeline_run(shared_tmp):
+    """Runs pipeline_eight_devices.py once (for all workers); returns its arrays and counts."""
+    out = build_once(shared_tmp, "pipeline_eight_devices",
+                     lambda out: run_on_eight_devices("pipeline_eight_devices.py", out))
     return np.load(out / "results.npz"), json.loads((out / "counts.json").read_text())
 
 
