@@ -5,7 +5,8 @@
 
 Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (read by `bloom_jax.distributed.initialize`), JAX_PLATFORMS=cpu and
-`--xla_force_host_platform_device_count`. Output is streamed line by line with a `[pN]`
+`--xla_force_host_platform_device_count`, and GLIBC_TUNABLES with glibc.malloc.hugetlb=1 (unless
+it sets that tunable already; see `process_env`). Output is streamed line by line with a `[pN]`
 prefix. If a process fails, the others get `--grace_s` seconds to stop on their own, then
 SIGTERM, then SIGKILL; the exit status is that of the first failure. SIGINT and SIGTERM are
 forwarded to every process. Standard library only: this file imports nothing of the package.
@@ -22,6 +23,7 @@ import time
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _POLL_S = 0.1
+_HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
 
 
 def _free_port() -> int:
@@ -34,10 +36,19 @@ def _free_port() -> int:
 def process_env(
     base: dict[str, str], process_id: int, num_processes: int, devices_per_process: int, port: int
 ) -> dict[str, str]:
-    """The environment of process `process_id`: jax's variables on top of `base`."""
+    """The environment of process `process_id`: jax's variables on top of `base`.
+
+    glibc's malloc is told to back its mmapped blocks with transparent huge pages: XLA's CPU
+    client mallocs each execution's temporaries as one block, which glibc maps afresh and unmaps
+    at every step, so a step otherwise faults them in 4 KiB at a time (the tiny train step:
+    18,700 faults, ~35% of its time).
+    """
     xla_flags = [f for f in base.get("XLA_FLAGS", "").split()
                  if not f.startswith(_DEVICE_COUNT_FLAG)]
     xla_flags.append(f"{_DEVICE_COUNT_FLAG}={devices_per_process}")
+    tunables = [t for t in base.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith(_HUGETLB_TUNABLE + "=") for t in tunables):
+        tunables.append(f"{_HUGETLB_TUNABLE}=1")
     return {
         **base,
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
@@ -45,6 +56,7 @@ def process_env(
         "JAX_PROCESS_ID": str(process_id),
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": " ".join(xla_flags),
+        "GLIBC_TUNABLES": ":".join(tunables),
         "PYTHONUNBUFFERED": "1",  # Lines reach the prefixing stream as they are printed.
     }
 
