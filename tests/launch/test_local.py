@@ -69,8 +69,10 @@ def _huge_pages_available() -> bool:
             and thp.exists() and "[never]" not in thp.read_text())
 
 
-def launch(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def launch(*args: str, timeout: float = 120, **env: str
+           ) -> tuple[subprocess.CompletedProcess, float]:
+    """Runs launch/local.py with `args`, in this environment and `env`; (result, seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(LOCAL), *args], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
@@ -116,14 +118,12 @@ def test_process_env_backs_malloc_s_mapped_blocks_with_huge_pages(tunables, expe
     assert env["GLIBC_TUNABLES"] == expected
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _huge_pages_available(), reason="needs glibc >= 2.35 and kernel THP")
 def test_launched_processes_do_not_fault_a_cpu_program_s_temporaries_in_at_every_call():
     def faults_per_call(**env):
-        result = subprocess.run(
-            [sys.executable, str(LOCAL), "--num_processes=1", "--devices_per_process=1", "--",
-             sys.executable, "-c", FAULTS_PER_CALL],
-            env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=REPO, capture_output=True,
-            text=True, timeout=300)
+        result, _ = launch("--num_processes=1", "--devices_per_process=1", "--",
+                           sys.executable, "-c", FAULTS_PER_CALL, **env)
         assert result.returncode == 0, result.stdout + result.stderr
         return float(lines_of(result.stdout, 0)[-1].split()[-1])
 
