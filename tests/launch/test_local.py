@@ -48,7 +48,10 @@ FAIL_MID_RUN = GLOBAL_SUM + textwrap.dedent("""
 FAULTS_PER_CALL = textwrap.dedent("""
     import resource
     import jax, jax.numpy as jnp
-    f = jax.jit(lambda x: (x @ x.T).sum(0) + (x @ x.T).max(1))
+    def f(x):
+        y = x @ x.T  # [6000, 6000], read by two reductions: materialized
+        return y.sum(0) + y.max(1)
+    f = jax.jit(f)
     x = jnp.ones((6000, 16), jnp.float32)
     for _ in range(3):
         f(x).block_until_ready()
