@@ -132,7 +132,9 @@ def test_launched_processes_do_not_fault_a_cpu_program_s_temporaries_in_at_every
 
     # glibc's default, kept by a user's hugetlb=0: every 4 KiB page faults in again at each call.
     assert faults_per_call(GLIBC_TUNABLES="glibc.malloc.hugetlb=0") > 0.9 * TEMP_PAGES
-    assert faults_per_call() < 0.05 * TEMP_PAGES
+    # With huge pages a few percent are left; under the suite's load up to 5.3% were seen (the
+    # kernel falls back to 4 KiB pages where it finds no free 2 MiB one at once).
+    assert faults_per_call() < 0.25 * TEMP_PAGES
 
 
 @pytest.mark.slow
