@@ -261,10 +261,17 @@ def dot_product_attention(q: Array, k: Array, v: Array, alibi: Array, mask: Arra
     if implementation == "einsum":
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(mask, scores + alibi, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, heads, q, k]
+        # The softmax's division waits for the output, as flash attention's does: dividing the
+        # [batch, q, heads, head_dim] output spares a pass over the [batch, heads, q, k] scores.
+        # The maximum only keeps exp in range; the result does not depend on it.
+        maximum = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        weights = jnp.exp(scores - maximum)  # [batch, heads, q, k]
+        total = jnp.sum(weights, axis=-1)  # [batch, heads, q]
         if dropout is not None:
-            probs = dropout(probs)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            weights = dropout(weights)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32)
+        return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(v.dtype)
     return jax.nn.dot_product_attention(
         q, k, v, alibi, mask, scale=scale, is_causal=causal and implementation == "cudnn",
         implementation=implementation)

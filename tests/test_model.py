@@ -202,6 +202,21 @@ def test_attention_scale_is_the_exact_float_in_bfloat16(implementation):
     assert float(out[0, 0, 0, 0]) == pytest.approx(0.5, abs=2e-3)
 
 
+def test_einsum_attention_drops_normalized_probabilities():
+    """Dropout acts on softmax(q k / sqrt(d) + alibi) as Megatron's does, though the einsum path
+    divides by the softmax's sum only after the product with the values."""
+    q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 6, 4, 8))
+    alibi = jnp.asarray(alibi_slopes(4))[None, :, None, None] * jnp.arange(6.0)
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+    keep = jax.random.bernoulli(jax.random.key(2), 0.7, (2, 4, 6, 6))
+    dropout = lambda probs: jnp.where(keep, probs / 0.7, 0)  # noqa: E731
+    out = dot_product_attention(q, k, v, alibi, mask, "einsum", causal=True, dropout=dropout)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + alibi
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    np.testing.assert_allclose(out, jnp.einsum("bhqk,bkhd->bqhd", dropout(probs), v),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_auto_falls_back_from_cudnn_to_xla_and_says_so(monkeypatch, caplog):
     """On a GPU "auto" takes cuDNN; where cuDNN refuses a call (here: there is none), XLA's
     attention runs instead, and the log says so."""
