@@ -217,6 +217,20 @@ def test_einsum_attention_drops_normalized_probabilities():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_causal_einsum_attention_in_query_blocks_equals_the_whole():
+    """Split into query blocks (causal=True), the einsum path gives every real token the output
+    of the whole [q, k] scores, across documents and padding."""
+    assert 8 % model_lib.CAUSAL_QUERY_BLOCKS == 0  # the split runs on this length
+    q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 8, 4, 8))
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8])
+    positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 0], list(range(8))])
+    alibi, mask = model_lib.attention_inputs(4, segment_ids, positions)
+    blocked = dot_product_attention(q, k, v, alibi, mask, "einsum", causal=True)
+    whole = dot_product_attention(q, k, v, alibi, mask, "einsum", causal=False)
+    real = segment_ids != 0
+    np.testing.assert_allclose(blocked[real], whole[real], rtol=1e-6, atol=1e-6)
+
+
 def test_auto_falls_back_from_cudnn_to_xla_and_says_so(monkeypatch, caplog):
     """On a GPU "auto" takes cuDNN; where cuDNN refuses a call (here: there is none), XLA's
     attention runs instead, and the log says so."""
