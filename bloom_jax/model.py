@@ -248,7 +248,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, alibi: Array, mask: Arra
 
     q: [batch, q_length, heads, head_dim]; k, v: [batch, k_length, heads, head_dim]; alibi
     [batch, heads, 1, k_length] (float32); mask [batch, 1, q_length, k_length]. `causal` says the
-    mask is causal in its own positions (not decoding), so cuDNN may skip the upper blocks.
+    mask is causal in its own positions (not decoding), so cuDNN and the einsum path may skip
+    the blocks above the diagonal.
     `dropout` (probs -> probs) needs implementation "einsum". The scale is the exact float
     1/sqrt(head_dim), as Megatron's and Hugging Face's.
     """
