@@ -56,10 +56,12 @@ REMAT_POLICIES = {
 # the platform (`_auto_implementation`), and falls back from cuDNN to XLA, saying so in the log,
 # where cuDNN refuses a call.
 ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum")
-# The einsum path splits causal attention into this many blocks of queries (when they divide the
-# length), skipping the masked scores above the diagonal blocks: the tiny config's CPU step ~10%
-# faster than with 1 (2 blocks: ~6%; 8: ~9%).
+# The einsum path splits causal attention into this many blocks of queries, skipping the masked
+# scores above the diagonal blocks: the tiny config's CPU step (128 tokens) ~10% faster than in
+# one piece (2 blocks: ~6%; 8: ~9%). Only blocks of CAUSAL_MIN_BLOCK queries or more: shorter ones
+# save too little for the ops they add (steps of 16-32 tokens compiled 30% slower split).
 CAUSAL_QUERY_BLOCKS = 4
+CAUSAL_MIN_BLOCK = 32
 
 _log = logging.getLogger(__name__)
 
@@ -265,11 +267,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, alibi: Array, mask: Arra
                 implementation = "xla"
     if implementation == "einsum":
         length = q.shape[1]
-        if not causal or length % CAUSAL_QUERY_BLOCKS:
+        size = length // CAUSAL_QUERY_BLOCKS
+        if not causal or length % CAUSAL_QUERY_BLOCKS or size < CAUSAL_MIN_BLOCK:
             return _einsum_attention(q, k, v, alibi, mask, scale, dropout)
         # Causal: each block of queries attends only to the keys up to its own end, so the
         # scores above the diagonal blocks (3/8 of them with 4 blocks) are never computed.
-        size = length // CAUSAL_QUERY_BLOCKS
         return jnp.concatenate([
             _einsum_attention(q[:, start:start + size], k[:, :start + size],
                               v[:, :start + size], alibi[..., :start + size],

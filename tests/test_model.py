@@ -221,10 +221,13 @@ def test_einsum_attention_drops_normalized_probabilities():
 def test_causal_einsum_attention_in_query_blocks_equals_the_whole():
     """Split into query blocks (causal=True), the einsum path gives every real token the output
     of the whole [q, k] scores, across documents and padding."""
-    assert 8 % model_lib.CAUSAL_QUERY_BLOCKS == 0  # the split runs on this length
-    q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 8, 4, 8))
-    segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8])
-    positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 0], list(range(8))])
+    length = model_lib.CAUSAL_QUERY_BLOCKS * model_lib.CAUSAL_MIN_BLOCK  # the shortest split
+    q, k, v = jax.random.normal(jax.random.key(3), (3, 2, length, 4, 8))
+    # Row 0: a document across the first block boundary, a second one, then padding.
+    first = length // 2 - 3
+    segment_ids = jnp.array([[1] * first + [2] * (length - first - 5) + [0] * 5, [1] * length])
+    positions = jnp.array([list(range(first)) + list(range(length - first - 5)) + [0] * 5,
+                           list(range(length))])
     alibi, mask = model_lib.attention_inputs(4, segment_ids, positions)
     blocked = dot_product_attention(q, k, v, alibi, mask, "einsum", causal=True)
     whole = dot_product_attention(q, k, v, alibi, mask, "einsum", causal=False)
