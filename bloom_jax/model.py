@@ -59,7 +59,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum")
 # The einsum path splits causal attention into this many blocks of queries, skipping the masked
 # scores above the diagonal blocks: the tiny config's CPU step (128 tokens) ~10% faster than in
 # one piece (2 blocks: ~6%; 8: ~9%). Only blocks of CAUSAL_MIN_BLOCK queries or more: shorter ones
-# save too little for the ops they add (steps of 16-32 tokens compiled 30% slower split).
+# save too little for the ops they add (test steps of 8-16 tokens ran 30% slower split).
 CAUSAL_QUERY_BLOCKS = 4
 CAUSAL_MIN_BLOCK = 32
 
