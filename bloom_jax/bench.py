@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -89,6 +90,7 @@ class Result:
     hfu: float
     step_peak_bytes: int  # per device: arguments + outputs - donated + temporaries (as plan's)
     peak_host_rss_mb: float  # the process's so far (a sweep's earlier rows and torch included)
+    host_page_faults_per_step: float | None = None  # median over our steps (huge_pages.py)
     peak_device_bytes: int | None = None  # None on CPUs, whose memory is the host's
     trained_param_bytes: int = 0  # the parameters the step updates (LoRA: the adapters)
     optimizer_state_bytes: int = 0
@@ -135,14 +137,17 @@ class JaxStep:
         self._step = training.step.lower(self._state, self._batch, self._batch_size,
                                          *self._base).compile()
         self.compile_s = time.perf_counter() - start
+        self.page_faults = []  # the process's minor page faults during each call
         memory = self._step.fn.memory_analysis()
         self.peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
 
     def __call__(self) -> None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self._state, step_metrics = self._step(self._state, self._batch, self._batch_size,
                                                *self._base)
         jax.block_until_ready((self._state, step_metrics))
+        self.page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
     def digest(self) -> tuple[int, float]:
         """(bytes, seconds) of the digests a checkpoint of the state takes when it is saved, and
@@ -239,6 +244,7 @@ def benchmark(steps: int = 10, warmup_steps: int = 2, seed: int = 0,
     result = summarize(workload, ours.compile_s, ours.num_devices, medians, ours.peak_bytes)
     return dataclasses.replace(result, trained_param_bytes=ours.trained_bytes,
                                optimizer_state_bytes=ours.state_bytes,
+                               host_page_faults_per_step=statistics.median(ours.page_faults),
                                checkpoint_bytes=digests[0][0],
                                digest_s=statistics.median(t for _, t in digests))
 
@@ -287,6 +293,8 @@ def format_result(result: Result, workload: sharded_step.Workload) -> str:
         f"{metrics.human(result.trained_param_bytes)}B of "
         f"{'LoRA adapters' if workload.lora else 'parameters'} trained",
         f"memory: peak host RSS {result.peak_host_rss_mb:,.0f} MiB"
+        + ("" if result.host_page_faults_per_step is None
+           else f" | {result.host_page_faults_per_step:,.0f} host page faults per step")
         + ("" if result.peak_device_bytes is None
            else f" | peak device {result.peak_device_bytes / 2**30:.2f} GiB"),
     ]
