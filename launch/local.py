@@ -6,10 +6,10 @@
 Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (read by `bloom_jax.distributed.initialize`), JAX_PLATFORMS=cpu and
 `--xla_force_host_platform_device_count`, and glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES
-(unless the caller's sets it; see `process_env`). Output is streamed line by line with a `[pN]`
+(unless the caller's sets it; bloom_jax/huge_pages.py). Output is streamed line by line with a `[pN]`
 prefix. If a process fails, the others get `--grace_s` seconds to stop on their own, then
 SIGTERM, then SIGKILL; the exit status is that of the first failure. SIGINT and SIGTERM are
-forwarded to every process. Standard library only: this file imports nothing of the package.
+forwarded to every process. Of the package it imports only huge_pages, which imports nothing.
 """
 
 import argparse
@@ -21,9 +21,10 @@ import sys
 import threading
 import time
 
+from bloom_jax import huge_pages
+
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _POLL_S = 0.1
-_HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
 
 
 def _free_port() -> int:
@@ -36,27 +37,18 @@ def _free_port() -> int:
 def process_env(
     base: dict[str, str], process_id: int, num_processes: int, devices_per_process: int, port: int
 ) -> dict[str, str]:
-    """The environment of process `process_id`: jax's variables on top of `base`.
-
-    glibc's malloc is told to back its mmapped blocks with transparent huge pages: XLA's CPU
-    client mallocs each execution's temporaries as one block, which glibc maps afresh and unmaps
-    at every step, so a step otherwise faults them in 4 KiB at a time (the tiny train step:
-    18,700 faults, ~35% of its time).
-    """
+    """The environment of process `process_id`: jax's variables on top of `base`, and glibc's
+    malloc on transparent huge pages (a program that is not a bloom_jax command gets them too)."""
     xla_flags = [f for f in base.get("XLA_FLAGS", "").split()
                  if not f.startswith(_DEVICE_COUNT_FLAG)]
     xla_flags.append(f"{_DEVICE_COUNT_FLAG}={devices_per_process}")
-    tunables = [t for t in base.get("GLIBC_TUNABLES", "").split(":") if t]
-    if not any(t.startswith(_HUGETLB_TUNABLE + "=") for t in tunables):
-        tunables.append(f"{_HUGETLB_TUNABLE}=1")
     return {
-        **base,
+        **huge_pages.with_huge_pages(base),
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
         "JAX_NUM_PROCESSES": str(num_processes),
         "JAX_PROCESS_ID": str(process_id),
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": " ".join(xla_flags),
-        "GLIBC_TUNABLES": ":".join(tunables),
         "PYTHONUNBUFFERED": "1",  # Lines reach the prefixing stream as they are printed.
     }
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from bloom_jax import huge_pages
 from launch import local
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -63,19 +64,12 @@ FAULTS_PER_CALL = textwrap.dedent("""
 TEMP_PAGES = 6000 * 6000 * 4 / 4096
 
 
-def _huge_pages_available() -> bool:
-    """glibc >= 2.35 (the hugetlb tunable) on a kernel whose transparent huge pages are on."""
-    version = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else ""
-    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return (version.startswith("glibc ")
-            and tuple(map(int, version.split()[1].split(".")[:2])) >= (2, 35)
-            and thp.exists() and "[never]" not in thp.read_text())
-
-
 def launch(*args: str, timeout: float = 120, **env: str
            ) -> tuple[subprocess.CompletedProcess, float]:
-    """Runs launch/local.py with `args`, in this environment and `env`; (result, seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    """Runs launch/local.py with `args`, in this environment (less the suite's GLIBC_TUNABLES:
+    the launcher's own is under test) and `env`; (result, seconds)."""
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = {**base, "PYTHONPATH": str(REPO), **env}
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(LOCAL), *args], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
@@ -110,19 +104,14 @@ def test_process_env_sets_jax_variables_and_keeps_other_xla_flags():
             env["JAX_PLATFORMS"], env["A"]) == ("127.0.0.1:555", "2", "1", "cpu", "b")
 
 
-@pytest.mark.parametrize("tunables, expected", [
-    (None, "glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the user's choice stands
-])
-def test_process_env_backs_malloc_s_mapped_blocks_with_huge_pages(tunables, expected):
-    base = {} if tunables is None else {"GLIBC_TUNABLES": tunables}
+def test_process_env_backs_malloc_s_mapped_blocks_with_huge_pages():
+    base = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     env = local.process_env(base, process_id=0, num_processes=1, devices_per_process=1, port=1)
-    assert env["GLIBC_TUNABLES"] == expected
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _huge_pages_available(), reason="needs glibc >= 2.35 and kernel THP")
+@pytest.mark.skipif(not huge_pages.available(), reason="needs glibc >= 2.35 and kernel THP")
 def test_launched_processes_do_not_fault_a_cpu_program_s_temporaries_in_at_every_call():
     def faults_per_call(**env):
         result, _ = launch("--num_processes=1", "--devices_per_process=1", "--",
