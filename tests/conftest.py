@@ -2,7 +2,8 @@
 SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). The number of
 pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
 by one worker for all; a compilation cache a module's commands share; and the XLA flags of the
-processes the suite starts (`xla_flags`)."""
+processes the suite starts (`xla_flags`). The workers and every process a test starts run with
+glibc's malloc on transparent huge pages, as the commands choose for themselves (huge_pages.py)."""
 
 import fcntl
 import os
@@ -13,6 +14,8 @@ from collections.abc import Callable
 
 import gin
 import pytest
+
+from bloom_jax import huge_pages
 
 
 def xla_flags(*flags: str, devices: int | None = None) -> str:
@@ -32,6 +35,12 @@ def clean_gin_and_signals():
     gin.clear_config()
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
+
+
+def pytest_configure(config):
+    """Before pytest-xdist starts its workers, which inherit the environment."""
+    del config
+    os.environ.update(huge_pages.with_huge_pages(os.environ))
 
 
 def pytest_xdist_auto_num_workers(config):
