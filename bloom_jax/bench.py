@@ -4,7 +4,8 @@ Times the trainer's own jitted step (forward, backward, optimizer update; `shard
 on synthetic packed batches of the configured shape, after a warm-up, and reports compile time,
 median step time, tokens/s, TFLOP/s per device, MFU (model FLOPs) and HFU (hardware FLOPs: the
 remat policy's recomputation counted), by flops.py's formula, the trainer's and the planner's,
-and the time the checkpoint digests of the state take (at every save and every restore):
+the process's page faults per step (huge_pages.py), and the time the checkpoint digests of the
+state take (at every save and every restore):
 
     python -m bloom_jax.bench --gin_file=gin_configs/tiny.gin --steps=10 --compare_torch
     python -m bloom_jax.bench --gin_file=gin_configs/bloom560m_smoke.gin \\

@@ -6,10 +6,10 @@
 Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (read by `bloom_jax.distributed.initialize`), JAX_PLATFORMS=cpu and
 `--xla_force_host_platform_device_count`, and glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES
-(unless the caller's sets it; bloom_jax/huge_pages.py). Output is streamed line by line with a `[pN]`
-prefix. If a process fails, the others get `--grace_s` seconds to stop on their own, then
+(unless the caller's sets it; bloom_jax/huge_pages.py). Output is streamed line by line with a
+`[pN]` prefix. If a process fails, the others get `--grace_s` seconds to stop on their own, then
 SIGTERM, then SIGKILL; the exit status is that of the first failure. SIGINT and SIGTERM are
-forwarded to every process. Of the package it imports only huge_pages, which imports nothing.
+forwarded to every process. Of the package it imports only huge_pages (standard library only).
 """
 
 import argparse
