@@ -43,7 +43,7 @@ def restart_with_huge_pages() -> None:
     huge pages, where glibc and the kernel have them and the environment does not yet choose;
     otherwise returns."""
     env = with_huge_pages(os.environ)
-    if available() and env["GLIBC_TUNABLES"] != os.environ.get("GLIBC_TUNABLES"):
+    if env["GLIBC_TUNABLES"] != os.environ.get("GLIBC_TUNABLES") and available():
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

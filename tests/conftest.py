@@ -3,7 +3,8 @@ SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs
 pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
 by one worker for all; a compilation cache a module's commands share; and the XLA flags of the
 processes the suite starts (`xla_flags`). The workers and every process a test starts run with
-glibc's malloc on transparent huge pages, as the commands choose for themselves (huge_pages.py)."""
+glibc's malloc on transparent huge pages, as the commands choose for themselves (huge_pages.py);
+`environ_without_glibc_tunables` is the environment of a user who did not choose."""
 
 import fcntl
 import os
@@ -35,6 +36,16 @@ def clean_gin_and_signals():
     gin.clear_config()
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
+
+
+needs_huge_pages = pytest.mark.skipif(not huge_pages.available(),
+                                      reason="needs glibc >= 2.35 and kernel THP")
+
+
+def environ_without_glibc_tunables() -> dict[str, str]:
+    """This process's environment less GLIBC_TUNABLES (which the suite sets, below): that of a
+    user who chose no malloc tunable."""
+    return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
 
 
 def pytest_configure(config):

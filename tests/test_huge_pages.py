@@ -2,7 +2,6 @@
 a command that restarts itself and faults its step's temporaries in far less often."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ import textwrap
 import pytest
 
 from bloom_jax import huge_pages
+from tests.conftest import environ_without_glibc_tunables, needs_huge_pages
 
 # Prints "start" each time it runs, then the environment's tunables and an interpreter option.
 RESTARTS = textwrap.dedent("""
@@ -20,14 +20,10 @@ RESTARTS = textwrap.dedent("""
     print(os.environ.get("GLIBC_TUNABLES"), sys.flags.utf8_mode)
 """)
 
-needs_huge_pages = pytest.mark.skipif(not huge_pages.available(),
-                                      reason="needs glibc >= 2.35 and kernel THP")
-
-
 def python(*args: str, tunables: str | None = None, timeout: float = 60
            ) -> subprocess.CompletedProcess:
     """`python ARGS` with GLIBC_TUNABLES set to `tunables` (None: unset; the suite sets it)."""
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = environ_without_glibc_tunables()
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,

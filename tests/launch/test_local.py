@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from bloom_jax import huge_pages
 from launch import local
+from tests.conftest import environ_without_glibc_tunables, needs_huge_pages
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LOCAL = REPO / "launch" / "local.py"
@@ -68,8 +68,7 @@ def launch(*args: str, timeout: float = 120, **env: str
            ) -> tuple[subprocess.CompletedProcess, float]:
     """Runs launch/local.py with `args`, in this environment (less the suite's GLIBC_TUNABLES:
     the launcher's own is under test) and `env`; (result, seconds)."""
-    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env = {**base, "PYTHONPATH": str(REPO), **env}
+    env = {**environ_without_glibc_tunables(), "PYTHONPATH": str(REPO), **env}
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(LOCAL), *args], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
@@ -111,7 +110,7 @@ def test_process_env_backs_malloc_s_mapped_blocks_with_huge_pages():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not huge_pages.available(), reason="needs glibc >= 2.35 and kernel THP")
+@needs_huge_pages
 def test_launched_processes_do_not_fault_a_cpu_program_s_temporaries_in_at_every_call():
     def faults_per_call(**env):
         result, _ = launch("--num_processes=1", "--devices_per_process=1", "--",
