@@ -41,7 +41,7 @@ from absl import flags
 
 from bloom_jax import checkpoints, configs, convert, decoding, flops, metrics, sharded_step
 from bloom_jax import model as model_lib
-from bloom_jax.data import pipeline
+from bloom_jax.data import packing
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from partitioning import shardings as shardings_lib
@@ -110,7 +110,7 @@ def synthetic_batch(rng: np.random.Generator, micro_batches: int, micro_batch: i
     (the mask is built and applied either way)."""
     rows = rng.integers(SYNTHETIC_EOS_ID + 1, vocab_size, (micro_batches * micro_batch, length + 1))
     rows[rng.random(rows.shape) < DOCUMENTS_PER_ROW / length] = SYNTHETIC_EOS_ID
-    packed = pipeline.pack(rows, np.full(len(rows), length), SYNTHETIC_EOS_ID,
+    packed = packing.pack(rows, np.full(len(rows), length), SYNTHETIC_EOS_ID,
                            document_masking=True)
     return {k: v.reshape(micro_batches, micro_batch, length) for k, v in packed.items()}
 
@@ -422,7 +422,7 @@ def sweep(gin_files: Sequence[str], bindings: Sequence[str], sweeps: dict[str, l
         gin.clear_config()
         configs.parse(gin_files, [*bindings, *(configs.binding(name, value)
                                                for name, value in combination.items())],
-                      skip_unknown=configs.LOOP_CONFIGURABLES)
+                      skip_unknown=configs.OUTSIDE_THE_STEP)
         try:
             rows.append(SweepRow(combination, result=benchmark(**benchmark_kwargs)))
         except Exception as e:  # pylint: disable=broad-except  # only those that do not fit
@@ -478,7 +478,7 @@ def run_suite(models: dict[str, str], bindings: Sequence[str], implementations: 
             gin.clear_config()
             configs.parse([gin_file], [*bindings, configs.binding(
                 "BloomConfig.attention_implementation", implementation)],
-                skip_unknown=configs.LOOP_CONFIGURABLES)
+                skip_unknown=configs.OUTSIDE_THE_STEP)
             try:
                 result = benchmark(devices=jax.devices()[:1], **benchmark_kwargs)
                 results[name][implementation] = _as_json(result)
@@ -512,7 +512,7 @@ def main(argv: Sequence[str]) -> None:
     options = dict(steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed,
                    compare_torch=FLAGS.compare_torch)
     if FLAGS.generate:
-        configs.parse_flags(skip_unknown=configs.LOOP_CONFIGURABLES)
+        configs.parse_flags(skip_unknown=configs.OUTSIDE_THE_STEP)
         result = benchmark_generate(batch=FLAGS.generate_batch, prompt_length=FLAGS.prompt_length,
                                     new_tokens=FLAGS.new_tokens, **options)
         print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if v is not None})
@@ -531,7 +531,7 @@ def main(argv: Sequence[str]) -> None:
         else:
             print(format_sweep(rows))
         return
-    configs.parse_flags(skip_unknown=configs.LOOP_CONFIGURABLES)
+    configs.parse_flags(skip_unknown=configs.OUTSIDE_THE_STEP)
     result = benchmark(**options)
     print(json.dumps(_as_json(result)) if FLAGS.json
           else format_result(result, sharded_step.Workload()))

@@ -68,7 +68,7 @@ def plan_budget(request: BudgetRequest, write_gin: str | None, command: str) -> 
         f"BloomConfig.hidden_dropout = {TRAINING_DROPOUT}",
         f"BloomConfig.attention_dropout = {TRAINING_DROPOUT}",
         f"BATCH_SIZE = {plan_recipe.batch_size}", f"SEQUENCE_LENGTH = {seq_len}"],
-        skip_unknown=configs.LOOP_CONFIGURABLES)
+        skip_unknown=configs.OUTSIDE_THE_STEP)
     print(f"planning {shape.n_layer} x {shape.hidden_size} ({shape.n_head} heads), batch "
           f"{plan_recipe.batch_size} x {seq_len}, on {num_devices} devices:")
     workload = sharded_step.Workload()

@@ -9,10 +9,11 @@ gin literal (a bare path) is taken as a string, so `--gin.MODEL_DIR=/tmp/run` ne
 This module imports nothing of the model, the step or the loop. Configurables are registered by
 the library modules that define them, which each command imports before it parses: the trainer
 registers every configurable a config binds and parses strictly (a misspelled name fails;
-so does, in every command, a macro that no config file defines or uses); a
-command that reads a training config without running the loop skips the loop's configurables
-by name (`LOOP_CONFIGURABLES`), and the data tools, which read only a config's data settings,
-skip every configurable they do not load (gin's `skip_unknown`).
+so does, in every command, a macro that no config file defines or uses); a command that reads a
+training config without running the loop skips the loop's configurables by name
+(`LOOP_CONFIGURABLES`; `OUTSIDE_THE_STEP` adds the data stream's, for commands that read no
+data), and the data tools, which read only a config's data settings, skip every configurable
+they do not load (gin's `skip_unknown`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ from absl import app, flags
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 BASE_CONFIG = "base.gin"  # the macros and defaults every size file includes
 # Configurables only the training loop registers; plan, bench and evaluate read a training
-# config without the loop and skip their bindings (tests/test_configs.py keeps this list true).
+# config without the loop and skip their bindings (tests/test_configs.py keeps these lists true).
 LOOP_CONFIGURABLES = ("train", "CheckpointOptions", "initialize", "make_instruction_stream",
                       "instruction_validation_streams")
+# The data stream's (data/pipeline.py, data/tokenized.py): plan and bench compile the step on
+# synthetic batches and skip these too, so they start without seqio and TensorFlow.
+DATA_CONFIGURABLES = ("make_stream", "validation_streams", "load_tasks")
+OUTSIDE_THE_STEP = LOOP_CONFIGURABLES + DATA_CONFIGURABLES
 flags.disclaim_key_flags()  # the gin flags are the command's own: its --help lists them
 
 

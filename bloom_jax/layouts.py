@@ -36,7 +36,7 @@ import numpy as np
 
 from bloom_jax import collectives, flops, sharded_step
 from bloom_jax.collectives import Collective
-from bloom_jax.data import pipeline
+from bloom_jax.data import packing
 from bloom_jax.model import BloomConfig, padded_layers
 from partitioning.mesh import MeshError, create_mesh, factorizations
 from partitioning.rules import logical_axis_rules
@@ -147,7 +147,7 @@ def plan_step(workload: sharded_step.Workload, mesh: jax.sharding.Mesh, rules: A
     batch = {k: jax.ShapeDtypeStruct((micro_batches, training.micro_batch,
                                       workload.sequence_length), dtype,
                                      sharding=training.batch_sharding)
-             for k, dtype in pipeline.BATCH_FEATURES.items()}
+             for k, dtype in packing.BATCH_FEATURES.items()}
     start = time.perf_counter()
     compiled = training.step.lower(training.abstract_state, batch,
                                    jax.ShapeDtypeStruct((), jnp.int32),

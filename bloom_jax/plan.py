@@ -242,7 +242,7 @@ def main(argv: Sequence[str]) -> None:
             FLAGS.devices_per_host, links(gpu.name)),
             FLAGS.write_gin, f"python -m bloom_jax.plan {' '.join(sys.argv[1:])}")
         return
-    configs.parse_flags(skip_unknown=configs.LOOP_CONFIGURABLES)
+    configs.parse_flags(skip_unknown=configs.OUTSIDE_THE_STEP)
     workload = sharded_step.Workload()
     memory = int(FLAGS.memory_gib * GIB)
     if FLAGS.search:

@@ -22,9 +22,9 @@ import numpy as np
 from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
-from bloom_jax import checkpoints, configs, distributed, evaluation, flops, metrics, optim
+from bloom_jax import checkpoints, configs, distributed, evaluation, flops, metric_logger, metrics
 from bloom_jax import lora as lora_lib
-from bloom_jax import param_store, prefetch, sharded_step
+from bloom_jax import optim, param_store, prefetch, sharded_step
 from bloom_jax import step as step_lib
 from bloom_jax.data import instructions, pipeline, vocabularies
 from bloom_jax.model import padded_layers
@@ -181,7 +181,7 @@ def train(
     use_compilation_cache(compilation_cache_dir or (
         None if jax.config.jax_compilation_cache_dir else model_dir / "compilation_cache"))
 
-    logger = metrics.MetricsLogger(model_dir, total_steps=train_steps)
+    logger = metric_logger.MetricsLogger(model_dir, total_steps=train_steps)
     logger.write_text(0, "gin/operative_config", operative_config)
     # Per sequence: model FLOPs (MFU), and the FLOPs computed again as well (HFU).
     sequence_flops = flops.flops_per_step(model_config, 1, sequence_length)

@@ -23,7 +23,7 @@ import numpy as np
 
 from bloom_jax import collectives, optim, sharded_step
 from bloom_jax import step as step_lib
-from bloom_jax.data import pipeline
+from bloom_jax.data import packing
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning.mesh import create_mesh
 from partitioning.rules import activation_sharding, logical_axis_rules
@@ -42,7 +42,7 @@ def eval_collectives(shape: dict[str, int]) -> list[dict]:
                           nn.unbox(sharded_step.boxed_params(model)),
                           sharded_step.param_shardings(model, mesh, rules))
     batch = {k: jax.ShapeDtypeStruct((BATCH, LENGTH), dtype, sharding=evaluation.batch_sharding)
-             for k, dtype in pipeline.BATCH_FEATURES.items()}
+             for k, dtype in packing.BATCH_FEATURES.items()}
     hlo = evaluation.step.lower(params, batch).compile().fn.as_text()
     return [dataclasses.asdict(c) for c in collectives.read(hlo, dict(mesh.shape), 4)]
 
@@ -64,7 +64,7 @@ def random_batch(*rows: int) -> dict[str, np.ndarray]:
              "segment_ids": np.ones_like(tokens[..., 1:]),
              "positions": np.broadcast_to(np.arange(LENGTH), tokens[..., 1:].shape),
              "loss_weights": np.ones(tokens[..., 1:].shape)}
-    return {k: np.asarray(v, pipeline.BATCH_FEATURES[k]) for k, v in batch.items()}
+    return {k: np.asarray(v, packing.BATCH_FEATURES[k]) for k, v in batch.items()}
 
 
 def gather_once_run(gather: bool) -> dict[str, np.ndarray]:

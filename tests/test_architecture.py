@@ -1,8 +1,10 @@
 """The import directions of ARCHITECTURE.md, read from the source (an AST scan of every import,
-function-level ones included): no import circle, and none of the arrows that must never exist."""
+function-level ones included): no import circle, and none of the arrows that must never exist;
+and, in a fresh process, that the commands that read no data start without TensorFlow."""
 
 import ast
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -108,3 +110,14 @@ def test_partitioning_never_imports_the_loop_or_data(name):
 
 def test_command_wiring_imports_nothing_of_the_model_or_loop():
     assert not {m for m in project_imports("bloom_jax.configs") if m != "bloom_jax"}
+
+
+def test_the_commands_that_read_no_data_start_without_tensorflow():
+    """plan and bench (budget_report with plan) import neither seqio, nor clu's writers, nor
+    TensorFlow behind them: about 12 s of CPU at every start, `--help` included."""
+    heavy = ("seqio", "clu.metric_writers", "tensorflow")
+    code = ("import sys, bloom_jax.plan, bloom_jax.bench\n"
+            f"print([m for m in {heavy} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout

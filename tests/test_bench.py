@@ -17,7 +17,7 @@ SMALL_BATCH = ["BATCH_SIZE = 4", "BatchRampUp.start = 4", "SEQUENCE_LENGTH = 32"
 
 def tiny_model_config():
     """The tiny config's BloomConfig as gin builds it."""
-    configs.parse(TINY, skip_unknown=configs.LOOP_CONFIGURABLES)
+    configs.parse(TINY, skip_unknown=configs.OUTSIDE_THE_STEP)
     return sharded_step.Workload().model_config
 
 
@@ -72,7 +72,7 @@ def test_cli_json_figures_follow_the_flops_formula_and_compare_with_torch():
 
 def test_lora_steps_on_a_base_and_reports_adam_state_as_twice_the_adapters():
     configs.parse(TINY, [*SMALL_BATCH, "Workload.lora = @LoraConfig()", "LoraConfig.rank = 4"],
-                  skip_unknown=configs.LOOP_CONFIGURABLES)
+                  skip_unknown=configs.OUTSIDE_THE_STEP)
     workload = sharded_step.Workload()
     result = bench.benchmark(steps=1, warmup_steps=0)
     # query_key_value's A [2 layers, 64, 4] and B [2 layers, 4, 3 x 64] in float32 (4 bytes).
@@ -127,7 +127,7 @@ def test_suite_times_each_model_with_each_attention():
 
 @pytest.mark.slow
 def test_generate_times_our_decoding_and_hugging_faces_on_the_same_weights():
-    configs.parse(TINY, skip_unknown=configs.LOOP_CONFIGURABLES)
+    configs.parse(TINY, skip_unknown=configs.OUTSIDE_THE_STEP)
     result = bench.benchmark_generate(steps=1, warmup_steps=0, compare_torch=True, batch=2,
                                       prompt_length=4, new_tokens=3)
     assert result.same_tokens_as_torch

@@ -190,20 +190,20 @@ def registered(names, *modules) -> list[dict[str, bool]]:
 
 
 @pytest.mark.slow
-def test_loop_configurables_are_all_a_reader_skips():
-    """evaluate, the reader that imports the fewest rooms, registers every configurable a training
-    config binds but configs.LOOP_CONFIGURABLES, and each of those is the loop's own: none is
-    registered before the trainer is imported, all are after. (plan and bench parse real
-    configs in their own command tests.)"""
+def test_skipped_configurables_are_all_a_reader_skips():
+    """plan and bench register every configurable a training config binds but some of
+    configs.OUTSIDE_THE_STEP, and none of the data stream's; evaluate, which reads data, every one
+    but configs.LOOP_CONFIGURABLES; the trainer all of them."""
     bound = {line.split(".")[0] for path in GIN_FILES for line in path.read_text().splitlines()
              if "." in line.split("=")[0] and not line.startswith(("#", "include"))}
-    loop = set(configs.LOOP_CONFIGURABLES)
-    by_evaluate, with_trainer = registered(sorted(bound | loop), "bloom_jax.evaluate",
-                                           "bloom_jax.trainer")
-    missing = {name for name, found in by_evaluate.items() if not found}
-    assert missing and missing <= loop
-    assert not any(by_evaluate[name] for name in loop)
-    assert all(with_trainer[name] for name in loop)
+    loop, data = set(configs.LOOP_CONFIGURABLES), set(configs.DATA_CONFIGURABLES)
+    names = sorted(bound | loop | data)
+    by_step_readers = registered(names, "bloom_jax.plan", "bloom_jax.bench")[-1]
+    missing = {name for name, found in by_step_readers.items() if not found}
+    assert data <= missing <= set(configs.OUTSIDE_THE_STEP) == loop | data
+    by_evaluate, with_trainer = registered(names, "bloom_jax.evaluate", "bloom_jax.trainer")
+    assert {name for name, found in by_evaluate.items() if not found} == loop
+    assert all(with_trainer.values())
 
 
 def run_command(command: str, *args: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from partitioning import rules as rules_lib
 from tests import forked_commands
 from tests.conftest import xla_flags
 from tests.data.helpers import write_jsonl
-from tests.test_metrics import read_scalars
+from tests.test_metric_logger import read_scalars
 
 MODEL = BloomForCausalLM(BloomConfig(vocab_size=1024, hidden_size=32, n_layer=2, n_head=4))
 RULES = rules_lib.DEFAULT_RULES

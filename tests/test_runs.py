@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from bloom_jax import flops, metrics, param_store, runs
+from bloom_jax import flops, metric_logger, param_store, runs
 from bloom_jax.model import BloomConfig
 
 
@@ -12,7 +12,7 @@ def write_run(model_dir: pathlib.Path, config: BloomConfig, tokens_per_step: flo
               eval_losses: dict[int, float]) -> None:
     """A run's files as the trainer writes them: config.json and TensorBoard scalars."""
     param_store.save_config(model_dir / "checkpoints", config)
-    with metrics.MetricsLogger(model_dir, is_primary=True, asynchronous=False) as logger:
+    with metric_logger.MetricsLogger(model_dir, is_primary=True, asynchronous=False) as logger:
         for step in range(1, max(eval_losses) + 1):
             logger.write_scalars(step, {"loss": 5.0, "tokens_seen": step * tokens_per_step})
             if step in eval_losses:
@@ -31,7 +31,7 @@ def test_a_run_gives_its_parameters_tokens_and_last_eval_loss(tmp_path):
 
 def test_a_run_without_eval_losses_is_refused_naming_its_tags(tmp_path):
     param_store.save_config(tmp_path / "checkpoints", BloomConfig(vocab_size=256))
-    with metrics.MetricsLogger(tmp_path, is_primary=True, asynchronous=False) as logger:
+    with metric_logger.MetricsLogger(tmp_path, is_primary=True, asynchronous=False) as logger:
         logger.write_scalars(1, {"loss": 5.0, "tokens_seen": 2048})
     with pytest.raises(ValueError, match=r"no logged 'eval/loss/all' \(tags: loss, tokens_seen\)"):
         runs.read_run(tmp_path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bloom_jax import lora as lora_lib, optim, sharded_step
-from bloom_jax.data import pipeline
+from bloom_jax.data import packing
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
@@ -54,7 +54,7 @@ def test_the_step_traces_with_its_own_rules_outside_any_context():
     steps = training.micro_steps(8)
     batch = {k: jax.ShapeDtypeStruct((steps, training.micro_batch, 16), dtype,
                                      sharding=training.batch_sharding)
-             for k, dtype in pipeline.BATCH_FEATURES.items()}
+             for k, dtype in packing.BATCH_FEATURES.items()}
     args = (training.abstract_state, batch, jax.ShapeDtypeStruct((), jnp.int32))
     carried = training.step.lower(*args).as_text()
     bare = training.step.fn.lower(*args).as_text()

@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import build_once, xla_flags
 from tests import forked_commands
 from tests.forked_commands import run_commands, run_commands_once
-from tests.test_metrics import read_scalars
+from tests.test_metric_logger import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_STEPS = 8  # the reference run: 2N steps, checkpointed at 1 (orbax's first save), 4 and 8

@@ -14,7 +14,7 @@ import pytest
 from bloom_jax import configs, param_store, sharded_step, trainer
 from bloom_jax.data import instructions
 from bloom_jax.model import BloomForCausalLM
-from tests.test_metrics import read_scalars, read_tensors
+from tests.test_metric_logger import read_scalars, read_tensors
 
 
 def parse_tiny(model_dir, *bindings: str) -> None:

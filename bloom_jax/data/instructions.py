@@ -26,7 +26,7 @@ import numpy as np
 import seqio
 from absl import logging
 
-from bloom_jax.data import documents, pipeline
+from bloom_jax.data import documents, packing, pipeline
 
 _STATE_VERSION = 1
 FIELDS = ("inputs", "targets")
@@ -98,7 +98,7 @@ def fill_row(examples: list[tuple[np.ndarray, int]], length: int,
     A target token's loss weight is 1, or 1 / (its example's target tokens) with
     `norm_target_loss`, so that every example's target weighs the same.
     """
-    row = {name: np.zeros(length, dtype) for name, dtype in pipeline.BATCH_FEATURES.items()}
+    row = {name: np.zeros(length, dtype) for name, dtype in packing.BATCH_FEATURES.items()}
     offset = 0
     for segment, (sequence, prompt_length) in enumerate(examples, start=1):
         n = len(sequence) - 1  # positions: each predicts the next token
@@ -131,7 +131,7 @@ class InstructionStream:
         self._consumed = 0  # examples taken from the endless, epoch by epoch, stream
         self._order = functools.lru_cache(maxsize=2)(self._epoch_order)
 
-    def __iter__(self) -> Iterator[pipeline.Batch]:
+    def __iter__(self) -> Iterator[packing.Batch]:
         return self
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -143,7 +143,7 @@ class InstructionStream:
         epoch, index = divmod(k, len(self.examples))
         return self.examples.fitted(self._order(epoch)[index], self.sequence_length)
 
-    def __next__(self) -> pipeline.Batch:
+    def __next__(self) -> packing.Batch:
         rows = []
         for _ in range(self.batch_size):  # every process lays out the whole global batch
             row, used = [], 0
@@ -157,7 +157,7 @@ class InstructionStream:
             rows.append(row)
         features = [fill_row(row, self.sequence_length, self.norm_target_loss)
                     for row in rows[self._rows]]
-        return {name: np.stack([f[name] for f in features]) for name in pipeline.BATCH_FEATURES}
+        return {name: np.stack([f[name] for f in features]) for name in packing.BATCH_FEATURES}
 
     def get_state(self) -> dict:
         """The stream's position: JSON-serialisable, independent of the process count."""
@@ -217,14 +217,14 @@ class HeldOutBatches:
             total += len(self.vocabulary.decode(part.tolist()).encode("utf-8"))
         return total
 
-    def __iter__(self) -> Iterator[pipeline.Batch]:
+    def __iter__(self) -> Iterator[packing.Batch]:
         for batch in range(len(self)):
             rows = self._rows[batch * self._batch_size:(batch + 1) * self._batch_size]
             rows += [[]] * (self._batch_size - len(rows))
             features = [fill_row([self.examples.fitted(i, self._length) for i in row],
                                  self._length) for row in rows[self._process_rows]]
             batch = {name: np.stack([f[name] for f in features])
-                     for name in pipeline.BATCH_FEATURES}
+                     for name in packing.BATCH_FEATURES}
             if self.part == "prompts":
                 batch["loss_weights"] = ((batch["segment_ids"] > 0)
                                          & (batch["loss_weights"] == 0)).astype(np.float32)

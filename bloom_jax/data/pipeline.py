@@ -12,11 +12,7 @@ So a batch is a pure function of (seed, windows read so far per task), and those
 are the state that restores it exactly. Index arrays are built lazily per epoch and hold one
 entry per document or window, never the tokens; tokens are read by one gather per task and batch.
 
-Rows are shifted into inputs and targets. BLOOM's packing (tr11 set none of Megatron's
---reset-attention-mask, --reset-position-ids, --eod-mask-loss): a row is one segment, plain
-causal attention across the documents in it, positions counting from 0 and every target scored.
-With `document_masking`, the EOS that closes a document starts the next document's segment (it
-plays the role of BOS), positions restart there and tokens attend only inside their segment.
+Rows become a batch's features as `packing.py` packs them (BLOOM's packing by default).
 
 Every process computes the same task choices for the global batch and reads only its own
 contiguous block of rows, so the union over processes is the batch one process would read.
@@ -34,11 +30,11 @@ import numpy as np
 import seqio
 
 from bloom_jax.data import languages
+from bloom_jax.data import packing
 from bloom_jax.data import tasks as tasks_lib
 from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
 
-Batch = dict[str, np.ndarray]  # each [per_process_batch, length]
 _STATE_VERSION = 2  # 1: rows drawn in stream order, the task of a row drawn at random
 
 
@@ -111,36 +107,6 @@ def blend(weights: np.ndarray, drawn: np.ndarray, count: int) -> np.ndarray:
     return choices
 
 
-# The features of a batch and their dtypes, each [batch, length] (a train step stacks them
-# [micro_steps, batch, length]); `pack` builds them, the planner compiles the step for them.
-BATCH_FEATURES = {"input_ids": np.int32, "targets": np.int32, "segment_ids": np.int32,
-                  "positions": np.int32, "loss_weights": np.float32}
-
-
-def pack(rows: np.ndarray, valid: np.ndarray, eos_id: int, document_masking: bool) -> Batch:
-    """Batch features from token rows [b, length + 1] whose first `valid[i] + 1` tokens are real.
-
-    `valid` [b] counts the scored positions of each row (length for full rows). Without
-    `document_masking` (BLOOM's packing) each row is one segment; with it, each document is.
-    """
-    inputs, targets = rows[:, :-1], rows[:, 1:]  # [b, length]
-    index = np.arange(inputs.shape[1])
-    real = index < valid[:, None]
-    segment_ids, segment_start = np.ones_like(inputs), np.zeros_like(inputs)
-    if document_masking:
-        is_eos = (inputs == eos_id) & real
-        segment_ids = 1 + np.cumsum(is_eos, axis=1) - is_eos[:, :1]
-        segment_start = np.maximum.accumulate(np.where(is_eos, index, 0), axis=1)
-    features = {
-        "input_ids": np.where(real, inputs, 0),
-        "targets": np.where(real, targets, 0),
-        "segment_ids": np.where(real, segment_ids, 0),
-        "positions": np.where(real, index - segment_start, 0),
-        "loss_weights": real,
-    }
-    return {name: features[name].astype(dtype) for name, dtype in BATCH_FEATURES.items()}
-
-
 def process_rows(global_batch_size: int, process_index: int | None,
                   process_count: int | None) -> slice:
     """The contiguous rows of the global batch this process reads."""
@@ -181,10 +147,10 @@ class PackedStream:
         self._rows = process_rows(batch_size, process_index, process_count)
         self._rows_drawn = np.zeros(len(self.tasks), np.int64)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[packing.Batch]:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> packing.Batch:
         return self.next_with_tasks()[0]
 
     def next_samples(self) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +165,7 @@ class PackedStream:
             windows[choices == t] = self._windows[t].windows(sample[choices == t])
         return choices, windows
 
-    def next_with_tasks(self) -> tuple[Batch, np.ndarray]:
+    def next_with_tasks(self) -> tuple[packing.Batch, np.ndarray]:
         """The next batch and, per row, the index into `self.tasks` it was read from."""
         all_choices, all_windows = self.next_samples()
         choices, windows = all_choices[self._rows], all_windows[self._rows]
@@ -210,7 +176,7 @@ class PackedStream:
                 self.tasks[t].tokens[indices.ravel()]).reshape(indices.shape)
         self._rows_drawn += np.bincount(all_choices, minlength=len(self.tasks))
         valid = np.full(len(rows), self.sequence_length)
-        return pack(rows, valid, self.vocabulary.eos_id, self.document_masking), choices
+        return packing.pack(rows, valid, self.vocabulary.eos_id, self.document_masking), choices
 
     def get_state(self) -> dict:
         """The stream's position: JSON-serialisable, independent of the process count."""
@@ -308,7 +274,7 @@ class ValidationBatches:
         return sum(len(self.vocabulary.decode(doc[:-1].tolist()).encode("utf-8"))
                    for doc in documents)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[packing.Batch]:
         for batch in range(len(self)):
             row_ids = np.arange(batch * self._batch_size,
                                 (batch + 1) * self._batch_size)[self._rows]
@@ -318,7 +284,7 @@ class ValidationBatches:
                 window = self.task.tokens[row * self._length:row * self._length + self._length + 1]
                 rows[i, :len(window)] = window
                 valid[i] = max(len(window) - 1, 0)
-            yield pack(rows, valid, self.vocabulary.eos_id, self.document_masking)
+            yield packing.pack(rows, valid, self.vocabulary.eos_id, self.document_masking)
 
 
 @gin.configurable

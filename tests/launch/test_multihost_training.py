@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import build_once
-from tests.test_metrics import read_scalars
+from tests.test_metric_logger import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LOCAL = REPO / "launch" / "local.py"
