@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -328,20 +329,32 @@ def format_breakdown(scalars: dict[str, float]) -> str:
 
 
 class _CompileLog:
-    """Logs each XLA compile with its time and counts it as compile time."""
+    """Logs each XLA compile, or load from the persistent compilation cache, with its time, and
+    counts it as compile time."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+    CACHE_HIT = "/jax/compilation_cache/cache_hits"  # recorded inside that event's span
 
     def __init__(self, times: metrics.TimeBreakdown):
         self._times = times
+        self._hit = threading.local()  # a compile and its cache hit happen on one thread
+        jax.monitoring.register_event_listener(self._record_hit)
         jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record_hit(self, event: str, **kwargs) -> None:
+        del kwargs
+        if event == self.CACHE_HIT:
+            self._hit.value = True
 
     def _record(self, event: str, duration: float, **kwargs) -> None:
         if event == self.EVENT:
-            logging.info("Compiled %s in %.2f s.", kwargs.get("fun_name", "a program"), duration)
+            hit, self._hit.value = getattr(self._hit, "value", False), False
+            logging.info("Loaded %s from the compilation cache in %.2f s." if hit else
+                         "Compiled %s in %.2f s.", kwargs.get("fun_name", "a program"), duration)
             self._times.add("compile", duration)
 
     def close(self) -> None:
+        jax.monitoring.unregister_event_listener(self._record_hit)
         jax.monitoring.unregister_event_duration_listener(self._record)
 
 
