@@ -1,8 +1,8 @@
 """Fixtures for every test: each starts and ends with an empty gin config and pytest's own
 SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). The number of
 pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
-by one worker for all; a compilation cache a module's commands share; and the XLA flags of the
-processes the suite starts (`xla_flags`). The workers and every process a test starts run with
+by one worker for all; the XLA flags of the processes the suite starts (`xla_flags`). The
+workers and every process a test starts share one persistent compilation cache, and run with
 glibc's malloc on transparent huge pages, as the commands choose for themselves (huge_pages.py);
 `environ_without_glibc_tunables` is the environment of a user who did not choose."""
 
@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import signal
+import tempfile
 from collections.abc import Callable
 
 import gin
@@ -48,10 +49,24 @@ def environ_without_glibc_tunables() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
 
 
+_OWN_COMPILATION_CACHE = pytest.StashKey[str]()
+
+
 def pytest_configure(config):
-    """Before pytest-xdist starts its workers, which inherit the environment."""
-    del config
+    """Before pytest-xdist starts its workers, which inherit the environment: huge pages, and one
+    persistent compilation cache for the session (unless the environment names one), so a program
+    that a test, a worker or a command compiled is read, not compiled again, by the others."""
     os.environ.update(huge_pages.with_huge_pages(os.environ))
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache = config.stash[_OWN_COMPILATION_CACHE] = tempfile.mkdtemp(prefix="jax_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny models compile fast
+
+
+def pytest_unconfigure(config):
+    """Removes the session's compilation cache, in the process that made it."""
+    if _OWN_COMPILATION_CACHE in config.stash:
+        shutil.rmtree(config.stash[_OWN_COMPILATION_CACHE], ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -81,13 +96,3 @@ def build_once(shared_tmp: pathlib.Path, name: str,
             build(folder)
             (shared_tmp / f"{name}.built").touch()
     return folder
-
-
-@pytest.fixture(scope="module")
-def commands_compile_cache(tmp_path_factory):
-    """One persistent compilation cache for the commands a module starts (in the environment
-    they inherit): a command that runs a program an earlier one compiled reads it instead."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        yield

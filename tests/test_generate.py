@@ -14,7 +14,6 @@ from tests.test_decoding import NEW_TOKENS, hf_generate, hf_model_and_params
 
 # The command decodes the same prompts with the same model from each kind of directory: the
 # program compiled once.
-pytestmark = pytest.mark.usefixtures("commands_compile_cache")
 
 
 def word_tokenizer(path, vocab_size):

@@ -55,7 +55,6 @@ def test_restart_leaves_a_process_whose_environment_chose_alone():
 
 @pytest.mark.slow
 @needs_huge_pages
-@pytest.mark.usefixtures("commands_compile_cache")  # the second command reads the compiled step
 def test_a_command_restarts_with_huge_pages_and_faults_its_step_in_far_less():
     """The tiny step's temporaries (73 MB, ~18,700 pages of 4 KiB) fault in at every step with
     glibc's default, kept by a user's hugetlb=0; the command left to choose restarts itself."""

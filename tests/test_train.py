@@ -1,8 +1,9 @@
 """`python -m bloom_jax.train` run as a user runs it, in its own processes, on the tiny config:
 killed and restarted, preempted, on 8 simulated devices, and given bad input.
 
-Every run shares one persistent compilation cache, so only the first run of each mesh compiles,
-and is forked from a process that imported the libraries once (tests/forked_commands.py).
+Every run reads and fills the suite's persistent compilation cache (conftest.py), so only the
+first run of each mesh compiles, and is forked from a process that imported the libraries once
+(tests/forked_commands.py).
 """
 
 import configparser
@@ -32,36 +33,28 @@ TIMEOUT_S = 300
 MESH_2_2_2 = ("--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=2", "--gin.create_mesh.tensor=2")
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("jax_compilation_cache")
-
-
 def _flags(model_dir: pathlib.Path, train_steps: int, bindings: tuple[str, ...]) -> list[str]:
     return ["--gin_file=gin_configs/tiny.gin", f"--gin.MODEL_DIR={model_dir}",
             f"--gin.TRAIN_STEPS={train_steps}", "--gin.train.log_every=1",
             f"--gin.CheckpointOptions.every_steps={EVERY}", *bindings]
 
 
-def _env(cache: pathlib.Path, devices: int) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": xla_flags(devices=devices),
-            "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def _env(devices: int) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices=devices)}
 
 
-def train(cache: pathlib.Path, model_dir: pathlib.Path, *bindings: str,
+def train(model_dir: pathlib.Path, *bindings: str,
           train_steps: int = TRAIN_STEPS, devices: int = 1) -> subprocess.CompletedProcess:
     """Runs the command to its end; stdout and stderr (the console log) are returned as text."""
     return forked_commands.run(["train", *_flags(model_dir, train_steps, bindings)],
-                               env=_env(cache, devices), timeout=TIMEOUT_S)
+                               env=_env(devices), timeout=TIMEOUT_S)
 
 
-def start_train(cache: pathlib.Path, model_dir: pathlib.Path, log: pathlib.Path, *bindings: str,
+def start_train(model_dir: pathlib.Path, log: pathlib.Path, *bindings: str,
                 train_steps: int) -> forked_commands.Command:
     """Starts the command in the background, its console log going to `log`."""
     return forked_commands.start(["train", *_flags(model_dir, train_steps, bindings)], log,
-                                 env=_env(cache, devices=1))
+                                 env=_env(devices=1))
 
 
 def wait_for(condition, proc: forked_commands.Command, what: str) -> None:
@@ -99,11 +92,10 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reference(compile_cache, shared_tmp) -> pathlib.Path:
+def reference(shared_tmp) -> pathlib.Path:
     """MODEL_DIR of an uninterrupted run of TRAIN_STEPS steps on one device (one for all
     workers)."""
-    return build_once(shared_tmp, "train_reference", lambda model_dir: ok(train(compile_cache,
-                                                                              model_dir)))
+    return build_once(shared_tmp, "train_reference", lambda model_dir: ok(train(model_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +128,10 @@ def test_run_writes_its_gin_config_and_metrics(reference):
     assert checkpoint_steps(reference) == [1, EVERY, TRAIN_STEPS]
 
 
-def killed_at_checkpoint(cache: pathlib.Path, model_dir: pathlib.Path, log: pathlib.Path,
+def killed_at_checkpoint(model_dir: pathlib.Path, log: pathlib.Path,
                          *bindings: str) -> forked_commands.Command:
     """A run that would go on for long, SIGKILLed once its step-EVERY checkpoint is committed."""
-    proc = start_train(cache, model_dir, log, *bindings, train_steps=1000)
+    proc = start_train(model_dir, log, *bindings, train_steps=1000)
     try:
         wait_for(lambda: (model_dir / "checkpoints" / str(EVERY)).is_dir(), proc,
                  f"checkpoint {EVERY}")
@@ -150,15 +142,15 @@ def killed_at_checkpoint(cache: pathlib.Path, model_dir: pathlib.Path, log: path
 
 
 @pytest.mark.slow
-def test_restart_after_sigkill_logs_the_same_losses(compile_cache, reference, tmp_path):
+def test_restart_after_sigkill_logs_the_same_losses(reference, tmp_path):
     model_dir, log = tmp_path / "run", tmp_path / "killed.log"
-    proc = killed_at_checkpoint(compile_cache, model_dir, log)
+    proc = killed_at_checkpoint(model_dir, log)
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint_steps(model_dir) == [1, EVERY], "killed too late to test the restart"
     killed_losses = console_losses(log.read_text())
 
     before = set(model_dir.glob("events.out.tfevents.*"))
-    restarted = ok(train(compile_cache, model_dir))
+    restarted = ok(train(model_dir))
     assert f"Resumed from step {EVERY}" in restarted.stderr
 
     expected = event_losses(reference)
@@ -170,10 +162,9 @@ def test_restart_after_sigkill_logs_the_same_losses(compile_cache, reference, tm
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly_then_the_relaunch_resumes(compile_cache, reference,
-                                                                   tmp_path):
+def test_sigterm_saves_and_exits_cleanly_then_the_relaunch_resumes(reference, tmp_path):
     model_dir, log = tmp_path / "run", tmp_path / "preempted.log"
-    proc = start_train(compile_cache, model_dir, log, "--gin.CheckpointOptions.every_steps=1000",
+    proc = start_train(model_dir, log, "--gin.CheckpointOptions.every_steps=1000",
                        train_steps=1000)
     try:
         wait_for(lambda: "step 2/1000 |" in log.read_text(), proc, "step 2")
@@ -188,7 +179,7 @@ def test_sigterm_saves_and_exits_cleanly_then_the_relaunch_resumes(compile_cache
     assert preempted_at < TRAIN_STEPS, "the run stopped too late to test the relaunch"
 
     before = set(model_dir.glob("events.out.tfevents.*"))
-    relaunched = ok(train(compile_cache, model_dir))
+    relaunched = ok(train(model_dir))
     assert f"Resumed from step {preempted_at}" in relaunched.stderr
     expected = event_losses(reference)
     assert event_losses(new_event_file(model_dir, before)) == {
@@ -196,9 +187,23 @@ def test_sigterm_saves_and_exits_cleanly_then_the_relaunch_resumes(compile_cache
 
 
 @pytest.mark.slow
+def test_by_default_a_relaunch_reads_the_step_its_run_compiled_from_model_dir(tmp_path):
+    """Without JAX_COMPILATION_CACHE_DIR (which the suite sets) the cache is MODEL_DIR's."""
+    env = {k: v for k, v in _env(devices=1).items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    runs = [forked_commands.run(["train", *_flags(tmp_path, steps, ())], env=env)
+            for steps in (1, 2)]
+    assert "Compiled jit(step)" in ok(runs[0]).stderr
+    assert "Resumed from step 1" in ok(runs[1]).stderr
+    assert "Loaded jit(step) from the compilation cache" in runs[1].stderr
+    assert "Compiled jit(step)" not in runs[1].stderr
+    assert any((tmp_path / "compilation_cache").iterdir())
+
+
+@pytest.mark.slow
 def test_pipelined_run_on_8_devices_logs_its_bubble_and_the_losses_of_one_device(
-        compile_cache, reference, tmp_path):
-    pipelined = ok(train(compile_cache, tmp_path, "--gin.create_mesh.stage=2",
+        reference, tmp_path):
+    pipelined = ok(train(tmp_path, "--gin.create_mesh.stage=2",
                          "--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=2", devices=8))
     assert "Mesh {'stage': 2, 'data': 2, 'fsdp': 2, 'tensor': 1}" in pipelined.stderr
     # The reference's batches: one micro-step of all 16 sequences, (2 - 1) / (1 + 2 - 1) idle
@@ -211,13 +216,13 @@ def test_pipelined_run_on_8_devices_logs_its_bubble_and_the_losses_of_one_device
 
 
 @pytest.mark.slow
-def test_checkpoint_of_one_device_resumes_on_mesh_2_2_2(compile_cache, reference, tmp_path):
+def test_checkpoint_of_one_device_resumes_on_mesh_2_2_2(reference, tmp_path):
     # MODEL_DIR holding the reference run's step-EVERY checkpoint only.
     for name in ("config.json", str(EVERY)):
         source, target = reference / "checkpoints" / name, tmp_path / "checkpoints" / name
         target.parent.mkdir(exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
-    resumed = ok(train(compile_cache, tmp_path, *MESH_2_2_2, devices=8))
+    resumed = ok(train(tmp_path, *MESH_2_2_2, devices=8))
     assert "Mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in resumed.stderr
     assert f"Resumed from step {EVERY}" in resumed.stderr
     expected, got = read_scalars(reference), read_scalars(tmp_path)
@@ -250,7 +255,7 @@ BAD_INPUTS = [
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(compile_cache, reference, shared_tmp) -> list[dict]:
+def bad_input_runs(reference, shared_tmp) -> list[dict]:
     """Per BAD_INPUTS case, in its folder `tmp` (a copy of the reference run as `tmp`/run, a
     garbage `tmp`/garbage.model): the command's exit status and stderr, and the run's file
     digests before and after. Then a new MODEL_DIR with INIT_FROM missing, and a misspelled
@@ -269,7 +274,7 @@ def bad_input_runs(compile_cache, reference, shared_tmp) -> list[dict]:
                                     (f"--gin.INIT_FROM={folder}/nothing",))],
                   ["train", *_flags(folder / "verbose", TRAIN_STEPS,
                                     ("--gin.trian.seed=3", "--verbose"))]]
-        results = run_commands(*argvs, env=_env(compile_cache, 1))
+        results = run_commands(*argvs, env=_env(1))
         runs = [{"tmp": str(folder / str(i)), "returncode": r.returncode, "stderr": r.stderr}
                 for i, r in enumerate(results)]
         for run, case, before in zip(runs, cases, digests):
@@ -314,7 +319,7 @@ def test_no_gin_file_names_the_fix(help_and_no_gin_file):
 
 
 def test_a_damaged_latest_checkpoint_is_refused_and_the_run_resumes_from_the_one_before(
-        compile_cache, reference, tmp_path):
+        reference, tmp_path):
     model_dir = shutil.copytree(reference, tmp_path / "run")
     params = model_dir / "checkpoints" / str(TRAIN_STEPS) / "params"
     data_file = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -323,7 +328,7 @@ def test_a_damaged_latest_checkpoint_is_refused_and_the_run_resumes_from_the_one
     data_file.write_bytes(bytes(data))
 
     before = set(model_dir.glob("events.out.tfevents.*"))
-    resumed = ok(train(compile_cache, model_dir))
+    resumed = ok(train(model_dir))
     assert re.search(rf"error: checkpoint step {TRAIN_STEPS} in \S+ (fails verification: "
                      r"\['params'\]|cannot be read)", resumed.stderr), resumed.stderr
     assert f"Falling back to step {EVERY}, the newest checkpoint that verifies" in resumed.stderr
@@ -333,10 +338,10 @@ def test_a_damaged_latest_checkpoint_is_refused_and_the_run_resumes_from_the_one
     assert (model_dir / "checkpoints" / f"{TRAIN_STEPS}.corrupt").is_dir()  # kept aside
 
 
-def test_a_failed_save_ends_the_run_at_once_naming_its_step(compile_cache, tmp_path):
+def test_a_failed_save_ends_the_run_at_once_naming_its_step(tmp_path):
     started = time.monotonic()
     result = forked_commands.run(["tests/faults/disk_full.py", *_flags(tmp_path, 1000, ())],
-                                 env=_env(compile_cache, 1), timeout=TIMEOUT_S)
+                                 env=_env(1), timeout=TIMEOUT_S)
     assert result.returncode == 1
     last_line = result.stderr.rstrip("\n").splitlines()[-1]
     assert last_line.startswith("error: saving the checkpoint of step 1 to "), result.stderr
@@ -346,13 +351,13 @@ def test_a_failed_save_ends_the_run_at_once_naming_its_step(compile_cache, tmp_p
     assert checkpoint_steps(tmp_path) == []
 
 
-def test_a_second_trainer_on_one_model_dir_is_refused(compile_cache, tmp_path):
+def test_a_second_trainer_on_one_model_dir_is_refused(tmp_path):
     log = tmp_path / "first.log"
-    first = start_train(compile_cache, tmp_path, log, train_steps=1000)
+    first = start_train(tmp_path, log, train_steps=1000)
     try:
         wait_for(lambda: "step 1/1000 |" in log.read_text(), first, "step 1")
         first.send_signal(signal.SIGSTOP)  # alive and holding the directory, leaving the CPUs
-        second = train(compile_cache, tmp_path, train_steps=1000)
+        second = train(tmp_path, train_steps=1000)
     finally:
         first.kill()
         first.wait()
@@ -387,18 +392,18 @@ def lora_sft_bindings(tmp_path_factory) -> tuple[str, ...]:
 
 @pytest.mark.slow
 def test_lora_instruction_tuning_resumes_exactly_after_sigkill_and_keeps_its_adapters(
-        compile_cache, lora_sft_bindings, tmp_path):
+        lora_sft_bindings, tmp_path):
     """The adapters, their Adam state and the instruction stream's position come back from the
     step-EVERY checkpoint: the resumed steps' losses are the uninterrupted run's, bit for bit.
     (A relaunch that asks for other adapters is refused: tests/test_lora.py.)"""
-    reference = ok(train(compile_cache, tmp_path / "reference", *lora_sft_bindings))
+    reference = ok(train(tmp_path / "reference", *lora_sft_bindings))
     assert "LoRA: " in reference.stderr
     model_dir, log = tmp_path / "run", tmp_path / "killed.log"
-    killed_at_checkpoint(compile_cache, model_dir, log, *lora_sft_bindings)
+    killed_at_checkpoint(model_dir, log, *lora_sft_bindings)
     assert checkpoint_steps(model_dir) == [1, EVERY], "killed too late to test the restart"
 
     before = set(model_dir.glob("events.out.tfevents.*"))
-    restarted = ok(train(compile_cache, model_dir, *lora_sft_bindings))
+    restarted = ok(train(model_dir, *lora_sft_bindings))
     assert f"Resumed from step {EVERY}" in restarted.stderr
     expected = event_losses(tmp_path / "reference")
     assert event_losses(new_event_file(model_dir, before)) == {
@@ -420,7 +425,7 @@ def readme_colab_cells() -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_readme_colab_cells_run_on_cpu_with_the_tiny_dimensions(compile_cache, tmp_path):
+def test_the_readme_colab_cells_run_on_cpu_with_the_tiny_dimensions(tmp_path):
     """The README's cells as written (`/content` moved to a temporary directory), the training
     command with the tiny model's dimensions appended; the install cell names an extra that
     setup.cfg defines (the suite's environment is installed already)."""
@@ -439,7 +444,7 @@ def test_the_readme_colab_cells_run_on_cpu_with_the_tiny_dimensions(compile_cach
     # Each `python -m bloom_jax.X ...` forked from one process that imported their libraries.
     runs = [ok(run) for run in run_commands(
         *[[command[2].removeprefix("bloom_jax."), *command[3:]] for command in commands],
-        env=_env(compile_cache, 1))]
+        env=_env(1))]
 
     logdir = next(line.split("--logdir ")[1] for line in cells if line.startswith("%tensorboard"))
     scalars = read_scalars(logdir)

@@ -25,8 +25,6 @@ STEPS = 4
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 # A console metrics line: the process, the step, and the numbers that do not depend on timing.
 STEP_LINE = re.compile(r"\[p(\d)\] .* step (\d+)/\d+ \| (loss .* \| tokens \S+) \|")
-# A relaunch on the mesh and processes of a run before it compiles nothing.
-pytestmark = pytest.mark.usefixtures("commands_compile_cache")
 
 
 def train_command(model_dir: pathlib.Path, processes: int, devices: int, steps: int,
