@@ -95,6 +95,9 @@ def _command_process(argv: list[str], env: dict[str, str], cwd: str, stdout: str
 def _zygote() -> multiprocessing.context.BaseContext:
     """This process's fork server, started with SHARED_LIBRARIES imported and no JAX_* set."""
     context = multiprocessing.get_context("forkserver")
+    # A fork server that this process started before (data/builder.py's, for its workers) has
+    # neither these libraries nor this environment: it stops, and this one starts.
+    multiprocessing.forkserver._forkserver._stop()  # pylint: disable=protected-access
     context.set_forkserver_preload([*SHARED_LIBRARIES, __name__])
     jax_variables = {name: os.environ.pop(name) for name in list(os.environ)
                      if name.startswith("JAX_")}

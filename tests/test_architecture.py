@@ -114,7 +114,7 @@ def test_command_wiring_imports_nothing_of_the_model_or_loop():
 
 def test_the_commands_that_read_no_data_start_without_tensorflow():
     """plan and bench (budget_report with plan) import neither seqio, nor clu's writers, nor
-    TensorFlow behind them: about 12 s of CPU at every start, `--help` included."""
+    TensorFlow behind them (6 of the 9.5 s that `plan --help` took on a 2-core CPU)."""
     heavy = ("seqio", "clu.metric_writers", "tensorflow")
     code = ("import sys, bloom_jax.plan, bloom_jax.bench\n"
             f"print([m for m in {heavy} if m in sys.modules])")
