@@ -4,7 +4,7 @@ pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixtur
 by one worker for all; the XLA flags of the processes the suite starts (`xla_flags`). The
 workers and every process a test starts share one persistent compilation cache, and run with
 glibc's malloc on transparent huge pages, as the commands choose for themselves (huge_pages.py);
-`environ_without_glibc_tunables` is the environment of a user who did not choose."""
+`environ_without` gives the environment of a user who did not choose."""
 
 import fcntl
 import os
@@ -43,13 +43,16 @@ needs_huge_pages = pytest.mark.skipif(not huge_pages.available(),
                                       reason="needs glibc >= 2.35 and kernel THP")
 
 
-def environ_without_glibc_tunables() -> dict[str, str]:
-    """This process's environment less GLIBC_TUNABLES (which the suite sets, below): that of a
-    user who chose no malloc tunable."""
-    return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-
-
+# The variables of the suite's compilation cache (set below where the environment names none).
+COMPILATION_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR",
+                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 _OWN_COMPILATION_CACHE = pytest.StashKey[str]()
+
+
+def environ_without(*names: str) -> dict[str, str]:
+    """This process's environment less `names` (GLIBC_TUNABLES, COMPILATION_CACHE_VARIABLES: the
+    suite sets them, below): that of a user who chose none of them."""
+    return {k: v for k, v in os.environ.items() if k not in names}
 
 
 def pytest_configure(config):
@@ -59,8 +62,8 @@ def pytest_configure(config):
     os.environ.update(huge_pages.with_huge_pages(os.environ))
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         cache = config.stash[_OWN_COMPILATION_CACHE] = tempfile.mkdtemp(prefix="jax_cache_")
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny models compile fast
+        # Every program: jax keeps only those over 1 s by default, and many tiny ones take less.
+        os.environ.update(zip(COMPILATION_CACHE_VARIABLES, (cache, "0")))
 
 
 def pytest_unconfigure(config):

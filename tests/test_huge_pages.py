@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from bloom_jax import huge_pages
-from tests.conftest import environ_without_glibc_tunables, needs_huge_pages
+from tests.conftest import environ_without, needs_huge_pages
 
 # Prints "start" each time it runs, then the environment's tunables and an interpreter option.
 RESTARTS = textwrap.dedent("""
@@ -23,7 +23,7 @@ RESTARTS = textwrap.dedent("""
 def python(*args: str, tunables: str | None = None, timeout: float = 60
            ) -> subprocess.CompletedProcess:
     """`python ARGS` with GLIBC_TUNABLES set to `tunables` (None: unset; the suite sets it)."""
-    env = environ_without_glibc_tunables()
+    env = environ_without("GLIBC_TUNABLES")
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,

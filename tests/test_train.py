@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import build_once, xla_flags
+from tests.conftest import COMPILATION_CACHE_VARIABLES, build_once, environ_without, xla_flags
 from tests import forked_commands
 from tests.forked_commands import run_commands, run_commands_once
 from tests.test_metric_logger import read_scalars
@@ -189,8 +189,7 @@ def test_sigterm_saves_and_exits_cleanly_then_the_relaunch_resumes(reference, tm
 @pytest.mark.slow
 def test_by_default_a_relaunch_reads_the_step_its_run_compiled_from_model_dir(tmp_path):
     """Without JAX_COMPILATION_CACHE_DIR (which the suite sets) the cache is MODEL_DIR's."""
-    env = {k: v for k, v in _env(devices=1).items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    env = {**environ_without(*COMPILATION_CACHE_VARIABLES), "JAX_PLATFORMS": "cpu"}
     runs = [forked_commands.run(["train", *_flags(tmp_path, steps, ())], env=env)
             for steps in (1, 2)]
     assert "Compiled jit(step)" in ok(runs[0]).stderr, runs[0].stderr[-3000:]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from launch import local
-from tests.conftest import environ_without_glibc_tunables, needs_huge_pages
+from tests.conftest import environ_without, needs_huge_pages
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LOCAL = REPO / "launch" / "local.py"
@@ -68,7 +68,7 @@ def launch(*args: str, timeout: float = 120, **env: str
            ) -> tuple[subprocess.CompletedProcess, float]:
     """Runs launch/local.py with `args`, in this environment (less the suite's GLIBC_TUNABLES:
     the launcher's own is under test) and `env`; (result, seconds)."""
-    env = {**environ_without_glibc_tunables(), "PYTHONPATH": str(REPO), **env}
+    env = {**environ_without("GLIBC_TUNABLES"), "PYTHONPATH": str(REPO), **env}
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(LOCAL), *args], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
