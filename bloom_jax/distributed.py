@@ -208,8 +208,17 @@ class PeerWatch:
         self._group, self._timeout_s = group, timeout_s
         self._client = jax_distributed.global_state.client
         self._stop = threading.Event()
-        threading.Thread(target=self._watch, name="bloom_jax peer watch", daemon=True).start()
-        atexit.register(self._stop.set)  # runs before jax's shutdown (registered earlier)
+        self._thread = threading.Thread(target=self._watch, name="bloom_jax peer watch",
+                                        daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)  # runs before jax's shutdown (registered earlier)
+
+    def stop(self) -> None:
+        """Stops the beats and waits for the thread's last call to the store to return: a
+        daemon thread still inside that call when Python finalizes is unwound through C++
+        frames that do not allow it, and the process aborts (SIGABRT) at a clean exit."""
+        self._stop.set()
+        self._thread.join(timeout=self._timeout_s)
 
     def _watch(self) -> None:
         me, beat, last_change = self._group.process_id, 0, {}  # peer -> (its beat, since when)
