@@ -2,9 +2,10 @@
 SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). The number of
 pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
 by one worker for all; the XLA flags of the processes the suite starts (`xla_flags`). The
-workers and every process a test starts share one persistent compilation cache, and run with
-glibc's malloc on transparent huge pages, as the commands choose for themselves (huge_pages.py);
-`environ_without` gives the environment of a user who did not choose."""
+workers and every process a test starts share one persistent compilation cache, compile with
+LLVM at -O0 (`SUITE_XLA_FLAGS`), and run with glibc's malloc on transparent huge pages, as the
+commands choose for themselves (huge_pages.py); `environ_without` gives the environment of a
+user who did not choose."""
 
 import fcntl
 import os
@@ -55,11 +56,21 @@ def environ_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
 
 
+# The suite's programs are tiny: LLVM's optimizations of their code cost more than the code runs
+# (the suite took 428 s instead of 707 s on 2 cores). XLA's own passes, which decide what the
+# program computes, sharding and collectives included, are the same at every level. An
+# optimization level in the environment's XLA_FLAGS is kept.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
 def pytest_configure(config):
-    """Before pytest-xdist starts its workers, which inherit the environment: huge pages, and one
-    persistent compilation cache for the session (unless the environment names one), so a program
-    that a test, a worker or a command compiled is read, not compiled again, by the others."""
+    """Before pytest-xdist starts its workers, which inherit the environment: huge pages,
+    `SUITE_XLA_FLAGS`, and one persistent compilation cache for the session (unless the
+    environment names one), so a program that a test, a worker or a command compiled is read,
+    not compiled again, by the others."""
     os.environ.update(huge_pages.with_huge_pages(os.environ))
+    if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = xla_flags(SUITE_XLA_FLAGS)
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         cache = config.stash[_OWN_COMPILATION_CACHE] = tempfile.mkdtemp(prefix="jax_cache_")
         # Every program: jax keeps only those over 1 s by default, and many tiny ones take less.

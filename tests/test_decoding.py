@@ -156,11 +156,11 @@ def test_bad_inputs_are_explained():
         generate_ids(config, params, ids, 2, top_p=0.0)
 
 
-def eight_devices(mode: str, out_dir: pathlib.Path, *flags: str) -> None:
+def eight_devices(mode: str, out_dir: pathlib.Path) -> None:
     """Runs tests/decoding_eight_devices.py MODE in a process of its own with 8 CPU devices
     (forked: tests/forked_commands.py)."""
     done = forked_commands.run(["tests/decoding_eight_devices.py", mode, str(out_dir)],
-                               env=dict(os.environ, XLA_FLAGS=xla_flags(*flags, devices=8)),
+                               env=dict(os.environ, XLA_FLAGS=xla_flags(devices=8)),
                                timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -196,8 +196,7 @@ def test_bloom_7b1_decode_compiles_for_eight_80_gb_devices(tmp_path):
     """On abstract arrays: nothing is allocated. The CPU backend computes bfloat16 in float32,
     so its temporaries (float32 copies of weights and cache) bound a GPU's from above."""
     from tests import decoding_eight_devices as run8
-    eight_devices("plan", tmp_path, "--xla_backend_optimization_level=0",
-                  "--xla_llvm_disable_expensive_passes=true")
+    eight_devices("plan", tmp_path)
     plan = json.loads((tmp_path / "plan.json").read_text())
     params = flops.param_count(run8.PLAN_CONFIG) * 2  # bfloat16
     # Parameters arrive split over the 8 devices, not replicated.

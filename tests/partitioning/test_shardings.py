@@ -26,9 +26,7 @@ from tests.partitioning import eight_devices as run8
 
 RULES = logical_axis_rules()
 MESH_IDS = [run8.mesh_name(shape) for shape in run8.MESHES]
-# Fast compilation of tiny programs: the runs are about sharding, not code quality.
-XLA_FLAGS = xla_flags("--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true", devices=8)
+XLA_FLAGS = xla_flags(devices=8)
 
 
 @pytest.fixture(scope="module")
