@@ -58,8 +58,8 @@ def environ_without(*names: str) -> dict[str, str]:
 
 # The suite's programs are tiny: LLVM's optimizations of their code cost more than the code runs
 # (the suite took 428 s instead of 707 s on 2 cores). XLA's own passes, which decide what the
-# program computes, sharding and collectives included, are the same at every level. An
-# optimization level in the environment's XLA_FLAGS is kept.
+# program computes, sharding and collectives included, give the same HLO at every level; floats
+# may differ in their last bits. An optimization level in the environment's XLA_FLAGS is kept.
 SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
