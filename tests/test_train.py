@@ -21,7 +21,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import COMPILATION_CACHE_VARIABLES, build_once, environ_without, xla_flags
+from tests.conftest import (COMPILATION_CACHE_VARIABLES, SUITE_XLA_FLAGS, build_once,
+                            environ_without, xla_flags)
 from tests import forked_commands
 from tests.forked_commands import run_commands, run_commands_once
 from tests.test_metric_logger import read_scalars
@@ -188,8 +189,10 @@ def test_sigterm_saves_and_exits_cleanly_then_the_relaunch_resumes(reference, tm
 
 @pytest.mark.slow
 def test_by_default_a_relaunch_reads_the_step_its_run_compiled_from_model_dir(tmp_path):
-    """Without JAX_COMPILATION_CACHE_DIR (which the suite sets) the cache is MODEL_DIR's."""
-    env = {**environ_without(*COMPILATION_CACHE_VARIABLES), "JAX_PLATFORMS": "cpu"}
+    """Without JAX_COMPILATION_CACHE_DIR (which the suite sets) the cache is MODEL_DIR's. The
+    run compiles at XLA's default optimization level, as a user's does (the suite's is -O0)."""
+    env = {**environ_without(*COMPILATION_CACHE_VARIABLES), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(SUITE_XLA_FLAGS, "").strip()}
     runs = [forked_commands.run(["train", *_flags(tmp_path, steps, ())], env=env)
             for steps in (1, 2)]
     assert "Compiled jit(step)" in ok(runs[0]).stderr, runs[0].stderr[-3000:]
