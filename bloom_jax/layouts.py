@@ -487,13 +487,14 @@ def _needs_no_less(layout: Layout, than: Layout) -> bool:
 
 def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: str,
            hfu: float, links: tuple[float, float], devices_per_node: int, seconds: float,
-           first: bool = False, log: Any = print) -> tuple[list[Candidate], int]:
+           compiles: float = math.inf, first: bool = False,
+           log: Any = print) -> tuple[list[Candidate], int]:
     """The layouts that fit `memory`, fastest first by their compiled prediction, and how many
     layouts were weighed.
 
     Every layout whose memory_estimate fits is predicted by formula, and compiled in order of
     that prediction, each once, while the next compile (as long as the last one) ends within
-    `seconds` (or, with `first`, until one fits), skipping any that needs no less memory than
+    `seconds` and fewer than `compiles` have run (or, with `first`, until one fits), skipping any that needs no less memory than
     one that did not fit, or whose estimate, its bytes per sequence scaled by the compiles so
     far of its SP setting, tensor size and pipelining, does not fit.
     """
@@ -528,9 +529,10 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
         # programs have gathered the FSDP weights more often (README, BLOOM-176B).
         key=lambda c: (round(c.analytic.step_s, 3), c.layout.sequence_parallel,
                        needs(c.layout)))
-    fits, too_big, start, last_compile = [], [], time.perf_counter(), 0.0
+    fits, too_big, start, last_compile, compiled = [], [], time.perf_counter(), 0.0, 0
     for analytic in ranked:
-        if time.perf_counter() - start + last_compile > seconds or (first and fits):
+        if (time.perf_counter() - start + last_compile > seconds or compiled >= compiles
+                or (first and fits)):
             break
         if needs(analytic.layout) > memory or any(
                 _needs_no_less(analytic.layout, big) for big in too_big):
@@ -538,9 +540,9 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
         found = evaluate(workload, analytic.layout, gpu, hfu, links, devices_per_node, True)
         if found is None:
             continue
-        last_compile = found.plan.compile_s
+        last_compile, compiled = found.plan.compile_s, compiled + 1
         log(f"  compiled {found.layout.describe()}: {found.peak_bytes / GIB:.1f} GiB, "
-            f"{found.predicted_step_s:.1f} s/step ({found.plan.compile_s:.0f} s)")
+            f"{found.predicted_step_s:.4g} s/step ({found.plan.compile_s:.0f} s)")
         fixed, per_sequence = memory_estimate(found.layout.workload(workload).model_config,
                                               found.layout, workload.sequence_length,
                                               workload.batch_size)

@@ -59,6 +59,10 @@ def define_flags() -> None:
     flags.DEFINE_float("search_seconds", 60.0, "--search: compile the most promising layouts "
                        "(by the analytic model), each once, while the next compile (timed as "
                        "the last one) ends within this many seconds.")
+    flags.DEFINE_integer("search_compiles", None, "--search: compile at most this many layouts "
+                         "(default: as many as --search_seconds allows). With a --search_seconds "
+                         "that is never reached, the same layouts on any machine.",
+                         lower_bound=1)
     flags.DEFINE_bool("json", False, "Print the plan as one JSON object (--search: a list).")
     flags.DEFINE_string("gpu", "A100", "GPU the step time and --budget plan for, any case: one "
                         f"of {', '.join(budget.GPUS)}.")
@@ -211,7 +215,7 @@ def _search(workload: sharded_step.Workload, gpu: str, memory: int) -> None:
     """--search: the layouts that fit, fastest first."""
     ranked, weighed = layouts.search(workload, jax.device_count(), memory, gpu, FLAGS.hfu,
                                      links(gpu), FLAGS.devices_per_host, FLAGS.search_seconds,
-                                     log=lambda line: print(line, file=sys.stderr, flush=True))
+                                     FLAGS.search_compiles or math.inf, log=lambda line: print(line, file=sys.stderr, flush=True))
     if FLAGS.json:
         print(json.dumps([plan_json(c, workload) for c in ranked]))
     else:
@@ -219,7 +223,7 @@ def _search(workload: sharded_step.Workload, gpu: str, memory: int) -> None:
               f"weighed by the analytic model); fastest first, on {gpu} at {FLAGS.hfu:.1%} of "
               "peak in hardware FLOPs:")
         for c in ranked:
-            print(f"  {c.predicted_step_s:8.1f} s/step (analytic {c.analytic.step_s:6.1f})  "
+            print(f"  {c.predicted_step_s:9.4g} s/step (analytic {c.analytic.step_s:9.4g})  "
                   f"{c.layout.describe()}  peak={c.peak_bytes / GIB:.1f} GiB")
     sys.exit(0 if ranked else EXIT_DOES_NOT_FIT)
 
