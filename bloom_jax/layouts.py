@@ -494,9 +494,10 @@ def search(workload: sharded_step.Workload, num_devices: int, memory: int, gpu: 
 
     Every layout whose memory_estimate fits is predicted by formula, and compiled in order of
     that prediction, each once, while the next compile (as long as the last one) ends within
-    `seconds` and fewer than `compiles` have run (or, with `first`, until one fits), skipping any that needs no less memory than
-    one that did not fit, or whose estimate, its bytes per sequence scaled by the compiles so
-    far of its SP setting, tensor size and pipelining, does not fit.
+    `seconds` and fewer than `compiles` have run (or, with `first`, until one fits), skipping
+    any that needs no less memory than one that did not fit, or whose estimate, its bytes per
+    sequence scaled by the compiles so far of its SP setting, tensor size and pipelining, does
+    not fit.
     """
     # Measured / estimated bytes per sequence, the largest seen so far, by (SP, tensor size,
     # pipelined); FIRST_SCALE before a family's first compile.

@@ -215,7 +215,8 @@ def _search(workload: sharded_step.Workload, gpu: str, memory: int) -> None:
     """--search: the layouts that fit, fastest first."""
     ranked, weighed = layouts.search(workload, jax.device_count(), memory, gpu, FLAGS.hfu,
                                      links(gpu), FLAGS.devices_per_host, FLAGS.search_seconds,
-                                     FLAGS.search_compiles or math.inf, log=lambda line: print(line, file=sys.stderr, flush=True))
+                                     FLAGS.search_compiles or math.inf,
+                                     log=lambda line: print(line, file=sys.stderr, flush=True))
     if FLAGS.json:
         print(json.dumps([plan_json(c, workload) for c in ranked]))
     else:
