@@ -2,10 +2,10 @@
 SIGTERM / SIGINT handlers (the trainer and distributed.initialize install theirs). The number of
 pytest-xdist workers `--numprocesses=auto` starts; `build_once`, a module fixture's folder built
 by one worker for all; the XLA flags of the processes the suite starts (`xla_flags`). The
-workers and every process a test starts share one persistent compilation cache, compile with
-LLVM at -O0 (`SUITE_XLA_FLAGS`), and run with glibc's malloc on transparent huge pages, as the
-commands choose for themselves (huge_pages.py); `environ_without` gives the environment of a
-user who did not choose."""
+workers and every process a test starts share one persistent compilation cache, compile fast
+(`SUITE_XLA_FLAGS`: LLVM at -O0, XLA's elemental fusion emitters), and run with glibc's malloc on
+transparent huge pages, as the commands choose for themselves (huge_pages.py); `environ_without`
+gives the environment of a user who did not choose."""
 
 import fcntl
 import os
@@ -56,11 +56,13 @@ def environ_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
 
 
-# The suite's programs are tiny: LLVM's optimizations of their code cost more than the code runs
-# (the suite took 428 s instead of 707 s on 2 cores). XLA's own passes, which decide what the
-# program computes, sharding and collectives included, give the same HLO at every level; floats
-# may differ in their last bits. An optimization level in the environment's XLA_FLAGS is kept.
-SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# The suite's programs are tiny: compiling them fast matters more than their code's speed. LLVM
+# at -O0 (the suite took 428 s instead of 707 s on 2 cores), and XLA's older elemental emitters
+# for fusions, not the MLIR fusion emitters (2,160 -> 1,800 CPU-seconds; eight_device_steps.py 46
+# -> 29). XLA's own passes, which decide what the program computes, sharding and collectives
+# included, give the same HLO either way; floats may differ in their last bits, and more between
+# two programs that fuse the same ops differently. A flag the environment's XLA_FLAGS names is kept.
+SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
 def pytest_configure(config):
@@ -69,8 +71,9 @@ def pytest_configure(config):
     environment names one), so a program that a test, a worker or a command compiled is read,
     not compiled again, by the others."""
     os.environ.update(huge_pages.with_huge_pages(os.environ))
-    if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = xla_flags(SUITE_XLA_FLAGS)
+    named = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = xla_flags(*(flag for flag in SUITE_XLA_FLAGS
+                                          if flag.split("=")[0] not in named))
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         cache = config.stash[_OWN_COMPILATION_CACHE] = tempfile.mkdtemp(prefix="jax_cache_")
         # Every program: jax keeps only those over 1 s by default, and many tiny ones take less.

@@ -114,9 +114,11 @@ def test_lora_dropout_acts_on_the_adapter_input_only(tmp_path):
     zero_b = jax.tree_util.tree_map_with_path(
         lambda path, x: np.zeros_like(x) if path[-1].key == "lora_b" else x, adapters)
     plain = model.apply({"params": base}, ids, attention_mask=mask)
-    # With B = 0 the adapters add nothing, dropped or not: the base's dropout is off (0.0).
-    np.testing.assert_array_equal(
-        lora_lib.apply(model, lora, base, zero_b, ids, attention_mask=mask, rng=key), plain)
+    # With B = 0 the adapters add nothing, dropped or not: the base's dropout is off (0.0). Equal
+    # but for the last bits of two programs that fuse the same ops differently (conftest.py).
+    np.testing.assert_allclose(
+        lora_lib.apply(model, lora, base, zero_b, ids, attention_mask=mask, rng=key), plain,
+        rtol=1e-5, atol=1e-5)
     dropped = lora_lib.apply(model, lora, base, adapters, ids, attention_mask=mask, rng=key)
     assert np.abs(np.asarray(dropped) - our_logits(config, base, adapters, lora, ids, mask)
                   ).max() > 1e-3
