@@ -172,7 +172,7 @@ def _forward(model: BloomForCausalLM, params: Any, ids: Array, mask: Array,
     """The last position's logits [batch, vocab] and the cache with `ids` appended, kept
     sharded by batch and heads."""
     logits, variables = model.apply({"params": params, "cache": cache}, ids, mask,
-                                    decode=True, mutable=["cache"])
+                                    decode=True, last_only=True, mutable=["cache"])
     cache = jax.tree.map(nn.with_logical_constraint, variables["cache"], _cache_axes(model))
     return logits[:, -1], cache
 

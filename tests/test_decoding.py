@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers.generation import logits_process
 
-from bloom_jax import convert, flops
+from bloom_jax import convert, decoding, flops
 from bloom_jax.decoding import PAD_ID, Sampling, choose, generate_ids, left_pad
 from bloom_jax.model import BloomConfig, BloomForCausalLM
 from tests import forked_commands
@@ -104,6 +104,15 @@ def tiny_model():
     ids, mask = left_padded((5, 3), config.vocab_size, seed=1)
     params = nn.unbox(jax.jit(BloomForCausalLM(config).init)(jax.random.key(0), ids))["params"]
     return config, params, ids, mask
+
+
+def test_the_prefill_computes_no_logits_but_the_last():
+    """[batch, prompt, vocab] float32 logits would be the decode's largest temporary."""
+    config = BloomConfig(vocab_size=8192, hidden_size=32, n_layer=2, n_head=4)
+    batch, prompt = 4, 256
+    compiled = decoding.generator(config).compile(decoding.Limits(4), batch, prompt)
+    all_logits = batch * prompt * config.vocab_size * 4
+    assert compiled.fn.memory_analysis().temp_size_in_bytes < all_logits / 2
 
 
 def test_sampling_is_reproducible_from_its_seed():
