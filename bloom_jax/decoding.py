@@ -170,11 +170,21 @@ def _cache_axes(model: BloomForCausalLM) -> Any:
 def _forward(model: BloomForCausalLM, params: Any, ids: Array, mask: Array,
              cache: Any) -> tuple[Array, Any]:
     """The last position's logits [batch, vocab] and the cache with `ids` appended, kept
-    sharded by batch and heads."""
-    logits, variables = model.apply({"params": params, "cache": cache}, ids, mask,
-                                    decode=True, last_only=True, mutable=["cache"])
+    sharded by batch and heads. Only the last position goes through the LM head: a prompt's
+    other logits would cost 2 x length x embed x vocab FLOPs and their memory for nothing
+    (BLOOM-560M, 8 prompts of 32 tokens: 131 GFLOP and 257 MB)."""
+    hidden, variables = model.apply({"params": params, "cache": cache}, ids, mask,
+                                    decode=True, head=False, mutable=["cache"])
     cache = jax.tree.map(nn.with_logical_constraint, variables["cache"], _cache_axes(model))
-    return logits[:, -1], cache
+    return _tied_head(model.config, params, hidden[:, -1]), cache
+
+
+def _tied_head(config: BloomConfig, params: Any, hidden: Array) -> Array:
+    """Logits [batch, vocab] of final hidden states [batch, embed], through the word embeddings
+    (as `nn.Embed.attend`)."""
+    embedding = params["word_embeddings"]["embedding"]
+    logits = jnp.dot(hidden.astype(config.dtype), embedding.T.astype(config.dtype))
+    return nn.with_logical_constraint(logits, ("activation_batch", "activation_vocab"))
 
 
 def _chosen(state: DecodeState, logits: Array, limits: Limits) -> DecodeState:

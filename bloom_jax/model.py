@@ -406,9 +406,6 @@ class BloomForCausalLM(nn.Module):
 
     head=False returns the final hidden states ([..., length, embed], after `ln_f`) instead of
     the logits, for a loss that applies the tied head itself (`lm_head.cross_entropy_sum`).
-    last_only=True returns only the last position's ([..., 1, vocab] or [..., 1, embed]), all a
-    decode step consumes: a prompt's other logits would cost 2 x length x embed x vocab FLOPs and
-    length x vocab floats for nothing (BLOOM-560M, 8 x 32 tokens: 131 GFLOP and 257 MB).
     """
 
     config: BloomConfig
@@ -426,7 +423,6 @@ class BloomForCausalLM(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         head: bool = True,
-        last_only: bool = False,
     ) -> Array:
         cfg = self.config
         if attention_mask is not None and (segment_ids is not None or positions is not None):
@@ -503,8 +499,6 @@ class BloomForCausalLM(nn.Module):
                                  None if deterministic else self.make_rng("dropout"))
             x = nn.with_logical_constraint(x, (*micro_out, *EMBED_ACTIVATION_AXES))
 
-        if last_only:
-            x = x[..., -1:, :]
         x = _layer_norm(cfg, "ln_f")(x)
         if not head:
             return x[0] if one_micro_batch else x

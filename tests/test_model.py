@@ -276,15 +276,6 @@ def test_cached_decoding_matches_the_full_forward(implementation):
                                atol=1e-5)
 
 
-def test_last_only_returns_the_last_position_of_the_full_forward():
-    params = init_params(TINY)
-    ids = random_ids((2, 10), TINY.vocab_size)
-    full = BloomForCausalLM(TINY).apply({"params": params}, ids)
-    last = BloomForCausalLM(TINY).apply({"params": params}, ids, last_only=True)
-    assert last.shape == (2, 1, TINY.vocab_size)
-    np.testing.assert_allclose(last, full[:, -1:], atol=1e-6)
-
-
 def test_cache_is_empty_stacked_over_layers_and_named():
     cache = BloomForCausalLM(TINY).init(jax.random.PRNGKey(0), jnp.ones((2, 9), jnp.int32),
                                         decode=True)["cache"]
