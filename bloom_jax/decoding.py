@@ -37,6 +37,14 @@ Array = jax.Array
 EOS_ID = 2
 PAD_ID = 3
 
+# Decoding on CPU multiplies a few rows (the batch) by each weight matrix. There, XLA's YNN
+# fusions are slower than its Eigen dots (8 x 1024 x 4096: 4.2 ms vs 2.1 ms), so they are off;
+# but Eigen is slow at the tied head's `hidden @ embedding.T`, which it computes by copying the
+# embedding transposed at every token (8 x 1024 x 250880: 1054 ms vs 112 ms untransposed), so
+# decoding on CPU keeps a copy of the embedding laid out [embed, vocab] under HEAD_COPY.
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+HEAD_COPY = "lm_head"
+
 
 class RowSampling(NamedTuple):
     """Sampling settings of each row of a batch (see `Sampling`): three [batch] arrays."""
@@ -181,9 +189,9 @@ def _forward(model: BloomForCausalLM, params: Any, ids: Array, mask: Array,
 
 def _tied_head(config: BloomConfig, params: Any, hidden: Array) -> Array:
     """Logits [batch, vocab] of final hidden states [batch, embed], through the word embeddings
-    (as `nn.Embed.attend`)."""
-    embedding = params["word_embeddings"]["embedding"]
-    logits = jnp.dot(hidden.astype(config.dtype), embedding.T.astype(config.dtype))
+    (as `nn.Embed.attend`), or through their [embed, vocab] copy where params hold one."""
+    weights = params.get(HEAD_COPY, params["word_embeddings"]["embedding"].T)
+    logits = jnp.dot(hidden.astype(config.dtype), weights.astype(config.dtype))
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_vocab"))
 
 
@@ -261,19 +269,34 @@ class Generator:
     def rows_multiple(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+    @property
+    def on_cpu(self) -> bool:
+        return self.mesh.devices.flat[0].platform == "cpu"
+
     @functools.cached_property
     def decode_param_shardings(self) -> Any:
-        """`param_shardings` with the layer stack split into one tree per layer."""
+        """`param_shardings` with the layer stack split into one tree per layer (and, on CPU, the
+        head's copy of the embedding, sharded as its transpose)."""
         layer = jax.tree.map(lambda s: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])),
                              self.param_shardings["h"])
-        return {**self.param_shardings, "h": (layer,) * self.config.n_layer}
+        shardings = {**self.param_shardings, "h": (layer,) * self.config.n_layer}
+        if self.on_cpu:
+            embedding = self.param_shardings["word_embeddings"]["embedding"].spec
+            shardings[HEAD_COPY] = NamedSharding(self.mesh, PartitionSpec(*reversed(embedding)))
+        return shardings
+
+    def _decode_params(self, params: Any) -> Any:
+        """`params` with the layer stack split into one tree per layer (a decode step would
+        otherwise slice, i.e. copy, every layer's weights), and on CPU the head's copy added."""
+        split = {**params, "h": unstack_layers(params["h"], self.config.n_layer)}
+        if self.on_cpu and HEAD_COPY not in split:
+            split[HEAD_COPY] = split["word_embeddings"]["embedding"].T
+        return split
 
     def put_params(self, params: Any) -> Any:
-        """`params` laid out on the mesh as training lays them out, but with the layer stack
-        split into one tree per layer, once, here (a decode step would otherwise slice, i.e.
-        copy, every layer's weights); params it gave already come back as they are."""
-        split = {**params, "h": unstack_layers(params["h"], self.config.n_layer)}
-        return jax.device_put(split, self.decode_param_shardings)
+        """`params` laid out on the mesh as training lays them out, but as decoding reads them
+        (`_decode_params`), once, here; params it gave already come back as they are."""
+        return jax.device_put(self._decode_params(params), self.decode_param_shardings)
 
     def _batch_sharding(self, ndim: int) -> NamedSharding:
         """Of [batch, ...] arrays of `ndim` axes: rows over the data-parallel devices."""
@@ -303,7 +326,8 @@ class Generator:
 
     def _jit(self, fn, **kwargs) -> sharded_step.MeshFunction:
         """`fn(model, limits, ...)` jitted on the mesh, `limits` static."""
-        jitted = jax.jit(functools.partial(fn, self.model), static_argnums=0, **kwargs)
+        jitted = jax.jit(functools.partial(fn, self.model), static_argnums=0,
+                         compiler_options=CPU_DECODE_OPTIONS if self.on_cpu else None, **kwargs)
         return sharded_step.MeshFunction(jitted, self.mesh, self.rules)
 
     def start(self, limits: Limits, params: Any, prompt_ids: Any, attention_mask: Any,
@@ -328,8 +352,7 @@ class Generator:
         to read its per-device memory: `.fn.memory_analysis()`."""
         stacked = nn.unbox(shardings_lib.abstract_params(
             self.model, jax.ShapeDtypeStruct((1, 1), jnp.int32)))
-        split = jax.eval_shape(
-            lambda p: {**p, "h": unstack_layers(p["h"], self.config.n_layer)}, stacked)
+        split = jax.eval_shape(self._decode_params, stacked)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               split, self.decode_param_shardings)
         batch += -batch % self.rows_multiple

@@ -115,6 +115,21 @@ def test_the_prefill_computes_no_logits_but_the_last():
     assert compiled.fn.memory_analysis().temp_size_in_bytes < all_logits / 2
 
 
+def test_the_cpu_head_copy_decodes_the_tokens_of_the_tied_head():
+    """On CPU, `put_params` adds the embedding's [embed, vocab] copy (HEAD_COPY); params
+    without it decode through the embedding itself, as on an accelerator."""
+    config, params, ids, mask = tiny_model()
+    run = decoding.generator(config)
+    placed = run.put_params(params)
+    np.testing.assert_array_equal(placed[decoding.HEAD_COPY],
+                                  params["word_embeddings"]["embedding"].T)
+    args = (ids, mask, decoding.row_keys([0] * len(ids), range(len(ids))),
+            Sampling().rows(len(ids)))
+    limits = decoding.Limits(NEW_TOKENS, eos_token_id=None)
+    np.testing.assert_array_equal(run.generate(limits, placed, *args),
+                                  run.generate(limits, params, *args))
+
+
 def test_sampling_is_reproducible_from_its_seed():
     config, params, ids, mask = tiny_model()
     sample = functools.partial(generate_ids, config, params, ids, NEW_TOKENS, attention_mask=mask,
@@ -207,7 +222,9 @@ def test_bloom_7b1_decode_compiles_for_eight_80_gb_devices(tmp_path):
     from tests import decoding_eight_devices as run8
     eight_devices("plan", tmp_path)
     plan = json.loads((tmp_path / "plan.json").read_text())
-    params = flops.param_count(run8.PLAN_CONFIG) * 2  # bfloat16
+    config = run8.PLAN_CONFIG
+    # bfloat16, with the CPU's [embed, vocab] copy of the embedding for the head (HEAD_COPY).
+    params = (flops.param_count(config) + config.vocab_size * config.hidden_size) * 2
     # Parameters arrive split over the 8 devices, not replicated.
     assert params / 8 <= plan["argument_bytes"] < params / 8 * 1.05
     assert plan["peak_bytes"] < 80 * 2**30
