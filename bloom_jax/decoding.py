@@ -398,7 +398,9 @@ def generate_ids(
     `Sampling`); seed fixes the draws. A row stops at its first eos_token_id and is filled with
     pad_token_id after it, as Hugging Face's `generate` does; eos_token_id=None never stops.
     mesh, rules: where to run (default: one device; see `generator`); the output does not depend
-    on them.
+    on them. Params are laid out for decoding at every call (`Generator.put_params`: 80 ms for a
+    100 MB model on CPU); a caller that loops lays them out once, with `generator(config)`'s
+    `put_params`, and passes those, which are kept as they are.
     """
     prompt_ids = np.asarray(prompt_ids)
     attention_mask = checked_mask(config, prompt_ids, attention_mask)
