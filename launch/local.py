@@ -14,6 +14,7 @@ forwarded to every process. Of the package it imports only huge_pages (standard 
 
 import argparse
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -85,8 +86,13 @@ class _Launcher:
             threading.Thread(target=self._stream, args=(i, p.stdout), daemon=True)
             for i, p in enumerate(self._procs)
         ]
-        for reader in self._readers:
-            reader.start()
+        # (process id, return code) in the order the processes exit: a poll that finds several
+        # exited cannot tell which failed first (a killed process, or the peer that failed of it).
+        self._exits = queue.Queue()
+        waiters = [threading.Thread(target=lambda i=i, p=p: self._exits.put((i, p.wait())),
+                                    daemon=True) for i, p in enumerate(self._procs)]
+        for thread in self._readers + waiters:
+            thread.start()
 
     def say(self, message: str) -> None:
         with self._print_lock:
@@ -128,19 +134,14 @@ class _Launcher:
 
     def run(self) -> int:
         """Waits for every process; returns 0, or the exit status of the first that failed."""
-        while True:
-            codes = [p.poll() for p in self._procs]
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                process_id, code = failed[0]
+        status = 0
+        for _ in self._procs:
+            process_id, code = self._exits.get()
+            if code != 0:
                 self.say(f"process {process_id} {_describe(code)}; stopping the others")
                 self.stop()
                 status = _exit_status(code)
                 break
-            if all(c == 0 for c in codes):
-                status = 0
-                break
-            time.sleep(_POLL_S)
         for reader in self._readers:
             reader.join(timeout=self._grace_s)
         return status
