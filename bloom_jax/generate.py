@@ -62,9 +62,9 @@ def load_model(ckpt_dir: str | None = None, hf_dir: str | None = None,
                mesh: Sequence[int] = (-1, 1, 1)) -> tuple[decoding.Generator, Any, Any]:
     """(generator on `mesh` (data, fsdp, tensor), its params, vocabulary) from `hf_dir` or
     `ckpt_dir` and `vocabulary`, as the flags of the same names give them."""
-    # Imported here: they bring in orbax, safetensors and TensorFlow, which generate_ids needs not.
+    # Imported here: they bring in orbax and safetensors, which generate_ids needs not.
     from bloom_jax import convert, param_store
-    from bloom_jax.data import vocabularies
+    from bloom_jax.data import vocabulary_files
 
     mesh = create_mesh(*mesh)
     if hf_dir:
@@ -76,8 +76,8 @@ def load_model(ckpt_dir: str | None = None, hf_dir: str | None = None,
         config = param_store.load_config(param_store.checkpoint_dir(ckpt_dir))
         run = decoding.generator(config, mesh)
         _, params = param_store.load_params(ckpt_dir, shardings=run.param_shardings)
-    vocabulary = vocabularies.load_vocabulary(vocabulary)
-    vocabularies.check_fits_model(vocabulary, config.vocab_size)
+    vocabulary = vocabulary_files.open_vocabulary(vocabulary)
+    vocabulary_files.check_fits_model(vocabulary.vocab_size, vocabulary.path, config.vocab_size)
     return run, params, vocabulary
 
 

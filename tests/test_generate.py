@@ -3,6 +3,7 @@ checkpoint directory, and its flags."""
 
 import pathlib
 import subprocess
+import sys
 
 import pytest
 import tokenizers
@@ -61,6 +62,19 @@ def test_cli_continues_prompts_as_hugging_face_does(source, tmp_path):
     expected = [row[:row.index(EOS_ID) + 1] if EOS_ID in row else row for row in new_ids]
     assert done.stdout.splitlines() == [p + tokenizer.decode(row, skip_special_tokens=False)
                                         for p, row in zip(prompts, expected)]
+
+
+def test_generate_and_serve_load_a_model_without_tensorflow(tmp_path):
+    """The tokenizer.json opens without seqio, whose TensorFlow costs ~5 s and ~0.8 GB."""
+    hf_dir = tmp_path / "hf"
+    saved_hf_model(hf_dir)
+    code = ("import sys; from bloom_jax import generate, serve; "
+            f"generate.load_model(hf_dir={str(hf_dir)!r}); "
+            "print([m for m in ('seqio', 'tensorflow') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """ROOTS data for BLOOM: language table, seqio tasks and mixture, vocabularies, token store,
 packed stream.
 
-Importing the package loads no TensorFlow: the store's writers and readers need none. The
-modules that use seqio hide the accelerators from TensorFlow (`vocabularies.py`).
+Importing the package loads no TensorFlow: the store's writers and readers need none, nor do
+generate and serve, which open vocabulary files directly (`vocabulary_files.py`). The modules
+that use seqio hide the accelerators from TensorFlow (`vocabularies.py`).
 """

@@ -41,6 +41,7 @@ from bloom_jax.data import pipeline
 from bloom_jax.data import store
 from bloom_jax.data import tasks
 from bloom_jax.data import vocabularies
+from bloom_jax.data import vocabulary_files
 
 FLAGS = flags.FLAGS
 _SHARD_TOKENS = 32 << 20  # tokens per shard of the repeated stores: a prepare's shard's worth
@@ -94,9 +95,9 @@ def bench_prepare(work_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
     manifest = builder.build(work_dir / "prepared", found, vocabulary, workers=FLAGS.workers)
     prepare_s = time.perf_counter() - start
-    encode = builder.batch_encoder(vocabularies.vocabulary_file(vocabulary), os.cpu_count() or 1)
+    encoder = vocabulary_files.open_vocabulary(vocabularies.vocabulary_file(vocabulary))
     start = time.perf_counter()
-    encode(texts)
+    encoder.encode_batch(texts, threads=os.cpu_count() or 1)
     encode_s = time.perf_counter() - start
     result = {"text_mb": round(text_mb, 2), "prepare_mb_per_s": round(text_mb / prepare_s, 3),
               "encode_batch_mb_per_s": round(text_mb / encode_s, 3)}

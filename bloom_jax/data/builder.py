@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -27,6 +28,7 @@ import numpy as np
 
 from bloom_jax.data import documents
 from bloom_jax.data import store
+from bloom_jax.data import vocabulary_files
 
 DEFAULT_SHARD_BYTES = 128 << 20  # input bytes per shard: about 30M tokens, a few seconds' work
 _ENCODE_BATCH = 512  # documents per call of the batched encoder
@@ -234,7 +236,8 @@ def build_shard(job: ShardJob, threads: int = 1) -> dict:
             split = job.split or ("validation" if documents.is_held_out(text, validation_fraction)
                                   else "train")
             texts[split].append(text)
-    encode = batch_encoder(job.vocabulary_file, threads)
+    vocabulary = vocabulary_files.open_vocabulary(job.vocabulary_file)
+    encode = functools.partial(vocabulary.encode_batch, threads=threads)
     dtype = np.dtype(job.planned["dtype"])
     splits = {split: _tokenize(texts[split], encode, job.eos_id, dtype) for split in texts}
     info = {**job.planned, "name": job.name, "skipped": dict(sorted(skipped.items())),
@@ -256,23 +259,6 @@ def _tokenize(texts: Sequence[str], encode: Callable[[Sequence[str]], list[list[
                                   dtype, count=sum(batch)))
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return (np.concatenate(tokens) if tokens else np.zeros([0], dtype)), starts
-
-
-def batch_encoder(vocabulary_file: str,
-                  threads: int = 1) -> Callable[[Sequence[str]], list[list[int]]]:
-    """The vocabulary's own batched encoder, without special tokens: SentencePiece's batched
-    `encode` on `threads` threads, or `tokenizers`' `encode_batch` (its threads unless
-    TOKENIZERS_PARALLELISM=false)."""
-    if vocabulary_file.endswith(".json"):
-        import tokenizers  # pylint: disable=g-import-not-at-top  # only for tokenizer.json
-
-        tokenizer = tokenizers.Tokenizer.from_file(vocabulary_file)
-        return lambda texts: [e.ids for e in tokenizer.encode_batch(list(texts),
-                                                                    add_special_tokens=False)]
-    import sentencepiece  # pylint: disable=g-import-not-at-top
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=vocabulary_file)
-    return lambda texts: processor.encode(list(texts), num_threads=threads)
 
 
 class _Progress:

@@ -1,6 +1,7 @@
 """Shared fixtures: the default corpus tokenized once per session, and tiny corpora in tmp_path."""
 
 import pytest
+import tokenizers
 
 from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
@@ -37,3 +38,19 @@ def tiny_corpus(tmp_path):
     write_jsonl(tmp_path / "fr" / "part-0.jsonl", [f"Document français {i}." for i in range(20)])
     write_jsonl(tmp_path / "fr" / "validation" / "part-0.jsonl", ["Une phrase de validation."])
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory):
+    """A small byte-level BPE saved like BLOOM's: <unk>=0, <s>=1, </s>=2, <pad>=3."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    texts = ["Hello world, rivers and forests."] * 20 + ["héllo 世界"]
+    tokenizer.train_from_iterator(texts, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path

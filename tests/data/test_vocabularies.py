@@ -1,9 +1,9 @@
-"""Vocabularies: the shipped SentencePiece model, a tokenizer.json, padding and model checks."""
+"""seqio Vocabularies: the shipped SentencePiece model, a tokenizer.json, padding and model
+checks."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
-import tokenizers
 
 from bloom_jax.data import tasks
 from bloom_jax.data import vocabularies
@@ -26,37 +26,13 @@ def test_model_too_small_for_vocabulary_names_the_file(vocabulary):
         vocabularies.check_fits_model(vocabulary, 1000)
 
 
-def test_missing_or_unknown_vocabulary_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.model does not exist"):
-        vocabularies.load_vocabulary(tmp_path / "nope.model")
-    (tmp_path / "vocab.txt").write_text("a\n")
-    with pytest.raises(ValueError, match="vocab.txt: expected"):
-        vocabularies.load_vocabulary(tmp_path / "vocab.txt")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory):
-    """A small byte-level BPE saved like BLOOM's: <unk>=0, <s>=1, </s>=2, <pad>=3."""
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    texts = ["Hello world, rivers and forests."] * 20 + ["héllo 世界"]
-    tokenizer.train_from_iterator(texts, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
-
-
 def test_tokenizer_json_vocabulary(tokenizer_json):
     vocabulary = vocabularies.load_vocabulary(tokenizer_json)
     assert isinstance(vocabulary, vocabularies.TokenizerJsonVocabulary)
     assert (vocabulary.eos_id, vocabulary.unk_id, vocabulary.pad_id) == (2, 0, 3)
     text = "Hello rivers, ünseen 🙂"
     ids = vocabulary.encode(text)
-    assert vocabulary.decode(ids) == text
+    assert vocabulary.decode(ids) == text == vocabulary.decode(np.asarray(ids))
     np.testing.assert_array_equal(vocabulary.encode_tf(tf.constant(text)).numpy(), ids)
     assert vocabulary.decode_tf(tf.constant(ids, tf.int32)).numpy().decode() == text
 
