@@ -32,6 +32,7 @@ import tensorstore as ts
 from absl import app, flags
 
 from bloom_jax import configs, lora as lora_lib, param_store
+from bloom_jax.data import hf_tokenizer, vocabulary_files
 from bloom_jax.model import BloomConfig
 
 PREFIX = "transformer."
@@ -354,11 +355,9 @@ def save_hf_checkpoint(
 
     params: arrays or `ts.TensorStore`s (from `param_store.open_params`); a shard of at most
     `max_shard_bytes` (or one tensor, if larger) is the most held in memory at once.
-    vocabulary: a seqio Vocabulary (SentencePiece or tokenizer.json).
+    vocabulary: a SentencePiece model or a tokenizer.json (`vocabulary_files.open_vocabulary`).
     """
-    # Imported here: they bring seqio and TensorFlow (seconds), which from_hf and --help never use.
-    from bloom_jax.data import hf_tokenizer, vocabularies  # pylint: disable=g-import-not-at-top
-    vocabularies.check_fits_model(vocabulary, config.vocab_size)
+    vocabulary_files.check_fits_model(vocabulary.vocab_size, vocabulary.path, config.vocab_size)
     shards: list[list[tuple[str, Callable]]] = [[]]
     size = 0
     for name, nbytes, read in _hf_tensors(config, params):
@@ -403,8 +402,7 @@ def to_hf(ckpt_dir: str | Path, out_dir: str | Path, vocabulary: str | Path | No
     if lora_dir:
         lora, adapters = lora_lib.load_adapters(lora_dir, config)
         stores = lora_lib.merged_for_export(stores, adapters, lora)
-    from bloom_jax.data import vocabularies  # pylint: disable=g-import-not-at-top  # as above
-    save_hf_checkpoint(config, stores, out_dir, vocabularies.load_vocabulary(vocabulary),
+    save_hf_checkpoint(config, stores, out_dir, vocabulary_files.open_vocabulary(vocabulary),
                        max_shard_bytes)
     return config
 

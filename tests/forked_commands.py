@@ -181,3 +181,14 @@ def run_commands_once(shared_tmp: pathlib.Path, name: str, *argvs: list[str],
         json.dumps([vars(result) for result in run_commands(*argvs, env=env)])))
     return [subprocess.CompletedProcess(**result)
             for result in json.loads((folder / "results.json").read_text())]
+
+
+def seqio_modules_after(code: str) -> list[str]:
+    """Which of seqio and TensorFlow a fresh Python process holds after running `code` (a new
+    interpreter, not a zygote's fork: the zygote imported both)."""
+    probe = (f"{code}\nimport json, sys\n"
+             "print(json.dumps([m for m in ('seqio', 'tensorflow') if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

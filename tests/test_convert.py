@@ -201,6 +201,17 @@ def test_export_is_whole_pipeline_generates_as_bloom_jax_generate(tmp_path):
     assert all(len(text) > len(p) for text, p in zip(expected, prompts))
 
 
+def test_to_hf_exports_without_tensorflow(tmp_path):
+    """The tokenizer files come from the vocabulary file itself (here the embedded SentencePiece
+    model, rebuilt for tokenizers), without seqio, whose TensorFlow costs ~5 s and ~0.8 GB."""
+    random_hf_model().save_pretrained(tmp_path / "hf")
+    convert.from_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert forked_commands.seqio_modules_after(
+        "from bloom_jax import convert; "
+        f"convert.to_hf({str(tmp_path / 'ckpt')!r}, {str(tmp_path / 'out')!r})") == []
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     random_hf_model().save_pretrained(tmp_path / "hf", max_shard_size="20KB")

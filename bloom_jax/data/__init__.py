@@ -2,6 +2,7 @@
 packed stream.
 
 Importing the package loads no TensorFlow: the store's writers and readers need none, nor do
-generate and serve, which open vocabulary files directly (`vocabulary_files.py`). The modules
-that use seqio hide the accelerators from TensorFlow (`vocabularies.py`).
+generate, serve and the Hugging Face export, which open vocabulary files directly
+(`vocabulary_files.py`). The modules that use seqio hide the accelerators from TensorFlow
+(`vocabularies.py`).
 """

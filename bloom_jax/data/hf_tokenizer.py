@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import pathlib
 
-import seqio
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, normalizers, pre_tokenizers
 
-from bloom_jax.data import vocabularies
+from bloom_jax.data import vocabulary_files
 
 _NORMAL = 1  # SentencePiece's type of a piece that merges
 _BPE = 2  # SentencePiece model type
@@ -60,17 +59,14 @@ def _sentencepiece_tokenizer(model_file: str) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def tokenizer_json(vocabulary: seqio.Vocabulary) -> str:
+def tokenizer_json(vocabulary: vocabulary_files.VocabularyFile) -> str:
     """The `tokenizer.json` text that encodes as `vocabulary` does."""
-    if isinstance(vocabulary, vocabularies.TokenizerJsonVocabulary):
+    if isinstance(vocabulary, vocabulary_files.TokenizerJsonFile):
         return vocabulary.path.read_text()
-    if isinstance(vocabulary, seqio.SentencePieceVocabulary):
-        return _sentencepiece_tokenizer(vocabulary.sentencepiece_model_file).to_str()
-    raise ValueError(f"Cannot export {vocabulary} as tokenizer.json: give a SentencePiece "
-                     ".model or a tokenizer.json as the vocabulary.")
+    return _sentencepiece_tokenizer(str(vocabulary.path)).to_str()
 
 
-def write_tokenizer_files(vocabulary: seqio.Vocabulary,
+def write_tokenizer_files(vocabulary: vocabulary_files.VocabularyFile,
                           directory: str | pathlib.Path) -> dict[str, int | None]:
     """Writes `tokenizer.json` and a `tokenizer_config.json` naming its special tokens; returns
     their ids as `config.json` names them (`bos_token_id`: "<s>", None when there is none)."""

@@ -1,8 +1,9 @@
 """Vocabulary files opened by their own libraries, without seqio or TensorFlow.
 
 A SentencePiece `.model` (sentencepiece) or a Hugging Face `tokenizer.json` (tokenizers): what
-generate, serve and the token store's builder need (encode, decode, the special ids), in
-processes that never import TensorFlow (which seqio brings: ~5 s and ~0.8 GB of host memory).
+generate, serve, the Hugging Face export and the token store's builder need (encode, decode, the
+special ids, the file), in processes that never import TensorFlow (which seqio brings: ~5 s and
+~0.8 GB of host memory).
 `vocabularies.py` gives the same files to the data pipeline as seqio Vocabularies.
 """
 

@@ -17,6 +17,7 @@ from bloom_jax.data import hf_tokenizer
 from bloom_jax.data import store
 from bloom_jax.data import tasks
 from bloom_jax.data import vocabularies
+from bloom_jax.data import vocabulary_files
 from tests.data.helpers import SHARED_ROOTS_SAMPLE, write_jsonl
 
 needs_sample = pytest.mark.skipif(not SHARED_ROOTS_SAMPLE.is_dir(),
@@ -58,11 +59,11 @@ def test_store_equals_in_memory_tokenization_of_the_sample(tmp_path, vocabulary)
     assert_store_holds(tmp_path, manifest, found)
 
 
-def test_tokenizer_json_vocabulary_and_split_files(tmp_path, tiny_corpus, vocabulary):
+def test_tokenizer_json_vocabulary_and_split_files(tmp_path, tiny_corpus):
     """tokenizers' encode_batch gives the ids of its one-document encode; a jsonl file cut into
     pieces at arbitrary bytes loses and repeats no line."""
     path = tmp_path / "tokenizer.json"
-    path.write_text(hf_tokenizer.tokenizer_json(vocabulary))
+    path.write_text(hf_tokenizer.tokenizer_json(vocabulary_files.open_vocabulary()))
     json_vocabulary = vocabularies.load_vocabulary(path)
     found = tasks.roots_tasks(data_dir=tiny_corpus, vocabulary=json_vocabulary)
     manifest = builder.build(tmp_path / "store", found, json_vocabulary, workers=1,

@@ -5,7 +5,7 @@ import json
 import pytest
 import transformers
 
-from bloom_jax.data import documents, hf_tokenizer, vocabularies
+from bloom_jax.data import documents, hf_tokenizer, vocabulary_files
 
 # Texts SentencePiece treats specially: leading, repeated and trailing spaces, newlines, digits
 # (split one by one), bytes outside the pieces (byte fallback), a lone "▁".
@@ -21,7 +21,7 @@ def corpus_texts():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tokenizer")
-    vocabulary = vocabularies.load_vocabulary()
+    vocabulary = vocabulary_files.open_vocabulary()
     ids = hf_tokenizer.write_tokenizer_files(vocabulary, directory)
     return vocabulary, ids, transformers.AutoTokenizer.from_pretrained(directory)
 
@@ -47,7 +47,7 @@ def test_special_tokens_are_the_vocabulary_s(exported):
 
 def test_tokenizer_json_is_copied(tmp_path):
     source = tmp_path / "tokenizer.json"
-    source.write_text(hf_tokenizer.tokenizer_json(vocabularies.load_vocabulary()))
+    source.write_text(hf_tokenizer.tokenizer_json(vocabulary_files.open_vocabulary()))
     (tmp_path / "out").mkdir()
-    hf_tokenizer.write_tokenizer_files(vocabularies.load_vocabulary(source), tmp_path / "out")
+    hf_tokenizer.write_tokenizer_files(vocabulary_files.open_vocabulary(source), tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").read_text() == source.read_text()

@@ -12,6 +12,7 @@ from bloom_jax.data import store
 from bloom_jax.data import tasks
 from bloom_jax.data import tokenized
 from bloom_jax.data import vocabularies
+from bloom_jax.data import vocabulary_files
 from tests.test_configs import run_command
 
 
@@ -46,9 +47,9 @@ def test_tokens_dir_without_manifest(tmp_path, vocabulary):
         _read(tmp_path, vocabulary)
 
 
-def test_store_of_another_vocabulary(prepared, vocabulary, tmp_path):
+def test_store_of_another_vocabulary(prepared, tmp_path):
     path = tmp_path / "tokenizer.json"
-    path.write_text(hf_tokenizer.tokenizer_json(vocabulary))
+    path.write_text(hf_tokenizer.tokenizer_json(vocabulary_files.open_vocabulary()))
     with pytest.raises(store.StoreError, match=r"was made with the vocabulary .*sentencepiece"
                        r"\.model .*not with .*tokenizer\.json: set --gin\.VOCABULARY"):
         _read(prepared[0], vocabularies.load_vocabulary(path))
