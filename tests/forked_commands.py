@@ -183,11 +183,11 @@ def run_commands_once(shared_tmp: pathlib.Path, name: str, *argvs: list[str],
             for result in json.loads((folder / "results.json").read_text())]
 
 
-def seqio_modules_after(code: str) -> list[str]:
-    """Which of seqio and TensorFlow a fresh Python process holds after running `code` (a new
-    interpreter, not a zygote's fork: the zygote imported both)."""
+def heavy_modules_after(code: str, heavy: tuple[str, ...] = ("seqio", "tensorflow")) -> list[str]:
+    """Which of the `heavy` modules a fresh Python process holds after running `code` (a new
+    interpreter, not a fork of the zygote, which imported them all)."""
     probe = (f"{code}\nimport json, sys\n"
-             "print(json.dumps([m for m in ('seqio', 'tensorflow') if m in sys.modules]))")
+             f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=TIMEOUT_S, check=False, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

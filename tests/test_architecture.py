@@ -4,10 +4,11 @@ and, in a fresh process, that the commands that read no data start without Tenso
 
 import ast
 import pathlib
-import subprocess
 import sys
 
 import pytest
+
+from tests import forked_commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("bloom_jax", "partitioning")
@@ -115,9 +116,6 @@ def test_command_wiring_imports_nothing_of_the_model_or_loop():
 def test_the_commands_that_read_no_data_start_without_tensorflow():
     """plan and bench (budget_report with plan) import neither seqio, nor clu's writers, nor
     TensorFlow behind them (6 of the 9.5 s that `plan --help` took on a 2-core CPU)."""
-    heavy = ("seqio", "clu.metric_writers", "tensorflow")
-    code = ("import sys, bloom_jax.plan, bloom_jax.bench\n"
-            f"print([m for m in {heavy} if m in sys.modules])")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          check=True)
-    assert done.stdout.splitlines()[-1] == "[]", done.stdout
+    assert forked_commands.heavy_modules_after(
+        "import bloom_jax.plan, bloom_jax.bench", ("seqio", "clu.metric_writers", "tensorflow")
+    ) == []

@@ -67,7 +67,7 @@ def test_generate_and_serve_load_a_model_without_tensorflow(tmp_path):
     """The tokenizer.json opens without seqio, whose TensorFlow costs ~5 s and ~0.8 GB."""
     hf_dir = tmp_path / "hf"
     saved_hf_model(hf_dir)
-    assert forked_commands.seqio_modules_after(
+    assert forked_commands.heavy_modules_after(
         f"from bloom_jax import generate, serve; generate.load_model(hf_dir={str(hf_dir)!r})") == []
 
 

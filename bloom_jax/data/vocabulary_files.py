@@ -3,8 +3,8 @@
 A SentencePiece `.model` (sentencepiece) or a Hugging Face `tokenizer.json` (tokenizers): what
 generate, serve, the Hugging Face export and the token store's builder need (encode, decode, the
 special ids, the file), in processes that never import TensorFlow (which seqio brings: ~5 s and
-~0.8 GB of host memory).
-`vocabularies.py` gives the same files to the data pipeline as seqio Vocabularies.
+~0.8 GB of host memory). `vocabularies.py` gives the same files to the data pipeline as seqio
+Vocabularies.
 """
 
 from __future__ import annotations
