@@ -190,7 +190,8 @@ def _forward(model: BloomForCausalLM, params: Any, ids: Array, mask: Array,
 def _tied_head(config: BloomConfig, params: Any, hidden: Array) -> Array:
     """Logits [batch, vocab] of final hidden states [batch, embed], through the word embeddings
     (as `nn.Embed.attend`), or through their [embed, vocab] copy where params hold one."""
-    weights = params.get(HEAD_COPY, params["word_embeddings"]["embedding"].T)
+    weights = (params[HEAD_COPY] if HEAD_COPY in params
+               else params["word_embeddings"]["embedding"].T)
     logits = jnp.dot(hidden.astype(config.dtype), weights.astype(config.dtype))
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_vocab"))
 

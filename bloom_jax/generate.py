@@ -17,6 +17,7 @@ import numpy as np
 from absl import flags
 
 from bloom_jax import configs, decoding
+from bloom_jax.data import vocabulary_files
 from bloom_jax.decoding import generate_ids, left_pad
 from partitioning.mesh import create_mesh
 
@@ -64,7 +65,6 @@ def load_model(ckpt_dir: str | None = None, hf_dir: str | None = None,
     `ckpt_dir` and `vocabulary`, as the flags of the same names give them."""
     # Imported here: they bring in orbax and safetensors, which generate_ids needs not.
     from bloom_jax import convert, param_store
-    from bloom_jax.data import vocabulary_files
 
     mesh = create_mesh(*mesh)
     if hf_dir:
