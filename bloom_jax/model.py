@@ -147,6 +147,11 @@ def _zeros(names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
+def _output_std(config: BloomConfig) -> float:
+    """Megatron's scaled init of the output projections: std / sqrt(2 * n_layer)."""
+    return config.initializer_range / math.sqrt(2 * config.n_layer)
+
+
 def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
     """LayerNorm whose statistics are computed in float32 whatever the compute dtype."""
     return nn.LayerNorm(
@@ -177,6 +182,39 @@ def _cache_variable(module: nn.Module, name: str, value: Array, index: Array,
     return updated
 
 
+class Projection(nn.Module):
+    """x W + b over a kernel of several axes, the first `inputs` of them contracted with x's last.
+
+    The kernel is created with its own axes, so it is sharded by their logical names (`names`;
+    nn.DenseGeneral flattens it first, which fails under a mesh: google/flax#3676), and is
+    flattened to a matrix [in, out] (a bitcast) only for the product: over the kernel's own axes
+    XLA's CPU library dots transposed the kernel and its gradient at every step (BLOOM-560M's
+    query_key_value: 0.9 s of a 13 s CPU step). Parameters: `kernel` and `bias` (output axes).
+    """
+
+    config: BloomConfig
+    shape: tuple[int, ...]
+    inputs: int
+    names: tuple[str, ...]
+    std: float
+
+    @property
+    def dtype(self):
+        return self.config.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        param_dtype = self.config.param_dtype
+        out_shape = self.shape[self.inputs:]
+        kernel = self.param("kernel", _normal(self.std, self.names), self.shape, param_dtype)
+        bias = self.param("bias", _zeros(self.names[self.inputs:]), out_shape, param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        fan_in = math.prod(self.shape[:self.inputs])
+        y = jnp.dot(x.reshape(*x.shape[:x.ndim - self.inputs], fan_in),
+                    kernel.reshape(fan_in, -1))  # [..., out]
+        return y.reshape(*y.shape[:-1], *out_shape) + bias
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with BLOOM's fused, head-interleaved query_key_value.
 
@@ -192,20 +230,10 @@ class Attention(nn.Module):
     def __call__(self, x: Array, alibi: Array, mask: Array,
                  cache_index: Array | None = None) -> Array:
         cfg = self.config
-        std = cfg.initializer_range
         # [batch, length, heads, 3, head_dim]: q, k, v per head, as BLOOM's [3h, h] weight has them.
-        # nn.Einsum, not nn.DenseGeneral: DenseGeneral constrains a multi-axis kernel to its
-        # logical sharding while the kernel is still flattened, which fails under a mesh
-        # (google/flax#3676).
-        qkv = nn.Einsum(
-            shape=(cfg.hidden_size, cfg.n_head, 3, cfg.head_dim),
-            einsum_str="ble,ehqd->blhqd",
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_normal(std, ("embed", "heads", "qkv", "kv")),
-            bias_init=_zeros(("heads", "qkv", "kv")),
-            name="query_key_value",
-        )(x)
+        qkv = Projection(cfg, (cfg.hidden_size, cfg.n_head, 3, cfg.head_dim), inputs=1,
+                         names=("embed", "heads", "qkv", "kv"), std=cfg.initializer_range,
+                         name="query_key_value")(x)
         qkv = checkpoint_name(qkv, "query_key_value")
         names = HEAD_ACTIVATION_AXES
         q, k, v = (nn.with_logical_constraint(qkv[:, :, :, i], names) for i in range(3))
@@ -229,18 +257,9 @@ class Attention(nn.Module):
                                     causal=not self.decode, dropout=dropout)
         out = nn.with_logical_constraint(out, names)  # [batch, length, heads, head_dim]
 
-        return nn.Einsum(
-            shape=(cfg.n_head, cfg.head_dim, cfg.hidden_size),
-            # h heads, k head_dim: jnp.einsum lists contracted axes alphabetically, and in the
-            # order (d, h) XLA would transpose the weight and the activations on every call.
-            einsum_str="blhk,hke->ble",
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            # Megatron's scaled init of output projections: std / sqrt(2 * n_layer).
-            kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="dense",
-        )(out)
+        return Projection(cfg, (cfg.n_head, cfg.head_dim, cfg.hidden_size), inputs=2,
+                          names=("heads", "kv", "embed"), std=_output_std(cfg),
+                          name="dense")(out)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, alibi: Array, mask: Array,
@@ -308,25 +327,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        std = cfg.initializer_range
-        h = nn.DenseGeneral(
-            features=cfg.mlp_dim,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_normal(std, ("embed", "mlp")),
-            bias_init=_zeros(("mlp",)),
-            name="dense_h_to_4h",
-        )(x)
+        h = Projection(cfg, (cfg.hidden_size, cfg.mlp_dim), inputs=1, names=("embed", "mlp"),
+                       std=cfg.initializer_range, name="dense_h_to_4h")(x)
         h = checkpoint_name(nn.with_logical_constraint(h, MLP_ACTIVATION_AXES), "mlp_hidden")
         h = jax.nn.gelu(h, approximate=True)
-        return nn.DenseGeneral(
-            features=cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer), ("mlp", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="dense_4h_to_h",
-        )(h)
+        return Projection(cfg, (cfg.mlp_dim, cfg.hidden_size), inputs=1, names=("mlp", "embed"),
+                          std=_output_std(cfg), name="dense_4h_to_h")(h)
 
 
 class Block(nn.Module):
