@@ -200,6 +200,7 @@ class Projection(nn.Module):
 
     @property
     def dtype(self):
+        """The compute dtype (LoRA's interceptor computes the adapter's path in it)."""
         return self.config.dtype
 
     @nn.compact
