@@ -144,7 +144,8 @@ def measure_matmul_flops(seconds: float = 1.0, size: int = 1024) -> float:
 
     Stands in for a CPU's peak, which no table can give. The fastest call, not the mean: load from
     other tenants only ever slows a call, and a mean taken in a busy second read 98 GFLOP/s on a
-    CPU that does 170-200, so a 560M step logged an MFU of 1.03. Cached: it runs once per process.
+    CPU that does 170-200 (bench printed an MFU of 1.03 for a 560M step). Cached: it runs once
+    per process.
     """
     x = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)

@@ -319,8 +319,8 @@ def _einsum_attention(q: Array, k: Array, v: Array, alibi: Array, mask: Array, s
     # [batch, q, heads, head_dim] output spares a pass over the [batch, heads, q, k] scores.
     # The maximum only keeps exp in range; the result does not depend on it.
     maximum = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    weights = jnp.exp(scores - maximum)  # [batch, heads, q, k]
-    total = jnp.sum(weights, axis=-1)  # [batch, heads, q]
+    weights = jnp.exp(scores - maximum)  # [batch, heads, q, k]; one query: [batch, heads, k]
+    total = jnp.sum(weights, axis=-1)  # [batch, heads, q]; one query: [batch, heads]
     if dropout is not None:
         weights = dropout(weights)
     if one_query:
