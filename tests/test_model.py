@@ -289,6 +289,18 @@ def test_cache_is_empty_stacked_over_layers_and_named():
     assert all(np.all(leaf == 0) for leaf in jax.tree_util.tree_leaves(nn.unbox(cache)))
 
 
+def copies_in(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The instructions of compiled HLO text named for a copy or transpose with an f32 result:
+    (name, the result's dimensions as laid out in memory, major to minor, size 1 left out)."""
+    found = []
+    for name, shape, layout in re.findall(
+            r"%(\S*(?:copy|transpose)\S*) = f32\[([\d,]*)\]\{([\d,]*)\}", hlo):
+        dims = [int(d) for d in shape.split(",") if d]
+        minor_to_major = [int(i) for i in layout.split(",") if i]
+        found.append((name, tuple(dims[i] for i in reversed(minor_to_major) if dims[i] > 1)))
+    return found
+
+
 def test_a_decode_step_reads_the_cache_as_it_lies():
     """One new token attends over the [batch, heads, length, head_dim] cache without copying it
     laid out otherwise: XLA's CPU dots copied the keys and values transposed at every token (a
@@ -305,16 +317,8 @@ def test_a_decode_step_reads_the_cache_as_it_lies():
                            mutable=["cache"])
     hlo = jax.jit(step, donate_argnums=1).lower(init_params(config), cache,
                                                 jnp.ones((1, 1), jnp.int32)).compile().as_text()
-    transposed = []
-    # Instructions named for a copy or transpose with an f32 result of the cache's size, whose
-    # dimensions laid out in memory (major to minor, size 1 left out) are not the cache's.
-    for name, shape, layout in re.findall(
-            r"%(\S*(?:copy|transpose)\S*) = f32\[([\d,]+)\]\{([\d,]+)\}", hlo):
-        dims = [int(d) for d in shape.split(",")]
-        in_memory = tuple(dims[i] for i in reversed([int(i) for i in layout.split(",")]))
-        in_memory = tuple(d for d in in_memory if d > 1)
-        if math.prod(in_memory) == math.prod(cache_dims) and in_memory != cache_dims:
-            transposed.append(name)
+    transposed = [name for name, dims in copies_in(hlo)
+                  if math.prod(dims) == math.prod(cache_dims) and dims != cache_dims]
     assert not transposed, transposed
 
 
@@ -329,8 +333,5 @@ def test_projection_gradients_never_transpose_a_kernel():
     kernel_sizes = {leaf.size for leaf in jax.tree.leaves(params) if leaf.ndim > 1}
     grad = jax.grad(lambda p: jnp.sum(block.apply({"params": p}, x, alibi, mask)[0] ** 2))
     hlo = jax.jit(grad).lower(params).compile().as_text()
-    # Instructions named for a copy or transpose whose f32 result has a kernel's size.
-    copies = re.findall(r"%(\S*(?:copy|transpose)\S*) = f32\[([\d,]+)\]", hlo)
-    copied = [name for name, shape in copies
-              if math.prod(map(int, shape.split(","))) in kernel_sizes]
+    copied = [name for name, dims in copies_in(hlo) if math.prod(dims) in kernel_sizes]
     assert not copied, copied
