@@ -186,10 +186,12 @@ class Projection(nn.Module):
     """x W + b over a kernel of several axes, the first `inputs` of them contracted with x's last.
 
     The kernel is created with its own axes, so it is sharded by their logical names (`names`;
-    nn.DenseGeneral flattens it first, which fails under a mesh: google/flax#3676), and is
-    flattened to a matrix [in, out] (a bitcast) only for the product: over the kernel's own axes
+    nn.DenseGeneral flattens it first, which fails under a mesh: google/flax#3676), and the
+    product is one matrix product, [tokens, in] x [in, out] (bitcasts): over the kernel's own axes
     XLA's CPU library dots transposed the kernel and its gradient at every step (BLOOM-560M's
-    query_key_value: 0.9 s of a 13 s CPU step). Parameters: `kernel` and `bias` (output axes).
+    query_key_value: 0.9 s of a 13 s CPU step), and over [batch, length] the kernel's gradient
+    contracted two axes, which XLA's dots took by copying the output's gradient transposed (the
+    tiny config's step: 20% of its time). Parameters: `kernel` and `bias` (output axes).
     """
 
     config: BloomConfig
@@ -211,9 +213,8 @@ class Projection(nn.Module):
         bias = self.param("bias", _zeros(self.names[self.inputs:]), out_shape, param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         fan_in = math.prod(self.shape[:self.inputs])
-        y = jnp.dot(x.reshape(*x.shape[:x.ndim - self.inputs], fan_in),
-                    kernel.reshape(fan_in, -1))  # [..., out]
-        return y.reshape(*y.shape[:-1], *out_shape) + bias
+        y = jnp.dot(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1))  # [tokens, out]
+        return y.reshape(*x.shape[:x.ndim - self.inputs], *out_shape) + bias
 
 
 class Attention(nn.Module):
