@@ -522,7 +522,9 @@ class BloomForCausalLM(nn.Module):
         x = _layer_norm(cfg, "ln_f")(x)
         if not head:
             return x[0] if one_micro_batch else x
-        logits = embed.attend(x)  # LM head tied to the word embeddings: [batch, length, vocab]
+        # LM head tied to the word embeddings: [batch, length, vocab]. Unlike `Projection`, not
+        # over [tokens]: flattened, XLA's CPU step took the embedding's gradient as a slower dot.
+        logits = embed.attend(x)
         logits = nn.with_logical_constraint(
             logits, (*micro_out, "activation_batch", "activation_length", "activation_vocab"))
         return logits[0] if one_micro_batch else logits

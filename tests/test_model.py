@@ -304,8 +304,8 @@ def copies_in(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
 def test_projection_gradients_never_transpose_the_tokens():
     """A projection's kernel gradient contracts one [tokens] axis, so XLA's CPU step copies no
     output gradient laid out [features, tokens] (over [batch, length] it copied each one: 20% of
-    the tiny config's step). The tied head keeps its [batch, length] product, and so its
-    gradient's copy: flattened, its gradient ran as a slower dot (the tiny step 6% slower)."""
+    the tiny config's step). The tied head keeps its [batch, length] product on purpose (see
+    BloomForCausalLM), and so its gradient's copy."""
     config = BloomConfig(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, scan_layers=False)
     model = BloomForCausalLM(config)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 16)))
